@@ -1,0 +1,185 @@
+"""`DPLoRAModule`: a Hugging Face causal LM with peft LoRA adapters that exposes per-example losses.
+
+Every privacy plugin (DP-SGD, DP-ZO, RLDP) works from :meth:`DPLoRAModule.per_example_loss`, so the module
+itself knows nothing about privacy. Only LoRA parameters are trainable; checkpoints hold only them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from dplightning.errors import DPLightningError
+from dplightning.models import default_lora_targets, load_causal_lm
+
+Batch = dict[str, Tensor]
+
+
+def _check_targets(model: nn.Module, targets: list[str], model_name: str) -> None:
+    """Fail with one clear line when a requested LoRA target matches no module of the model."""
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        candidates = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or "Conv1D" in type(m).__name__}
+        )
+        raise DPLightningError(
+            f"model '{model_name}' has no module named {missing} to put LoRA adapters on; "
+            f"set model.lora_target_modules to some of {candidates}"
+        )
+
+
+class DPLoRAModule(pl.LightningModule):
+    """Causal LM + LoRA whose ``training_step`` is the batch mean of :meth:`per_example_loss`.
+
+    Args:
+        model_name: ``"smollm2-135m"`` (bundled real model), ``"tiny-llama"`` / ``"tiny-gpt2"`` (random, for
+            tests) or a local Hugging Face model directory.
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA scaling numerator (scale = alpha / r).
+        lora_dropout: dropout on the LoRA input; 0 keeps per-example gradients deterministic.
+        lora_target_modules: module names to adapt; ``None`` picks the architecture default
+            (Llama ``q_proj, v_proj``; GPT-2 ``c_attn``).
+        learning_rate: optimizer learning rate.
+        optimizer: ``"adamw"`` or ``"sgd"``.
+        weight_decay: AdamW weight decay.
+        seed: seed for the random initialisation of tiny models and LoRA ``A`` matrices.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "smollm2-135m",
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        learning_rate: float = 2e-3,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        base = load_causal_lm(model_name, seed=seed)
+        targets = list(lora_target_modules) if lora_target_modules else default_lora_targets(base)
+        _check_targets(base, targets, model_name)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(seed)  # LoRA A init is random: make it reproducible
+        config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=base.config.model_type == "gpt2",
+        )
+        self.model = get_peft_model(base, config)
+        # Checkpoints hold only the trainable (LoRA) weights; the frozen base is reloaded from model_name.
+        self.strict_loading = False
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+
+    # ----------------------------------------------------------------------------------------- losses
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits ``[B, T, V]``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @staticmethod
+    def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Next-token NLL summed per example ``[B]`` and the count of scored tokens ``[B]``.
+
+        ``labels`` ``[B, T]`` use ``-100`` for positions that are not scored (padding).
+        """
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = labels[:, 1:]
+        mask = shift_labels != -100
+        nll = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1).clamp(min=0),
+            reduction="none",
+        ).view_as(shift_labels)
+        nll = nll * mask
+        return nll.sum(dim=1), mask.sum(dim=1)
+
+    def per_example_loss(self, batch: Batch) -> Tensor:
+        """Token-mean next-token loss of each example, padding masked. Shape ``[B]``."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        nll_sum, count = self.token_nll(logits, batch["labels"])
+        return nll_sum / count.clamp(min=1)
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.per_example_loss(batch)
+        loss = losses.mean()
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=losses.numel())
+        return loss
+
+    def _eval_step(self, batch: Batch, metric: MeanMetric, prefix: str) -> None:
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        nll_sum, count = self.token_nll(logits, batch["labels"])
+        tokens = count.sum()
+        if tokens > 0:
+            metric.update(nll_sum.sum() / tokens, weight=tokens)
+        self.log(f"{prefix}/loss", metric, prog_bar=prefix == "val", batch_size=batch["input_ids"].size(0))
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_nll, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_nll, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_perplexity(self.val_nll, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_perplexity(self.test_nll, "test")
+
+    def _log_perplexity(self, metric: MeanMetric, prefix: str) -> None:
+        # Token-weighted mean NLL over the whole split, exponentiated (computed before the metric resets).
+        if metric.update_count:
+            self.log(f"{prefix}/perplexity", torch.exp(metric.compute()), prog_bar=prefix == "val")
+
+    # ------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.hparams.learning_rate)
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The LoRA weights only (what training changes)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def save_adapter(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the LoRA adapter in peft format, atomically (temp dir, then rename).
+
+        Load it with ``PeftModel.from_pretrained(base_model, directory)`` in plain transformers + peft.
+        """
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return target

@@ -1,0 +1,79 @@
+"""Per-example clipping by parameter groups: flat, per-layer, per-adapter (LoRA A and B jointly), flat L1.
+
+A group ``g`` with threshold ``C_g`` bounds each example's contribution to that group's summed gradient;
+the sum over groups is then a (heteroscedastic) Gaussian mechanism, see :mod:`dplightning.privacy.noise_addition`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ClippingMode = Literal["flat", "per_layer", "per_adapter", "flat_l1"]
+CLIPPING_MODES: tuple[str, ...] = ("flat", "per_layer", "per_adapter", "flat_l1")
+
+_LORA_SUFFIX = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.weight$")
+
+
+def group_key(param_name: str, mode: ClippingMode) -> str:
+    """Name of the clipping group of ``param_name`` under ``mode``."""
+    if mode in ("flat", "flat_l1"):
+        return "all"
+    if mode == "per_layer":
+        return param_name
+    stripped = _LORA_SUFFIX.sub("", param_name)
+    if stripped != param_name:
+        return stripped  # both lora_A and lora_B of one adapter map to the adapted module
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+def make_groups(param_names: Sequence[str], mode: ClippingMode) -> dict[str, list[str]]:
+    """``{group: [param names]}`` in first-seen order."""
+    groups: dict[str, list[str]] = {}
+    for name in param_names:
+        groups.setdefault(group_key(name, mode), []).append(name)
+    return groups
+
+
+def per_example_norms(
+    grads: Mapping[str, Tensor], groups: Mapping[str, Sequence[str]], p: float = 2.0
+) -> dict[str, Tensor]:
+    """Per-example ``L_p`` norm of each group's gradient, ``{group: [B]}``."""
+    norms: dict[str, Tensor] = {}
+    for group, names in groups.items():
+        if p == 1.0:
+            parts = [grads[n].flatten(1).abs().sum(1) for n in names]
+            norms[group] = torch.stack(parts).sum(0)
+        else:
+            parts = [grads[n].flatten(1).pow(2).sum(1) for n in names]
+            norms[group] = torch.stack(parts).sum(0).sqrt()
+    return norms
+
+
+def clip_factors(norms: Tensor, threshold: float) -> Tensor:
+    """``min(1, C / ||g_i||)`` per example, shape ``[B]``."""
+    return (threshold / (norms + 1e-12)).clamp(max=1.0)
+
+
+def clip_and_sum(
+    grads: Mapping[str, Tensor],
+    groups: Mapping[str, Sequence[str]],
+    thresholds: Mapping[str, float],
+    p: float = 2.0,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Clip each example's group gradient to its threshold and sum over examples.
+
+    Returns:
+        ``({param: summed clipped gradient [*shape]}, {group: per-example pre-clip norms [B]})``.
+    """
+    norms = per_example_norms(grads, groups, p)
+    summed: dict[str, Tensor] = {}
+    for group, names in groups.items():
+        factors = clip_factors(norms[group], thresholds[group])
+        for n in names:
+            summed[n] = torch.einsum("b,b...->...", factors.to(grads[n].dtype), grads[n])
+    return summed, norms

@@ -1,0 +1,152 @@
+"""Per-example gradients of trainable parameters from forward/backward hooks (no ``vmap``, no model copy).
+
+For a linear layer ``y = a W^T + b`` applied to ``a`` of shape ``[B, S, in]``, example ``i``'s gradient is
+``sum_s g_{i,s} a_{i,s}^T`` where ``g = dL/dy``: one batched matmul on tensors autograd already holds. The
+result is computed inside the tensor hook on ``y``'s gradient, so the backprop ``g`` is released at once; only
+the per-example gradients (small for LoRA: ``B x r x d``) stay in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dplightning.errors import DPLightningError
+
+try:  # GPT-2's linear layer stores its weight transposed.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LossReduction = Literal["mean", "sum"]
+_GradRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+
+
+def _flat(a: Tensor) -> Tensor:
+    """``[B, ..., d] -> [B, S, d]``."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _linear_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    a3, g3 = _flat(a).to(g.dtype), _flat(g)
+    out = {"weight": torch.bmm(g3.transpose(1, 2), a3)}  # [B, out, in]
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = g3.sum(1)
+    return out
+
+
+def _conv1d_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    a3, g3 = _flat(a).to(g.dtype), _flat(g)
+    return {"weight": torch.bmm(a3.transpose(1, 2), g3), "bias": g3.sum(1)}  # weight [B, in, out]
+
+
+def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor) -> dict[str, Tensor]:
+    assert isinstance(module, nn.Embedding)
+    g3 = _flat(g)
+    idx = ids.reshape(ids.shape[0], -1, 1).expand(-1, -1, g3.shape[-1])
+    grad = torch.zeros(ids.shape[0], module.num_embeddings, g3.shape[-1], dtype=g.dtype, device=g.device)
+    return {"weight": grad.scatter_add_(1, idx, g3)}
+
+
+def _layernorm_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+    assert isinstance(module, nn.LayerNorm)
+    normed = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+    out = {"weight": _flat(g * normed).sum(1)}
+    if module.bias is not None:
+        out["bias"] = _flat(g).sum(1)
+    return out
+
+
+def _rule_for(module: nn.Module) -> _GradRule | None:
+    if isinstance(module, nn.Linear):
+        return _linear_rule
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return _conv1d_rule
+    if isinstance(module, nn.Embedding):
+        return _embedding_rule
+    if isinstance(module, nn.LayerNorm):
+        return _layernorm_rule
+    return None
+
+
+class PerExampleGradients:
+    """Hooks every layer that owns trainable parameters and collects per-example gradients.
+
+    Usage per micro-batch: run forward + backward with grad enabled, then :meth:`pop` returns
+    ``{param_name: Tensor[B, *param.shape]}``. With ``loss_reduction="mean"`` the loss is taken to be the mean
+    of per-example losses over the realised batch, so hooks rescale by ``B`` to recover each example's own
+    gradient.
+
+    Raises:
+        DPLightningError: a trainable parameter lives in a layer type without a per-example rule, a module has
+            batch norm (which mixes examples), or nothing is trainable.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
+        self.loss_reduction = loss_reduction
+        self.param_names: list[str] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._grads: dict[str, Tensor] = {}
+        self._batch_size: int | None = None
+        for mod_name, module in model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise DPLightningError(
+                    f"module '{mod_name}' is batch norm, which mixes examples and breaks per-example privacy; "
+                    "replace it with GroupNorm or LayerNorm"
+                )
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            rule = _rule_for(module)
+            if rule is None:
+                raise DPLightningError(
+                    f"trainable parameters of '{mod_name}' ({type(module).__name__}) have no per-example gradient "
+                    "rule; freeze them or use Linear/Embedding/LayerNorm layers"
+                )
+            full = {n: f"{mod_name}.{n}" if mod_name else n for n in own}
+            self.param_names.extend(full.values())
+            self._handles.append(module.register_forward_hook(self._make_hook(rule, full)))
+        if not self.param_names:
+            raise DPLightningError("the model has no trainable parameters; unfreeze some (e.g. add LoRA adapters)")
+
+    def _make_hook(self, rule: _GradRule, full: dict[str, str]) -> Callable[..., None]:
+        def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            activation = inputs[0].detach()
+
+            def backward_hook(grad: Tensor) -> None:
+                batch = grad.shape[0]
+                if self._batch_size is None:
+                    self._batch_size = batch
+                elif self._batch_size != batch:
+                    raise DPLightningError(
+                        f"layer outputs disagree on the batch dimension ({self._batch_size} vs {batch}); "
+                        "per-example privacy needs the batch as the first dimension of every layer input"
+                    )
+                if self.loss_reduction == "mean":
+                    grad = grad * batch
+                for short, value in rule(module, activation, grad).items():
+                    name = full[short]
+                    prev = self._grads.get(name)
+                    self._grads[name] = value if prev is None else prev + value  # module called twice
+
+            output.register_hook(backward_hook)
+
+        return forward_hook
+
+    def pop(self) -> dict[str, Tensor]:
+        """Per-example gradients of the last backward, ``{name: [B, *shape]}``; resets the store."""
+        grads, self._grads, self._batch_size = self._grads, {}, None
+        return grads
+
+    def remove(self) -> None:
+        """Detach all hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._grads.clear()

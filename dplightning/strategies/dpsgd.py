@@ -1,0 +1,418 @@
+"""DP-SGD as a Lightning ``Strategy``: Poisson batches, per-example clipping by groups, Gaussian noise.
+
+One logical step (see DESIGN §2)::
+
+    Poisson batch (rate q, may be empty) -> training_step (mean of per-example losses)
+      -> backward; hooks give per-example grads of trainable params [B, *shape]
+      -> clip per group g to C_g, sum over examples (accumulated over micro-batches)
+      -> + N(0, (sigma_g C_g)^2) per group, once per logical step
+      -> / expected batch size qN  -> optimizer.step -> accountant.step(sigma_eff, q)
+
+``sigma_eff = (sum_g sigma_g^-2)^(-1/2)`` is what the step costs: the group releases together form one Gaussian
+mechanism of that multiplier. By default every group gets the same absolute noise std ``sigma * C_total`` with
+``C_total = sqrt(sum_g C_g^2)``, so ``sigma_eff = sigma``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dplightning.checkpoint_io import AtomicCheckpointIO
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
+from dplightning.privacy.batch_selection import PoissonBatchSampler
+from dplightning.privacy.clipping import CLIPPING_MODES, ClippingMode, clip_and_sum, make_groups
+from dplightning.privacy.noise_addition import NoiseSource
+from dplightning.privacy.per_example_grads import LossReduction, PerExampleGradients
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Leading dimension of the first tensor found in ``batch`` (dict / sequence / tensor), else ``None``."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        items: Any = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        return None
+    for item in items:
+        size = batch_size_of(item)
+        if size is not None:
+            return size
+    return None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def short_group_name(group: str) -> str:
+    """Readable group name for logs: drops the peft wrapper prefixes."""
+    for prefix in ("model.base_model.model.model.", "model.base_model.model.", "model."):
+        if group.startswith(prefix):
+            return group[len(prefix) :]
+    return group
+
+
+class DPSGDStrategy(SingleDeviceStrategy):
+    """Differentially private SGD for any optimizer, as a drop-in Lightning strategy.
+
+    Args:
+        noise_multiplier: effective Gaussian noise multiplier σ (noise std / L2 sensitivity). ``None`` calibrates
+            it from ``target_epsilon`` and the planned steps. ``0`` disables noise (clipping only, ε = ∞).
+        max_grad_norm: total per-example L2 sensitivity ``C``; per-layer / per-adapter modes split it evenly,
+            ``C_g = C / sqrt(#groups)``, so the whole clipped gradient still has norm ≤ C.
+        clipping: ``"flat"`` (one group), ``"per_layer"`` (each parameter tensor), ``"per_adapter"`` (each LoRA
+            adapter's A and B jointly).
+        target_epsilon: ε budget; training never takes a step that would exceed it.
+        target_delta: δ of the guarantee.
+        accountant: ``"pld"`` (tight, default) or ``"rdp"``.
+        poisson_sampling: replace the training sampler by Poisson sampling with ``q = batch_size·accumulate / N``
+            (what the accounting assumes). ``False`` keeps shuffled fixed-size batches (accounting then approximate).
+        secure_rng: draw noise and batches from the OS CSPRNG (not reproducible).
+        seed: seed of the noise generator and the Poisson sampler.
+        loss_reduction: how ``training_step``'s loss reduces per-example losses (``"mean"`` or ``"sum"``).
+        device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
+    """
+
+    strategy_name = "dpsgd"
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        clipping: ClippingMode = "flat",
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        accountant: Literal["pld", "rdp"] = "pld",
+        poisson_sampling: bool = True,
+        secure_rng: bool = False,
+        seed: int = 0,
+        loss_reduction: LossReduction = "mean",
+        device: str | torch.device = "auto",
+        checkpoint_io: CheckpointIO | None = None,
+    ) -> None:
+        super().__init__(device=_resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
+        if clipping not in CLIPPING_MODES or clipping == "flat_l1":
+            raise DPLightningError(f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter")
+        if noise_multiplier is None and target_epsilon is None:
+            raise DPLightningError("DPSGDStrategy needs noise_multiplier or target_epsilon; set one of them")
+        if noise_multiplier is not None and noise_multiplier < 0:
+            raise DPLightningError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if target_epsilon is not None and target_epsilon <= 0:
+            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget")
+        if not 0.0 < target_delta < 1.0:
+            raise DPLightningError(f"target_delta must be in (0, 1), got {target_delta}; typical is 1/N^1.1")
+        if max_grad_norm <= 0:
+            raise DPLightningError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.noise_multiplier = noise_multiplier
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping: ClippingMode = clipping
+        self.target_epsilon = target_epsilon
+        self.target_delta = float(target_delta)
+        self.accountant_kind = accountant
+        self.accountant = make_accountant(accountant)
+        self.poisson_sampling = poisson_sampling
+        self.secure_rng = secure_rng
+        self.seed = seed
+        self.loss_reduction: LossReduction = loss_reduction
+        self.noise_source = NoiseSource(seed=seed, secure=secure_rng)
+
+        self.max_epsilon: float | None = target_epsilon  # hard guard; PrivacyBudget may tighten it
+        self.sample_rate: float | None = None
+        self.num_examples: int | None = None
+        self.expected_batch_size: float | None = None
+        self.planned_steps: int | None = None
+        self.budget_exhausted = False
+        self.groups: dict[str, list[str]] = {}
+        self.clip_thresholds: dict[str, float] = {}
+        self.noise_multipliers: dict[str, float] = {}
+        self._engine: PerExampleGradients | None = None
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._summed: dict[str, Tensor] = {}
+        self._last_norms: dict[str, list[Tensor]] = {}
+        self._safe_region: tuple[float, float, int] | None = None  # (σ_min, q_max, steps) proven within budget
+        self._min_sigma_used = math.inf
+        self._pending_state: dict[str, Any] | None = None
+        self._sampler: PoissonBatchSampler | None = None
+
+    # ------------------------------------------------------------------------------------ group params
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.groups)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """σ_eff = (Σ_g σ_g^-2)^-1/2, the multiplier the accountant charges per step."""
+        if not self.noise_multipliers:
+            return float(self.noise_multiplier or 0.0)
+        if any(s <= 0 for s in self.noise_multipliers.values()):
+            return 0.0
+        return sum(s**-2 for s in self.noise_multipliers.values()) ** -0.5
+
+    @property
+    def total_clip_norm(self) -> float:
+        return math.sqrt(sum(c * c for c in self.clip_thresholds.values()))
+
+    def set_clip_thresholds(self, thresholds: float | Mapping[str, float]) -> None:
+        """Set ``C_g`` for every group (a float sets all). Per-group σ_g stay, so noise std σ_g·C_g follows."""
+        values = dict.fromkeys(self.groups, float(thresholds)) if isinstance(thresholds, (int, float)) else dict(thresholds)
+        unknown = set(values) - set(self.groups)
+        if unknown:
+            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+        if any(v <= 0 for v in values.values()):
+            raise DPLightningError("clip thresholds must be > 0")
+        self.clip_thresholds.update(values)
+
+    def set_noise_multipliers(self, multipliers: Mapping[str, float]) -> None:
+        """Set per-group σ_g directly (heteroscedastic noise); the step is charged σ_eff."""
+        unknown = set(multipliers) - set(self.groups)
+        if unknown:
+            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+        if any(v < 0 for v in multipliers.values()):
+            raise DPLightningError("noise multipliers must be >= 0")
+        self.noise_multipliers.update({k: float(v) for k, v in multipliers.items()})
+
+    def set_noise_multiplier(self, sigma: float) -> None:
+        """Isotropic noise: every group gets absolute std ``σ·C_total``, so σ_eff = σ."""
+        if sigma < 0:
+            raise DPLightningError(f"noise_multiplier must be >= 0, got {sigma}")
+        self.noise_multiplier = float(sigma)
+        c_total = self.total_clip_norm
+        self.noise_multipliers = {g: sigma * c_total / c for g, c in self.clip_thresholds.items()}
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default ``target_delta``)."""
+        return self.accountant.epsilon(self.target_delta if delta is None else delta)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization:
+            raise DPLightningError("DPSGDStrategy needs automatic optimization; set automatic_optimization = True")
+        if trainer.gradient_clip_val:
+            raise DPLightningError("Trainer(gradient_clip_val=...) conflicts with DP clipping; remove it and set max_grad_norm")
+        if len(self.optimizers) != 1:
+            raise DPLightningError(f"DPSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}")
+        if self._engine is not None:
+            self._engine.remove()
+        self._engine = PerExampleGradients(module, self.loss_reduction)
+        self._params = dict(module.named_parameters())
+        if not self.groups:
+            self.groups = make_groups(self._engine.param_names, self.clipping)
+            per_group = self.max_grad_norm / math.sqrt(len(self.groups))
+            self.clip_thresholds = dict.fromkeys(self.groups, per_group)
+            if self.noise_multiplier is not None:
+                self.set_noise_multiplier(self.noise_multiplier)
+        if self._pending_state is not None:
+            self._apply_dp_state(self._pending_state)
+            self._pending_state = None
+
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return dataloader
+        dataset = dataloader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise DPLightningError("the training set is empty; check the data module")
+        batch_size = dataloader.batch_size or (dataloader.batch_sampler.batch_size if dataloader.batch_sampler else 1)  # type: ignore[union-attr]
+        accumulate = trainer.accumulate_grad_batches
+        expected = batch_size * accumulate
+        q = expected / n
+        if q > 1:
+            raise DPLightningError(
+                f"sample rate q = batch_size*accumulate/N = {expected}/{n} > 1; lower the batch size or add data"
+            )
+        self.sample_rate, self.num_examples, self.expected_batch_size = q, n, float(expected)
+        if not self.poisson_sampling:
+            warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate", stacklevel=2)
+            return dataloader
+        sampler = PoissonBatchSampler(
+            n, q, num_batches=max(1, n // expected), seed=self.seed, micro_batches=accumulate, secure_rng=self.secure_rng
+        )
+        # Resuming mid-epoch: Lightning restarts the iterator, so skip the logical batches already taken.
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        sampler.epoch = trainer.current_epoch
+        sampler.start_batch = ready // accumulate
+        self._sampler = sampler
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataloader.collate_fn,
+            num_workers=dataloader.num_workers,
+            pin_memory=dataloader.pin_memory,
+            worker_init_fn=dataloader.worker_init_fn,
+        )
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self.lightning_module.trainer
+        if self.sample_rate is None:
+            raise DPLightningError("DPSGDStrategy could not find the training dataloader to set the sample rate")
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
+        self.planned_steps = int(steps)
+        remaining = max(self.planned_steps - self.accountant.steps, 0)
+        if self.noise_multiplier is None:
+            assert self.target_epsilon is not None
+            sigma = noise_for_target(
+                self.target_epsilon, self.target_delta, self.sample_rate, self.planned_steps, accountant=self.accountant_kind
+            )
+            self.set_noise_multiplier(sigma)
+            rank_zero_info(
+                f"[dplightning] calibrated noise_multiplier={sigma:.4f} for ε={self.target_epsilon}, "
+                f"δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
+            )
+        if self.max_epsilon is not None and remaining > 0:
+            sigma = self.effective_noise_multiplier
+            final = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, self.sample_rate), remaining)])
+            if final > self.max_epsilon * (1 + 1e-9):
+                raise PrivacyBudgetError(
+                    f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
+                    f"ε={final:.3g} > target {self.max_epsilon}; raise noise_multiplier, lower max_steps, or drop it "
+                    "and let target_epsilon calibrate σ"
+                )
+            self._safe_region = (sigma, self.sample_rate, self.accountant.steps + remaining)
+
+    # ------------------------------------------------------------------------------------- one step
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        if batch_size_of(batch) == 0:
+            # An empty Poisson batch is still a step: the release is pure noise. Skip the model entirely.
+            return torch.zeros((), device=self.root_device, requires_grad=True)
+        return super().training_step(*args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        assert self._engine is not None
+        grads = self._engine.pop()
+        if grads:
+            summed, norms = clip_and_sum(grads, self.groups, self.clip_thresholds)
+            for name, value in summed.items():
+                prev = self._summed.get(name)
+                self._summed[name] = value if prev is None else prev + value
+            for group, value in norms.items():
+                self._last_norms.setdefault(group, []).append(value.detach())
+        return out
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        def private_closure() -> Any:
+            result = closure()
+            self.release_noisy_gradient()
+            return result
+
+        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    def _within_budget(self, sigma: float, q: float) -> bool:
+        """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap when inside the proven-safe region."""
+        if self.max_epsilon is None:
+            return True
+        if self._safe_region is not None:
+            sigma_min, q_max, steps = self._safe_region
+            # Monotone: fewer steps, larger σ and smaller q each lower ε, so this dominates the planned run.
+            if min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
+                return True
+        if sigma <= 0:
+            return False
+        eps = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, q), 1)])
+        return eps <= self.max_epsilon
+
+    def release_noisy_gradient(self) -> None:
+        """Turn the accumulated clipped sums into ``p.grad = (sum + noise) / (qN)`` and charge the accountant."""
+        assert self.sample_rate is not None and self.expected_batch_size is not None
+        sigma_eff, q = self.effective_noise_multiplier, self.sample_rate
+        if not self._within_budget(sigma_eff, q):
+            # Nothing is released: drop the clipped sums, skip the update, stop training cleanly.
+            for p in self._params.values():
+                p.grad = None
+            self._summed.clear()
+            self.budget_exhausted = True
+            self.lightning_module.trainer.should_stop = True
+            rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
+            return
+        for group, names in self.groups.items():
+            std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group]
+            for name in names:
+                p = self._params[name]
+                total = self._summed.get(name)
+                if total is None:
+                    total = torch.zeros_like(p)
+                if std > 0:
+                    total = total + self.noise_source.gaussian(p.shape, std, p.device).to(p.dtype)
+                p.grad = total / self.expected_batch_size
+        self._summed.clear()
+        self.accountant.step(sigma_eff, q)
+        self._min_sigma_used = min(self._min_sigma_used, sigma_eff)
+
+    def pop_last_norms(self) -> dict[str, Tensor]:
+        """Per-example pre-clip norms of the last logical step, ``{group: [B]}``. PRIVATE data: only for
+        mechanisms that privatise them before release (e.g. quantile clipping)."""
+        norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
+        self._last_norms.clear()
+        return norms
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise": self.noise_source.state_dict(),
+            "clip_thresholds": dict(self.clip_thresholds),
+            "noise_multipliers": dict(self.noise_multipliers),
+            "noise_multiplier": self.noise_multiplier,
+            "min_sigma_used": self._min_sigma_used,
+        }
+
+    def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise_source.load_state_dict(state["noise"])
+        self.clip_thresholds = dict(state["clip_thresholds"])
+        self.noise_multipliers = dict(state["noise_multipliers"])
+        self.noise_multiplier = state["noise_multiplier"]
+        self._min_sigma_used = state["min_sigma_used"]
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint["dplightning"] = self.dp_state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get("dplightning")
+        if state is not None:
+            if not self.groups:
+                self._pending_state = state
+            else:
+                self._apply_dp_state(state)
+        return checkpoint
+
+    def teardown(self) -> None:
+        if self._engine is not None:
+            self._engine.remove()
+            self._engine = None
+        super().teardown()
+
