@@ -1,1 +1,5 @@
 """Lightning callbacks of dplightning (imported as ``dplightning.callbacks``)."""
+
+from dplightning.callbacks.privacy_budget import PrivacyBudget
+
+__all__ = ["PrivacyBudget"]

@@ -33,6 +33,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         seed: base seed; batch ``(epoch, i)`` is a pure function of ``(seed, epoch, i)``.
         micro_batches: chunks per logical batch (gradient accumulation).
         secure_rng: draw inclusion from the OS CSPRNG instead (not reproducible).
+        rank, world_size: under data parallelism every rank draws the same global mask (shared seed) and keeps
+            the indices ``i % world_size == rank``; the union over ranks is the single-process batch.
     """
 
     def __init__(
@@ -43,6 +45,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         micro_batches: int = 1,
         secure_rng: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if num_examples <= 0:
             raise ValueError("PoissonBatchSampler needs a non-empty dataset")
@@ -54,6 +58,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.micro_batches = micro_batches
         self.secure_rng = secure_rng
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.start_batch = 0  # logical batches of the current epoch already consumed (set on resume)
 
@@ -66,12 +71,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return (self.num_batches - self.start_batch) * self.micro_batches
 
     def logical_batch(self, index: int) -> np.ndarray:
-        """Indices of logical batch ``index`` of the current epoch, shape ``[Binomial(N, q)]``."""
+        """This rank's indices of logical batch ``index`` of the current epoch (all ranks: ``Binomial(N, q)``)."""
         if self.secure_rng:
             uniform = np.frombuffer(os.urandom(8 * self.num_examples), dtype=np.uint64) / np.float64(2**64)
         else:
             uniform = np.random.default_rng(_batch_seed(self.seed, self.epoch, index)).random(self.num_examples)
-        return np.flatnonzero(uniform < self.sample_rate)
+        chosen = np.flatnonzero(uniform < self.sample_rate)
+        return chosen[chosen % self.world_size == self.rank] if self.world_size > 1 else chosen
 
     def __iter__(self) -> Iterator[list[int]]:
         start, self.start_batch = self.start_batch, 0

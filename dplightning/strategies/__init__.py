@@ -1,5 +1,5 @@
 """Lightning strategies that compute private updates."""
 
-from dplightning.strategies.dpsgd import DPSGDStrategy
+from dplightning.strategies.dpsgd import DDPDPSGDStrategy, DPSGDStrategy
 
-__all__ = ["DPSGDStrategy"]
+__all__ = ["DDPDPSGDStrategy", "DPSGDStrategy"]

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -70,8 +70,9 @@ def short_group_name(group: str) -> str:
     return group
 
 
-class DPSGDStrategy(SingleDeviceStrategy):
-    """Differentially private SGD for any optimizer, as a drop-in Lightning strategy.
+class DPSGDMixin:
+    """Differentially private SGD for any optimizer, as a drop-in Lightning strategy (shared by the
+    single-device and the DDP strategy; mixed in before the Lightning strategy class).
 
     Args:
         noise_multiplier: effective Gaussian noise multiplier σ (noise std / L2 sensitivity). ``None`` calibrates
@@ -91,24 +92,19 @@ class DPSGDStrategy(SingleDeviceStrategy):
         device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
     """
 
-    strategy_name = "dpsgd"
-
-    def __init__(
+    def _dp_init(
         self,
-        noise_multiplier: float | None = None,
-        max_grad_norm: float = 1.0,
-        clipping: ClippingMode = "flat",
-        target_epsilon: float | None = None,
-        target_delta: float = 1e-5,
-        accountant: Literal["pld", "rdp"] = "pld",
-        poisson_sampling: bool = True,
-        secure_rng: bool = False,
-        seed: int = 0,
-        loss_reduction: LossReduction = "mean",
-        device: str | torch.device = "auto",
-        checkpoint_io: CheckpointIO | None = None,
+        noise_multiplier: float | None,
+        max_grad_norm: float,
+        clipping: ClippingMode,
+        target_epsilon: float | None,
+        target_delta: float,
+        accountant: Literal["pld", "rdp"],
+        poisson_sampling: bool,
+        secure_rng: bool,
+        seed: int,
+        loss_reduction: LossReduction,
     ) -> None:
-        super().__init__(device=_resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
         if clipping not in CLIPPING_MODES or clipping == "flat_l1":
             raise DPLightningError(f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter")
         if noise_multiplier is None and target_epsilon is None:
@@ -141,6 +137,7 @@ class DPSGDStrategy(SingleDeviceStrategy):
         self.planned_steps: int | None = None
         self.budget_exhausted = False
         self.groups: dict[str, list[str]] = {}
+        self._shard = (0, 1)  # (rank, world size) of Poisson sampling; set by the DDP variant
         self.clip_thresholds: dict[str, float] = {}
         self.noise_multipliers: dict[str, float] = {}
         self._engine: PerExampleGradients | None = None
@@ -216,6 +213,8 @@ class DPSGDStrategy(SingleDeviceStrategy):
             self._engine.remove()
         self._engine = PerExampleGradients(module, self.loss_reduction)
         self._params = dict(module.named_parameters())
+        self._trainable = set(self._engine.param_names)
+        self._sync_initial_params()
         if not self.groups:
             self.groups = make_groups(self._engine.param_names, self.clipping)
             per_group = self.max_grad_norm / math.sqrt(len(self.groups))
@@ -247,7 +246,14 @@ class DPSGDStrategy(SingleDeviceStrategy):
             warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate", stacklevel=2)
             return dataloader
         sampler = PoissonBatchSampler(
-            n, q, num_batches=max(1, n // expected), seed=self.seed, micro_batches=accumulate, secure_rng=self.secure_rng
+            n,
+            q,
+            num_batches=max(1, n // expected),
+            seed=self.seed,
+            micro_batches=accumulate,
+            secure_rng=self.secure_rng,
+            rank=self._shard[0],
+            world_size=self._shard[1],
         )
         # Resuming mid-epoch: Lightning restarts the iterator, so skip the logical batches already taken.
         ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
@@ -329,7 +335,7 @@ class DPSGDStrategy(SingleDeviceStrategy):
 
         return super().optimizer_step(optimizer, private_closure, model, **kwargs)
 
-    def _within_budget(self, sigma: float, q: float) -> bool:
+    def within_budget(self, sigma: float, q: float) -> bool:
         """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap when inside the proven-safe region."""
         if self.max_epsilon is None:
             return True
@@ -347,7 +353,7 @@ class DPSGDStrategy(SingleDeviceStrategy):
         """Turn the accumulated clipped sums into ``p.grad = (sum + noise) / (qN)`` and charge the accountant."""
         assert self.sample_rate is not None and self.expected_batch_size is not None
         sigma_eff, q = self.effective_noise_multiplier, self.sample_rate
-        if not self._within_budget(sigma_eff, q):
+        if not self.within_budget(sigma_eff, q):
             # Nothing is released: drop the clipped sums, skip the update, stop training cleanly.
             for p in self._params.values():
                 p.grad = None
@@ -356,19 +362,31 @@ class DPSGDStrategy(SingleDeviceStrategy):
             self.lightning_module.trainer.should_stop = True
             rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
             return
+        sums = {name: self._summed.get(name, torch.zeros_like(p)) for name, p in self._params.items() if name in self._trainable}
+        sums = self._reduce_sums(sums)
         for group, names in self.groups.items():
             std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group]
             for name in names:
                 p = self._params[name]
-                total = self._summed.get(name)
-                if total is None:
-                    total = torch.zeros_like(p)
+                total = sums[name]
                 if std > 0:
-                    total = total + self.noise_source.gaussian(p.shape, std, p.device).to(p.dtype)
+                    total = total + self._draw_noise(p.shape, std, p.device).to(p.dtype)
                 p.grad = total / self.expected_batch_size
         self._summed.clear()
         self.accountant.step(sigma_eff, q)
         self._min_sigma_used = min(self._min_sigma_used, sigma_eff)
+
+    # Hooks the DDP variant overrides: single-device versions are identities.
+    def _sync_initial_params(self) -> None:
+        """Make every rank start from the same weights (DDP broadcasts from rank 0)."""
+
+    def _reduce_sums(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum the clipped per-example gradient sums over ranks."""
+        return sums
+
+    def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
+        """Noise for one tensor; identical on every rank so it is added once in total."""
+        return self.noise_source.gaussian(shape, std, device)
 
     def pop_last_norms(self) -> dict[str, Tensor]:
         """Per-example pre-clip norms of the last logical step, ``{group: [B]}``. PRIVATE data: only for
@@ -416,3 +434,99 @@ class DPSGDStrategy(SingleDeviceStrategy):
             self._engine = None
         super().teardown()
 
+
+
+class DPSGDStrategy(DPSGDMixin, SingleDeviceStrategy):
+    __doc__ = DPSGDMixin.__doc__
+    strategy_name = "dpsgd"
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        clipping: ClippingMode = "flat",
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        accountant: Literal["pld", "rdp"] = "pld",
+        poisson_sampling: bool = True,
+        secure_rng: bool = False,
+        seed: int = 0,
+        loss_reduction: LossReduction = "mean",
+        device: str | torch.device = "auto",
+        checkpoint_io: CheckpointIO | None = None,
+    ) -> None:
+        SingleDeviceStrategy.__init__(
+            self, device=_resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO()
+        )
+        self._dp_init(
+            noise_multiplier, max_grad_norm, clipping, target_epsilon, target_delta, accountant,
+            poisson_sampling, secure_rng, seed, loss_reduction,
+        )
+
+
+class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
+    """DP-SGD across processes (Lightning DDP launcher, any backend; ``gloo`` on CPU).
+
+    Every rank draws the same global Poisson mask (shared seed) and keeps its shard ``index % world == rank``,
+    so the union of the ranks' batches is exactly the single-process Poisson batch. The model is *not* wrapped
+    in ``DistributedDataParallel``: each rank clips its own examples, the clipped sums are all-reduced once per
+    step, and the same seeded noise is added on every rank after the reduction (noise enters once in total;
+    with ``secure_rng`` rank 0 draws it and broadcasts). All ranks therefore apply the same update.
+    """
+
+    strategy_name = "ddp_dpsgd"
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        clipping: ClippingMode = "flat",
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        accountant: Literal["pld", "rdp"] = "pld",
+        poisson_sampling: bool = True,
+        secure_rng: bool = False,
+        seed: int = 0,
+        loss_reduction: LossReduction = "mean",
+        process_group_backend: str | None = None,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        checkpoint_io: CheckpointIO | None = None,
+    ) -> None:
+        DDPStrategy.__init__(
+            self,
+            process_group_backend=process_group_backend,
+            start_method=start_method,
+            checkpoint_io=checkpoint_io or AtomicCheckpointIO(),
+        )
+        self._dp_init(
+            noise_multiplier, max_grad_norm, clipping, target_epsilon, target_delta, accountant,
+            poisson_sampling, secure_rng, seed, loss_reduction,
+        )
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._shard = (self.global_rank, self.world_size)
+        super().setup(trainer)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model  # no DistributedDataParallel wrapper: clipped sums are reduced explicitly
+
+    def _sync_initial_params(self) -> None:
+        for p in self.lightning_module.parameters():
+            torch.distributed.broadcast(p.data, src=0)
+
+    def _reduce_sums(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        names = list(sums)
+        flat = torch.cat([sums[n].reshape(-1) for n in names])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        out, offset = {}, 0
+        for n in names:
+            size = sums[n].numel()
+            out[n] = flat[offset : offset + size].view_as(sums[n])
+            offset += size
+        return out
+
+    def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
+        noise = self.noise_source.gaussian(shape, std, device)
+        if self.secure_rng:  # CSPRNG draws differ per rank: use rank 0's
+            torch.distributed.broadcast(noise, src=0)
+        return noise

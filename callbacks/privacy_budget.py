@@ -1,0 +1,102 @@
+"""`PrivacyBudget`: log the privacy spent every step and stop training cleanly before the budget is exceeded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.strategies.dpsgd import short_group_name
+
+
+class PrivacyBudget(Callback):
+    """Logs ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier``, ``privacy/clip_norm`` (and
+    ``privacy/clip/<group>`` per group) and stops training when the next step would exceed ``target_epsilon``.
+
+    Works with any strategy that exposes ``accountant``, ``effective_noise_multiplier``, ``sample_rate``,
+    ``clip_thresholds``, ``target_delta`` and ``within_budget(sigma, q)`` (``DPSGDStrategy``, ``DPZOStrategy``).
+    The strategy additionally refuses any step that would exceed the budget, so the guarantee does not depend
+    on this callback; the callback makes the stop graceful and visible.
+
+    Args:
+        target_epsilon: budget; ``None`` keeps the strategy's own ``target_epsilon``.
+        target_delta: δ at which ε is reported; ``None`` uses the strategy's ``target_delta``.
+        log_every_n_steps: compute and log ε every n optimizer steps (ε queries cost a PLD composition).
+        log_group_thresholds: also log each group's clip threshold.
+    """
+
+    def __init__(
+        self,
+        target_epsilon: float | None = None,
+        target_delta: float | None = None,
+        log_every_n_steps: int = 1,
+        log_group_thresholds: bool = True,
+    ) -> None:
+        if target_epsilon is not None and target_epsilon <= 0:
+            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget")
+        self.target_epsilon = target_epsilon
+        self.target_delta = target_delta
+        self.log_every_n_steps = max(1, log_every_n_steps)
+        self.log_group_thresholds = log_group_thresholds
+        self.stopped_on_budget = False
+        self._last_step = -1
+        self._strategy: Any = None
+
+    @property
+    def delta(self) -> float:
+        return self.target_delta if self.target_delta is not None else self._strategy.target_delta
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if not hasattr(strategy, "accountant") or not hasattr(strategy, "within_budget"):
+            raise DPLightningError(
+                f"PrivacyBudget needs a private strategy, got {type(strategy).__name__}; "
+                "set Trainer(strategy=DPSGDStrategy(...)) or DPZOStrategy(...)"
+            )
+        self._strategy = strategy
+        if self.target_epsilon is not None:
+            current = strategy.max_epsilon
+            strategy.max_epsilon = self.target_epsilon if current is None else min(current, self.target_epsilon)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = self._strategy
+        step = strategy.accountant.steps
+        if step == self._last_step:  # a micro-batch inside gradient accumulation: nothing released yet
+            return
+        self._last_step = step
+        if step % self.log_every_n_steps == 0 or trainer.should_stop:
+            metrics = {
+                "privacy/epsilon": strategy.accountant.epsilon(self.delta),
+                "privacy/delta": self.delta,
+                "privacy/noise_multiplier": strategy.effective_noise_multiplier,
+                "privacy/clip_norm": strategy.total_clip_norm,
+                "privacy/sample_rate": strategy.sample_rate,
+            }
+            if self.log_group_thresholds and len(strategy.clip_thresholds) > 1:
+                for group, c in strategy.clip_thresholds.items():
+                    metrics[f"privacy/clip/{short_group_name(group)}"] = c
+            pl_module.log("privacy/epsilon", metrics.pop("privacy/epsilon"), prog_bar=True)
+            pl_module.log_dict(metrics)
+        if not strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):
+            self.stopped_on_budget = True
+            trainer.should_stop = True
+            rank_zero_info(
+                f"[dplightning] stopping: one more step would exceed ε={strategy.max_epsilon} "
+                f"(spent ε={strategy.accountant.epsilon(self.delta):.4f} after {step} steps)"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"stopped_on_budget": self.stopped_on_budget, "target_epsilon": self.target_epsilon}
+        if self._strategy is not None:
+            state["accountant"] = self._strategy.accountant.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stopped_on_budget = bool(state_dict.get("stopped_on_budget", False))
+        if self._strategy is not None and "accountant" in state_dict:
+            self._strategy.accountant.load_state_dict(state_dict["accountant"])

@@ -1,0 +1,108 @@
+"""The ``dplightning`` command: ``fit|validate|test --config X.yaml`` (LightningCLI) and ``privacy ...``.
+
+User errors (unknown config key, missing file, impossible budget, model without LoRA targets) end in one
+``error:`` line and exit code 2, never a long traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+# No hub access anywhere: everything is local (bundled GGUF, tiny random models, user paths).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from dplightning.errors import DPLightningError
+
+SUBCOMMANDS_OUTSIDE_LIGHTNING = ("privacy",)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _lightning_cli_class() -> type:
+    from lightning.pytorch.cli import LightningCLI
+
+    class DPLightningCLI(LightningCLI):
+        """LightningCLI over :class:`DPLoRAModule` and :class:`TextDataModule` with a summary after ``fit``."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.link_arguments("model.model_name", "data.tokenizer")
+
+        def before_fit(self) -> None:
+            self._fit_started = time.perf_counter()
+
+        def after_fit(self) -> None:
+            trainer = self.trainer
+            if not trainer.is_global_zero:
+                return
+            wall = time.perf_counter() - self._fit_started
+            metrics = trainer.callback_metrics
+            lines = [f"steps: {trainer.global_step}", f"wall time: {wall:.1f} s"]
+            if "val/perplexity" in metrics:
+                lines.append(f"final val perplexity: {float(metrics['val/perplexity']):.3f}")
+            strategy = trainer.strategy
+            if hasattr(strategy, "accountant"):
+                eps = strategy.epsilon()
+                target = getattr(strategy, "max_epsilon", None)
+                lines.append(
+                    f"privacy: ε = {eps:.4f} at δ = {strategy.target_delta:g}"
+                    + (f" (budget {target:g})" if target is not None else "")
+                    + f", σ_eff = {strategy.effective_noise_multiplier:.4f}, q = {strategy.sample_rate:.4g}"
+                )
+            else:
+                lines.append("privacy: none (non-private run)")
+            if trainer.logger is not None and trainer.log_dir:
+                lines.append(f"TensorBoard logs: {trainer.log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
+            print("\n== dplightning summary ==\n" + "\n".join(f"  {line}" for line in lines), flush=True)
+
+    return DPLightningCLI
+
+
+def run_lightning(argv: Sequence[str]) -> int:
+    from jsonargparse import ArgumentParser
+
+    from dplightning.data import TextDataModule
+    from dplightning.module import DPLoRAModule
+
+    class OneLineErrorParser(ArgumentParser):
+        """Config errors as one line naming the problem and the fix (no usage dump)."""
+
+        def error(self, message: str, ex: Exception | None = None) -> Any:  # type: ignore[override]
+            first = str(message).strip().splitlines()[0] if message else "invalid arguments"
+            raise DPLightningError(f"{first}; check the keys in your YAML against `dplightning fit --help`")
+
+    cli_cls = _lightning_cli_class()
+    cli_cls(
+        DPLoRAModule,
+        TextDataModule,
+        args=list(argv),
+        parser_class=OneLineErrorParser,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args[:1] == ["privacy"]:
+            from dplightning.privacy.cli import privacy_main
+
+            return privacy_main(args[1:])
+        return run_lightning(args)
+    except DPLightningError as exc:
+        return _fail(str(exc))
+    except FileNotFoundError as exc:
+        return _fail(f"file not found: {exc.filename or exc}; check the path")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
