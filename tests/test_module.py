@@ -1,0 +1,111 @@
+"""DPLoRAModule: LoRA-only trainable params, per-example loss, weights change under DP-SGD, adapter export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dplightning.data import TextDataModule
+from dplightning.errors import DPLightningError
+from dplightning.module import DPLoRAModule
+from dplightning.strategies import DPSGDStrategy
+
+
+@pytest.fixture(scope="module")
+def tiny() -> DPLoRAModule:
+    return DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=0)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0], [3, 4, 0, 0, 0]])
+    mask = (torch.arange(5)[None] < torch.tensor([[5], [3], [2]])).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_only_lora_parameters_are_trainable(tiny: DPLoRAModule) -> None:
+    trainable = [n for n, p in tiny.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("q_proj" in n for n in trainable) and any("v_proj" in n for n in trainable)
+    frozen = sum(p.numel() for p in tiny.parameters() if not p.requires_grad)
+    assert frozen > 10 * sum(p.numel() for p in tiny.parameters() if p.requires_grad)
+
+
+def test_per_example_loss_matches_manual_computation_on_padded_batch(tiny: DPLoRAModule) -> None:
+    batch = _batch()
+    tiny.eval()
+    losses = tiny.per_example_loss(batch)
+    assert losses.shape == (3,)
+    for i, length in enumerate([5, 3, 2]):
+        ids = batch["input_ids"][i : i + 1, :length]
+        logits = tiny.model(input_ids=ids).logits[0]
+        manual = F.cross_entropy(logits[:-1], ids[0, 1:])
+        torch.testing.assert_close(losses[i], manual, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_weights_change_after_a_private_step(tmp_path: Path) -> None:
+    model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, learning_rate=0.05, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    data = TextDataModule(tokenizer="tiny-llama", num_records=64, max_length=32, batch_size=8)
+    strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, clipping="per_adapter", device="cpu")
+    trainer = pl.Trainer(max_steps=2, strategy=strategy, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    after = dict(model.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert len(changed) == len(before)  # every LoRA tensor (A and B) moved
+    assert all(torch.equal(frozen_before[n], after[n].detach()) for n in frozen_before)  # base untouched
+    # per-adapter groups pair A and B of one adapted module
+    assert all(len(v) == 2 for v in strategy.groups.values())
+    out = model.save_adapter(tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists()
+
+
+def test_adapter_loads_in_plain_peft(tmp_path: Path, tiny: DPLoRAModule) -> None:
+    from peft import PeftModel
+
+    from dplightning.models import load_causal_lm
+
+    with torch.no_grad():
+        for n, p in tiny.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.01)
+    tiny.save_adapter(tmp_path / "a")
+    plain = PeftModel.from_pretrained(load_causal_lm("tiny-llama", seed=0), tmp_path / "a").eval()
+    tiny.eval()
+    ids = _batch()["input_ids"][:1]
+    torch.testing.assert_close(plain(input_ids=ids).logits, tiny(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_missing_lora_target_is_one_clear_error() -> None:
+    with pytest.raises(DPLightningError, match="lora_target_modules"):
+        DPLoRAModule(model_name="tiny-llama", lora_target_modules=["c_attn"])
+
+
+def test_gpt2_default_targets() -> None:
+    m = DPLoRAModule(model_name="tiny-gpt2", lora_rank=2)
+    assert any("c_attn.lora_A" in n for n, p in m.named_parameters() if p.requires_grad)
+    batch = _batch()
+    batch = {k: v.clamp(max=200) for k, v in batch.items()}
+    assert m.per_example_loss(batch).shape == (3,)
+
+
+def test_checkpoint_holds_only_lora_weights(tiny: DPLoRAModule) -> None:
+    ckpt: dict = {"state_dict": tiny.state_dict()}
+    tiny.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_dataloader_with_empty_batch_is_accepted() -> None:
+    data = TextDataModule(tokenizer="tiny-llama", num_records=50, max_length=16, batch_size=4)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    assert isinstance(loader, DataLoader)
+    empty = loader.collate_fn([])
+    assert empty["input_ids"].shape[0] == 0
