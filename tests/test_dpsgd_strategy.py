@@ -11,11 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from dplightning.callbacks import PrivacyBudget
-from dplightning.privacy.accounting import compute_epsilon
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import compute_epsilon
 from dplightning.strategies import DPSGDStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))

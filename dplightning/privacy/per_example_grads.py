@@ -88,6 +88,8 @@ class PerExampleGradients:
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
         self.loss_reduction = loss_reduction
+        # Extra factor undone on every backprop; Lightning divides the loss by accumulate_grad_batches.
+        self.loss_scale = 1.0
         self.param_names: list[str] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grads: dict[str, Tensor] = {}
@@ -128,8 +130,9 @@ class PerExampleGradients:
                         f"layer outputs disagree on the batch dimension ({self._batch_size} vs {batch}); "
                         "per-example privacy needs the batch as the first dimension of every layer input"
                     )
-                if self.loss_reduction == "mean":
-                    grad = grad * batch
+                factor = self.loss_scale * (batch if self.loss_reduction == "mean" else 1)
+                if factor != 1:
+                    grad = grad * factor
                 for short, value in rule(module, activation, grad).items():
                     name = full[short]
                     prev = self._grads.get(name)

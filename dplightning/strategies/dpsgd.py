@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
@@ -54,6 +55,21 @@ def batch_size_of(batch: Any) -> int | None:
         if size is not None:
             return size
     return None
+
+
+class EmptySafeCollate:
+    """Wraps a ``collate_fn`` so an empty Poisson batch collates to a zero-length batch of the right structure
+    (collate one real example, slice every tensor to length 0): default collate fails on ``[]``."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Any) -> None:
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+
+    def __call__(self, items: list[Any]) -> Any:
+        if items:
+            return self.collate_fn(items)
+        template = self.collate_fn([self.dataset[0]])
+        return apply_to_collection(template, Tensor, lambda t: t[:0])
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -212,6 +228,7 @@ class DPSGDMixin:
         if self._engine is not None:
             self._engine.remove()
         self._engine = PerExampleGradients(module, self.loss_reduction)
+        self._engine.loss_scale = float(trainer.accumulate_grad_batches)  # Lightning scales the loss by 1/k
         self._params = dict(module.named_parameters())
         self._trainable = set(self._engine.param_names)
         self._sync_initial_params()
@@ -263,7 +280,7 @@ class DPSGDMixin:
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=dataloader.collate_fn,
+            collate_fn=EmptySafeCollate(dataloader.collate_fn, dataset),
             num_workers=dataloader.num_workers,
             pin_memory=dataloader.pin_memory,
             worker_init_fn=dataloader.worker_init_fn,
@@ -289,15 +306,19 @@ class DPSGDMixin:
                 f"[dplightning] calibrated noise_multiplier={sigma:.4f} for ε={self.target_epsilon}, "
                 f"δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
             )
-        if self.max_epsilon is not None and remaining > 0:
-            sigma = self.effective_noise_multiplier
-            final = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, self.sample_rate), remaining)])
-            if final > self.max_epsilon * (1 + 1e-9):
-                raise PrivacyBudgetError(
-                    f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
-                    f"ε={final:.3g} > target {self.max_epsilon}; raise noise_multiplier, lower max_steps, or drop it "
-                    "and let target_epsilon calibrate σ"
-                )
+        if self.max_epsilon is None or remaining == 0:
+            return
+        sigma = self.effective_noise_multiplier
+        final = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, self.sample_rate), remaining)])
+        if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9):
+            # The plan itself breaks the strategy's budget: refuse up front. (A PrivacyBudget callback's
+            # target alone only stops the run early.)
+            raise PrivacyBudgetError(
+                f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
+                f"ε={final:.3g} > target {self.target_epsilon}; raise noise_multiplier, lower max_steps, or drop "
+                "noise_multiplier and let target_epsilon calibrate σ"
+            )
+        if final <= self.max_epsilon:
             self._safe_region = (sigma, self.sample_rate, self.accountant.steps + remaining)
 
     # ------------------------------------------------------------------------------------- one step
