@@ -18,6 +18,8 @@ from functools import lru_cache
 from typing import Any, Literal
 
 import dp_accounting
+import numpy as np
+from absl import logging as absl_logging
 from dp_accounting import pld, rdp
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
@@ -25,7 +27,11 @@ from dplightning.errors import DPLightningError, PrivacyBudgetError
 Mechanism = Literal["gaussian", "laplace"]
 AccountantKind = Literal["pld", "rdp"]
 
+# dp-accounting logs a warning per order it cannot evaluate; those orders are excluded (sound), keep logs clean.
+absl_logging.set_verbosity(absl_logging.ERROR)
+
 SIGMA_GRID_PER_DECADE = 1000
+RDP_ORDERS: tuple[float, ...] = tuple(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
 PLD_VALUE_DISCRETIZATION = 1e-3  # measured: 1000 steps at q=0.01 within 0.05% of 1e-4 and 8x faster
 
 
@@ -78,7 +84,11 @@ def _check_delta(delta: float) -> None:
 
 
 class PrivacyAccountant(abc.ABC):
-    """Tracks the privacy spent by a sequence of :class:`StepEvent` releases."""
+    """Tracks the privacy spent by a sequence of :class:`StepEvent` releases.
+
+    σ is quantised DOWN onto a log grid (``SIGMA_GRID_PER_DECADE`` points per decade) before it is charged:
+    a smaller σ can only cost more, so the reported ε is an upper bound, and repeated σ values hit caches.
+    """
 
     kind: AccountantKind
 
@@ -98,7 +108,7 @@ class PrivacyAccountant(abc.ABC):
         self._on_step(event, num_steps)
 
     def _canonical(self, event: StepEvent) -> StepEvent:
-        return event
+        return StepEvent(quantize_sigma_down(event.noise_multiplier), event.sample_rate, event.mechanism)
 
     def _on_step(self, event: StepEvent, count: int) -> None:  # noqa: B027 - optional hook
         """Incremental update hook."""
@@ -143,12 +153,9 @@ def _pld_of(event: StepEvent, count: int) -> pld.privacy_loss_distribution.Priva
 
 
 class PLDAccountant(PrivacyAccountant):
-    """Privacy-loss-distribution accounting (tight). σ is quantised down onto a log grid."""
+    """Privacy-loss-distribution accounting (tight), composed per distinct event and cached."""
 
     kind: AccountantKind = "pld"
-
-    def _canonical(self, event: StepEvent) -> StepEvent:
-        return StepEvent(quantize_sigma_down(event.noise_multiplier), event.sample_rate, event.mechanism)
 
     def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
         _check_delta(delta)
@@ -169,40 +176,43 @@ class PLDAccountant(PrivacyAccountant):
         return float(composed.get_epsilon_for_delta(delta))
 
 
+@lru_cache(maxsize=65536)
+def _rdp_vector(event: StepEvent) -> np.ndarray:
+    """RDP of one release of ``event`` at ``RDP_ORDERS`` (cached: composition is then a vector add)."""
+    if event.mechanism == "laplace" and event.sample_rate < 1.0:
+        raise DPLightningError("the RDP accountant has no Poisson-subsampled Laplace; use accountant='pld' for Laplace")
+    acc = rdp.RdpAccountant(RDP_ORDERS)
+    acc.compose(event.to_dp_event(), 1)
+    vec = np.array(acc._rdp, dtype=np.float64)
+    vec.flags.writeable = False
+    return vec
+
+
 class RDPAccountant(PrivacyAccountant):
-    """Rényi-DP accounting (Mironov et al.); additive per order, so updates are incremental."""
+    """Rényi-DP accounting (Mironov et al.); additive per order, so each step adds a cached vector."""
 
     kind: AccountantKind = "rdp"
 
     def __init__(self) -> None:
         super().__init__()
-        self._acc = rdp.RdpAccountant()
+        self._rdp = np.zeros(len(RDP_ORDERS))
 
     def _reset(self) -> None:
-        self._acc = rdp.RdpAccountant()
+        self._rdp = np.zeros(len(RDP_ORDERS))
 
     def _on_step(self, event: StepEvent, count: int) -> None:
-        self._compose(self._acc, event, count)
-
-    @staticmethod
-    def _compose(acc: rdp.RdpAccountant, event: StepEvent, count: int) -> None:
-        if event.mechanism == "laplace" and event.sample_rate < 1.0:
-            raise DPLightningError(
-                "the RDP accountant has no Poisson-subsampled Laplace; use accountant='pld' for Laplace noise"
-            )
-        acc.compose(event.to_dp_event(), count)
+        self._rdp = self._rdp + count * _rdp_vector(event)
 
     def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
         _check_delta(delta)
-        if not self._history and not extra:
-            return 0.0
-        if not extra:
-            return float(self._acc.get_epsilon(delta))
-        acc = rdp.RdpAccountant()
-        acc._rdp = self._acc._rdp.copy()
+        total = self._rdp.copy()
         for event, count in extra:
-            self._compose(acc, StepEvent(event.noise_multiplier, event.sample_rate, event.mechanism), count)
-        return float(acc.get_epsilon(delta))
+            if count > 0:
+                total += count * _rdp_vector(self._canonical(event))
+        if not total.any():
+            return 0.0
+        eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(np.array(RDP_ORDERS), total, delta)
+        return float(eps)
 
 
 def make_accountant(kind: AccountantKind = "pld") -> PrivacyAccountant:

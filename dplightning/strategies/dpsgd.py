@@ -153,6 +153,10 @@ class DPSGDMixin:
         self.planned_steps: int | None = None
         self.budget_exhausted = False
         self.groups: dict[str, list[str]] = {}
+        self.auxiliary_noise_multipliers: dict[str, float] = {}
+        self.last_noisy_grad_norms: dict[str, float] = {}  # per group, of the released (noisy) sum: public
+        # per group, per-example pre-clip norms of the last step [B]: PRIVATE, only for mechanisms that noise them
+        self.private_step_norms: dict[str, Tensor] = {}
         self._shard = (0, 1)  # (rank, world size) of Poisson sampling; set by the DDP variant
         self.clip_thresholds: dict[str, float] = {}
         self.noise_multipliers: dict[str, float] = {}
@@ -172,12 +176,16 @@ class DPSGDMixin:
 
     @property
     def effective_noise_multiplier(self) -> float:
-        """σ_eff = (Σ_g σ_g^-2)^-1/2, the multiplier the accountant charges per step."""
-        if not self.noise_multipliers:
-            return float(self.noise_multiplier or 0.0)
-        if any(s <= 0 for s in self.noise_multipliers.values()):
+        """σ_eff = (Σ_g σ_g^-2 + Σ_aux σ_a^-2)^-1/2, the multiplier the accountant charges per step.
+
+        ``auxiliary_noise_multipliers`` are other Gaussian releases made from the same batch each step (e.g. noisy
+        clip counts for a controller), expressed as multipliers relative to their own L2 sensitivity.
+        """
+        sigmas = list(self.noise_multipliers.values()) or [float(self.noise_multiplier or 0.0)]
+        sigmas += list(self.auxiliary_noise_multipliers.values())
+        if any(s <= 0 for s in sigmas):
             return 0.0
-        return sum(s**-2 for s in self.noise_multipliers.values()) ** -0.5
+        return sum(s**-2 for s in sigmas) ** -0.5
 
     @property
     def total_clip_norm(self) -> float:
@@ -393,7 +401,11 @@ class DPSGDMixin:
                 if std > 0:
                     total = total + self._draw_noise(p.shape, std, p.device).to(p.dtype)
                 p.grad = total / self.expected_batch_size
+            self.last_noisy_grad_norms[group] = math.sqrt(sum(float(self._params[n].grad.pow(2).sum()) for n in names))
         self._summed.clear()
+        # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
+        self.private_step_norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
+        self._last_norms.clear()
         self.accountant.step(sigma_eff, q)
         self._min_sigma_used = min(self._min_sigma_used, sigma_eff)
 
@@ -409,13 +421,6 @@ class DPSGDMixin:
         """Noise for one tensor; identical on every rank so it is added once in total."""
         return self.noise_source.gaussian(shape, std, device)
 
-    def pop_last_norms(self) -> dict[str, Tensor]:
-        """Per-example pre-clip norms of the last logical step, ``{group: [B]}``. PRIVATE data: only for
-        mechanisms that privatise them before release (e.g. quantile clipping)."""
-        norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
-        self._last_norms.clear()
-        return norms
-
     # ------------------------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
         return {
@@ -424,6 +429,7 @@ class DPSGDMixin:
             "clip_thresholds": dict(self.clip_thresholds),
             "noise_multipliers": dict(self.noise_multipliers),
             "noise_multiplier": self.noise_multiplier,
+            "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
             "min_sigma_used": self._min_sigma_used,
         }
 
@@ -433,6 +439,7 @@ class DPSGDMixin:
         self.clip_thresholds = dict(state["clip_thresholds"])
         self.noise_multipliers = dict(state["noise_multipliers"])
         self.noise_multiplier = state["noise_multiplier"]
+        self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
         self._min_sigma_used = state["min_sigma_used"]
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:

@@ -1,0 +1,212 @@
+"""Pieces of the RLDP control problem shared by the live controller and the standalone environment.
+
+- :func:`action_groups` — which clipping groups one action coordinate moves.
+- :class:`ActionMapper` — action in ``[-1, 1]^(k+1)`` → per-group clip thresholds and a target σ.
+- :func:`split_sigma` — the gradient / clip-count noise split whose combination costs exactly σ.
+- :class:`ClipCountRelease` — privatised clip fractions (Gaussian noise on counts; charged via the split).
+- :class:`BudgetGuard` — smallest σ ≥ the proposed one that keeps ε ≤ target even if every remaining step
+  ran at σ_max; ``None`` when nothing does.
+- :func:`build_observation` — the fixed-size, normalised observation vector (layout in ``OBS_FIELDS``).
+
+Soundness: every input of :func:`build_observation` is public (held-out loss on a split declared public,
+ε, progress, the controller's own σ and thresholds), post-processing of a privatised release (norms of the
+noisy gradient), or separately privatised and charged (clip fractions).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dplightning.errors import DPLightningError
+from dplightning.privacy.accounting import SIGMA_GRID_PER_DECADE, PrivacyAccountant, StepEvent
+
+ActionScope = str  # "per_adapter" | "per_layer_group" | "global"
+ACTION_SCOPES = ("per_adapter", "per_layer_group", "global")
+OBS_LIMIT = 10.0
+# Observation layout: 5 scalars, then 3 blocks of k (one entry per action group).
+OBS_FIELDS = (
+    "public_loss / initial public loss",
+    "10 x (public loss change over the interval) / initial public loss",
+    "epsilon spent / target epsilon",
+    "progress: optimizer steps / planned steps",
+    "log(sigma / base sigma)",
+    "[k] log(clip threshold / base threshold)",
+    "[k] privatised clip fraction (noisy clipped count / expected batch size), averaged over the interval",
+    "[k] log1p(norm of the noisy released gradient / clip threshold)",
+)
+
+
+def observation_size(num_groups: int) -> int:
+    return 5 + 3 * num_groups
+
+
+def action_groups(group_names: Sequence[str], scope: ActionScope, num_layer_groups: int = 4) -> list[list[str]]:
+    """Partition clipping groups into the sets one action coordinate controls (order preserved)."""
+    names = list(group_names)
+    if scope == "per_adapter":
+        return [[g] for g in names]
+    if scope == "global":
+        return [names]
+    if scope == "per_layer_group":
+        k = max(1, min(num_layer_groups, len(names)))
+        return [list(chunk) for chunk in np.array_split(np.array(names, dtype=object), k)]
+    raise DPLightningError(f"unknown action_scope '{scope}'; use one of {', '.join(ACTION_SCOPES)}")
+
+
+def _log_interp(a: float, bounds: tuple[float, float]) -> float:
+    lo, hi = math.log(bounds[0]), math.log(bounds[1])
+    return math.exp(lo + (float(np.clip(a, -1.0, 1.0)) + 1.0) * 0.5 * (hi - lo))
+
+
+@dataclass
+class ActionMapper:
+    """Maps ``action[:k]`` to per-group clip multipliers in ``clip_bounds`` and ``action[k]`` to a σ multiplier
+    in ``sigma_bounds``, both geometric (log-linear) in the action; multipliers apply to the base values."""
+
+    base_sigma: float
+    base_clips: dict[str, float]
+    groups: list[list[str]]
+    sigma_bounds: tuple[float, float] = (0.7, 1.5)
+    clip_bounds: tuple[float, float] = (0.25, 4.0)
+
+    @property
+    def action_size(self) -> int:
+        return len(self.groups) + 1
+
+    @property
+    def sigma_max(self) -> float:
+        return self.base_sigma * self.sigma_bounds[1]
+
+    def __call__(self, action: np.ndarray) -> tuple[float, dict[str, float]]:
+        """``action`` ``[k+1]`` → (target σ, ``{group: C_g}``)."""
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape[0] != self.action_size:
+            raise ValueError(f"action has {action.shape[0]} entries, expected {self.action_size}")
+        clips = {}
+        for j, members in enumerate(self.groups):
+            mult = _log_interp(action[j], self.clip_bounds)
+            clips.update({g: self.base_clips[g] * mult for g in members})
+        return self.base_sigma * _log_interp(action[-1], self.sigma_bounds), clips
+
+
+def split_sigma(sigma: float, count_budget_fraction: float) -> tuple[float, float]:
+    """(σ_grad, σ_count) with ``σ_grad^-2 + σ_count^-2 = σ^-2``: the count release takes the fraction ``f`` of
+    the step's privacy (in σ^-2 units), so the step still costs exactly σ (Andrew et al. 2021, DESIGN §4)."""
+    f = count_budget_fraction
+    if not 0.0 < f < 1.0:
+        raise DPLightningError(f"count_budget_fraction must be in (0, 1), got {f}")
+    return sigma / math.sqrt(1.0 - f), sigma / math.sqrt(f)
+
+
+class ClipCountRelease:
+    """Releases, per action group ``j``, the noisy count ``Σ_i mean_{g∈j} 1[||g_i|| > C_g] + N(0, s²)``.
+
+    Each example adds at most 1 to each of the ``k`` counts, so the count vector has L2 sensitivity ``√k`` and
+    the noise std is ``s = σ_count·√k``. Fractions are averaged over the decision interval (less noise).
+    """
+
+    def __init__(self, groups: list[list[str]], expected_batch_size: float, generator: torch.Generator) -> None:
+        self.groups = groups
+        self.expected_batch_size = expected_batch_size
+        self.generator = generator
+        self._sum = np.zeros(len(groups))
+        self._n = 0
+
+    def release(self, norms: Mapping[str, Tensor], thresholds: Mapping[str, float], sigma_count: float) -> np.ndarray:
+        """One step's noisy clip fractions ``[k]`` (also accumulated for :meth:`interval_mean`)."""
+        k = len(self.groups)
+        counts = np.zeros(k)
+        for j, members in enumerate(self.groups):
+            present = [g for g in members if g in norms]
+            if present:
+                clipped = torch.stack([(norms[g] > thresholds[g]).double() for g in present]).mean(0)
+                counts[j] = float(clipped.sum())
+        noise = torch.randn(k, generator=self.generator, dtype=torch.float64).numpy() * sigma_count * math.sqrt(k)
+        fractions = (counts + noise) / self.expected_batch_size
+        self._sum += fractions
+        self._n += 1
+        return fractions
+
+    def interval_mean(self) -> np.ndarray:
+        """Mean noisy fraction since the last call ``[k]`` (post-processing of released values)."""
+        out = self._sum / max(self._n, 1)
+        self._sum, self._n = np.zeros(len(self.groups)), 0
+        return out
+
+
+@dataclass
+class BudgetGuard:
+    """Never lets a σ through unless ε(history + next interval at σ + rest at σ_max) ≤ target."""
+
+    accountant: PrivacyAccountant
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    total_steps: int
+    sigma_max: float
+
+    def _epsilon(self, sigma: float, interval: int) -> float:
+        remaining = max(self.total_steps - self.accountant.steps, 0)
+        now = min(interval, remaining)
+        extra = [(StepEvent(sigma, self.sample_rate), now)] if now > 0 else []
+        if remaining - now > 0:
+            extra.append((StepEvent(self.sigma_max, self.sample_rate), remaining - now))
+        return self.accountant.epsilon_with(self.delta, extra)
+
+    def safe_sigma(self, sigma: float, interval: int) -> float | None:
+        """The smallest σ' ≥ σ (on the accountant's σ grid, 0.23 % steps) that passes; ``None`` if σ_max fails."""
+        if self._epsilon(sigma, interval) <= self.target_epsilon:
+            return sigma
+        if sigma >= self.sigma_max or self._epsilon(self.sigma_max, interval) > self.target_epsilon:
+            return None
+        # Bisect over the accountant's σ grid (integer exponents), so repeated decisions hit its caches.
+        lo = math.floor(math.log10(sigma) * SIGMA_GRID_PER_DECADE)
+        hi = math.ceil(math.log10(self.sigma_max) * SIGMA_GRID_PER_DECADE)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._epsilon(10 ** (mid / SIGMA_GRID_PER_DECADE), interval) <= self.target_epsilon:
+                hi = mid
+            else:
+                lo = mid
+        return max(10 ** (hi / SIGMA_GRID_PER_DECADE), sigma)
+
+
+def build_observation(
+    public_loss: float,
+    previous_public_loss: float,
+    initial_public_loss: float,
+    epsilon_ratio: float,
+    progress: float,
+    sigma_ratio: float,
+    clip_ratios: Sequence[float],
+    clip_fractions: Sequence[float],
+    noisy_grad_norm_ratios: Sequence[float],
+) -> np.ndarray:
+    """The observation vector, layout ``OBS_FIELDS``, float32, clipped to ``[-10, 10]``."""
+    scale = max(initial_public_loss, 1e-8)
+    head = [
+        public_loss / scale,
+        10.0 * (public_loss - previous_public_loss) / scale,
+        epsilon_ratio,
+        progress,
+        math.log(max(sigma_ratio, 1e-8)),
+    ]
+    body = (
+        [math.log(max(c, 1e-8)) for c in clip_ratios]
+        + [float(f) for f in clip_fractions]
+        + [math.log1p(max(n, 0.0)) for n in noisy_grad_norm_ratios]
+    )
+    obs = np.asarray(head + body, dtype=np.float32)
+    return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
+
+
+def reward(public_loss_before: float, public_loss_after: float, epsilon_spent: float, privacy_weight: float) -> float:
+    """``(L_before − L_after) − λ·Δε``: held-out log-perplexity improvement over the interval minus the weighted
+    privacy spent in it."""
+    return float(public_loss_before - public_loss_after - privacy_weight * epsilon_spent)
