@@ -16,7 +16,7 @@ observation ``Box(-10, 10, (5+3k,))`` with the layout of :data:`dplightning.envs
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import gymnasium as gym
 import numpy as np
@@ -51,16 +51,17 @@ def make_spaces(num_groups: int) -> tuple[spaces.Box, spaces.Box]:
 class _Task:
     """A small private learning problem: an MLP classifier on Gaussian blobs; each Linear layer is a group."""
 
-    def __init__(self, num_groups: int, num_examples: int, dim: int, seed: int) -> None:
+    def __init__(self, num_groups: int, num_examples: int, dim: int, seed: int, private_seed: int | None = None) -> None:
         g = torch.Generator().manual_seed(seed)
         centers = torch.randn(4, dim, generator=g) * 1.5
 
-        def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            y = torch.randint(0, 4, (n,), generator=g)
-            return centers[y] + torch.randn(n, dim, generator=g), y
+        def sample(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.randint(0, 4, (n,), generator=gen)
+            return centers[y] + torch.randn(n, dim, generator=gen), y
 
-        self.x, self.y = sample(num_examples)
-        self.public_x, self.public_y = sample(256)  # declared public: drawn apart from the private set
+        self.public_x, self.public_y = sample(256, g)  # declared public: drawn apart from the private set
+        private_gen = torch.Generator().manual_seed(seed + 1 if private_seed is None else 10**6 + private_seed)
+        self.x, self.y = sample(num_examples, private_gen)
         torch.manual_seed(seed)
         widths = [dim] + [32] * (num_groups - 1) + [4]
         layers: list[nn.Module] = []
@@ -91,9 +92,11 @@ class DPTrainingEnv(gym.Env):
         reward_privacy_weight: λ in the reward.
         count_budget_fraction: share of each step's privacy spent on the noisy clip counts.
         num_examples, batch_size, learning_rate, dim, seed: the standalone task.
+        private_data_seed: draw the private examples from this seed instead (same public split and noise):
+            swapping it is how tests check that observations see private data only through noisy channels.
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
 
     def __init__(
         self,
@@ -112,6 +115,7 @@ class DPTrainingEnv(gym.Env):
         learning_rate: float = 0.5,
         dim: int = 8,
         seed: int = 0,
+        private_data_seed: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("standalone", "live"):
@@ -132,6 +136,7 @@ class DPTrainingEnv(gym.Env):
         self.learning_rate = learning_rate
         self.dim = dim
         self._seed = seed
+        self.private_data_seed = private_data_seed
         self._episode = 0
 
     # --------------------------------------------------------------------------------------- episode
@@ -143,7 +148,7 @@ class DPTrainingEnv(gym.Env):
             self._seed, self._episode = seed, 0
         run_seed = self._seed * 1000 + self._episode
         self._episode += 1
-        self.task = _Task(self.num_groups, self.num_examples, self.dim, run_seed)
+        self.task = _Task(self.num_groups, self.num_examples, self.dim, run_seed, self.private_data_seed)
         self.engine = PerExampleGradients(self.task.model, loss_reduction="mean")
         layer_names = [n.rsplit(".", 1)[0] for n in self.engine.param_names]
         self.groups = {m: [n for n in self.engine.param_names if n.rsplit(".", 1)[0] == m] for m in dict.fromkeys(layer_names)}

@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from dplightning.errors import DPLightningError
-from dplightning.privacy.accounting import SIGMA_GRID_PER_DECADE, PrivacyAccountant, StepEvent
+from dplightning.privacy.accounting import PrivacyAccountant, StepEvent
 
 ActionScope = str  # "per_adapter" | "per_layer_group" | "global"
 ACTION_SCOPES = ("per_adapter", "per_layer_group", "global")
 OBS_LIMIT = 10.0
+GUARD_GRID_PER_DECADE = 200  # σ steps of 1.2 %
 # Observation layout: 5 scalars, then 3 blocks of k (one entry per action group).
 OBS_FIELDS = (
     "public_loss / initial public loss",
@@ -101,7 +102,10 @@ def split_sigma(sigma: float, count_budget_fraction: float) -> tuple[float, floa
     f = count_budget_fraction
     if not 0.0 < f < 1.0:
         raise DPLightningError(f"count_budget_fraction must be in (0, 1), got {f}")
-    return sigma / math.sqrt(1.0 - f), sigma / math.sqrt(f)
+    # Inflate by 1e-12 so float rounding in the recombination can never land below σ (the accountant rounds
+    # a σ even one ulp under a grid value down to the next grid value, which the guard did not check).
+    pad = 1.0 + 1e-12
+    return pad * sigma / math.sqrt(1.0 - f), pad * sigma / math.sqrt(f)
 
 
 class ClipCountRelease:
@@ -160,21 +164,28 @@ class BudgetGuard:
         return self.accountant.epsilon_with(self.delta, extra)
 
     def safe_sigma(self, sigma: float, interval: int) -> float | None:
-        """The smallest σ' ≥ σ (on the accountant's σ grid, 0.23 % steps) that passes; ``None`` if σ_max fails."""
-        if self._epsilon(sigma, interval) <= self.target_epsilon:
-            return sigma
-        if sigma >= self.sigma_max or self._epsilon(self.sigma_max, interval) > self.target_epsilon:
+        """The smallest σ' ≥ σ on the guard's log grid (``GUARD_GRID_PER_DECADE``) that passes, or ``None`` if
+        even σ_max fails. Rounding σ up onto a coarse grid is conservative and keeps the accountant's caches hot
+        (a controller proposes a new real number every decision)."""
+        lo = math.ceil(math.log10(sigma) * GUARD_GRID_PER_DECADE - 1e-9)
+        hi = math.ceil(math.log10(self.sigma_max) * GUARD_GRID_PER_DECADE - 1e-9)
+        if lo >= hi:
+            lo = hi
+
+        def grid(k: int) -> float:
+            return 10 ** (k / GUARD_GRID_PER_DECADE)
+
+        if self._epsilon(grid(lo), interval) <= self.target_epsilon:
+            return grid(lo)
+        if self._epsilon(grid(hi), interval) > self.target_epsilon:
             return None
-        # Bisect over the accountant's σ grid (integer exponents), so repeated decisions hit its caches.
-        lo = math.floor(math.log10(sigma) * SIGMA_GRID_PER_DECADE)
-        hi = math.ceil(math.log10(self.sigma_max) * SIGMA_GRID_PER_DECADE)
-        while hi - lo > 1:
+        while hi - lo > 1:  # invariant: grid(lo) fails, grid(hi) passes
             mid = (lo + hi) // 2
-            if self._epsilon(10 ** (mid / SIGMA_GRID_PER_DECADE), interval) <= self.target_epsilon:
+            if self._epsilon(grid(mid), interval) <= self.target_epsilon:
                 hi = mid
             else:
                 lo = mid
-        return max(10 ** (hi / SIGMA_GRID_PER_DECADE), sigma)
+        return grid(hi)
 
 
 def build_observation(

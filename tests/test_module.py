@@ -8,9 +8,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from dplightning.data import TextDataModule
 from torch.utils.data import DataLoader
 
+from dplightning.data import TextDataModule
 from dplightning.errors import DPLightningError
 from dplightning.module import DPLoRAModule
 from dplightning.strategies import DPSGDStrategy
@@ -68,8 +68,9 @@ def test_lora_weights_change_after_a_private_step(tmp_path: Path) -> None:
 
 
 def test_adapter_loads_in_plain_peft(tmp_path: Path, tiny: DPLoRAModule) -> None:
-    from dplightning.models import load_causal_lm
     from peft import PeftModel
+
+    from dplightning.models import load_causal_lm
 
     with torch.no_grad():
         for n, p in tiny.named_parameters():
