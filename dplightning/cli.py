@@ -36,6 +36,12 @@ def _lightning_cli_class() -> type:
             parser.link_arguments("model.model_name", "data.tokenizer")
 
         def before_fit(self) -> None:
+            # Held-out perplexity of the model before fine-tuning, for the before/after summary line.
+            self._initial_perplexity = None
+            if self.trainer.limit_val_batches != 0:
+                results = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+                if results and "val/perplexity" in results[0]:
+                    self._initial_perplexity = float(results[0]["val/perplexity"])
             self._fit_started = time.perf_counter()
 
         def after_fit(self) -> None:
@@ -46,7 +52,9 @@ def _lightning_cli_class() -> type:
             metrics = trainer.callback_metrics
             lines = [f"steps: {trainer.global_step}", f"wall time: {wall:.1f} s"]
             if "val/perplexity" in metrics:
-                lines.append(f"final val perplexity: {float(metrics['val/perplexity']):.3f}")
+                before = self._initial_perplexity
+                prefix = f"val perplexity: {before:.3f} before -> " if before is not None else "val perplexity: "
+                lines.append(f"{prefix}{float(metrics['val/perplexity']):.3f} after (final val perplexity)")
             strategy = trainer.strategy
             if hasattr(strategy, "accountant"):
                 eps = strategy.epsilon()
@@ -65,24 +73,26 @@ def _lightning_cli_class() -> type:
     return DPLightningCLI
 
 
-def run_lightning(argv: Sequence[str]) -> int:
-    from jsonargparse import ArgumentParser
+def run_lightning(argv: Sequence[str] | None) -> int:
+    """Run LightningCLI on ``argv`` (``None``: the process's own command line)."""
+    from lightning.pytorch.cli import LightningArgumentParser
 
     from dplightning.data import TextDataModule
     from dplightning.module import DPLoRAModule
 
-    class OneLineErrorParser(ArgumentParser):
+    class OneLineErrorParser(LightningArgumentParser):
         """Config errors as one line naming the problem and the fix (no usage dump)."""
 
         def error(self, message: str, ex: Exception | None = None) -> Any:  # type: ignore[override]
             first = str(message).strip().splitlines()[0] if message else "invalid arguments"
-            raise DPLightningError(f"{first}; check the keys in your YAML against `dplightning fit --help`")
+            hint = "check the path" if "does not exist" in first else "check the keys against `dplightning fit --help`"
+            raise DPLightningError(f"{first}; {hint}")
 
     cli_cls = _lightning_cli_class()
     cli_cls(
         DPLoRAModule,
         TextDataModule,
-        args=list(argv),
+        args=None if argv is None else list(argv),
         parser_class=OneLineErrorParser,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
@@ -97,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dplightning.privacy.cli import privacy_main
 
             return privacy_main(args[1:])
-        return run_lightning(args)
+        return run_lightning(None if argv is None else args)
     except DPLightningError as exc:
         return _fail(str(exc))
     except FileNotFoundError as exc:

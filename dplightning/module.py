@@ -139,6 +139,14 @@ class DPLoRAModule(pl.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_nll, "test")
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric state in the current grad mode: a `validate` run under inference mode before `fit` would
+        # otherwise leave inference tensors that `fit`'s no-grad validation cannot update in place.
+        self.val_nll.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_nll.reset()
+
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity(self.val_nll, "val")
 

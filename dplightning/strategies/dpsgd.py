@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
@@ -231,7 +231,7 @@ class DPSGDMixin:
             raise DPLightningError("DPSGDStrategy needs automatic optimization; set automatic_optimization = True")
         if trainer.gradient_clip_val:
             raise DPLightningError("Trainer(gradient_clip_val=...) conflicts with DP clipping; remove it and set max_grad_norm")
-        if len(self.optimizers) != 1:
+        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
             raise DPLightningError(f"DPSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}")
         if self._engine is not None:
             self._engine.remove()
