@@ -216,7 +216,10 @@ class DPSGDMixin:
             raise DPLightningError(f"noise_multiplier must be >= 0, got {sigma}")
         self.noise_multiplier = float(sigma)
         c_total = self.total_clip_norm
-        self.noise_multipliers = {g: sigma * c_total / c for g, c in self.clip_thresholds.items()}
+        # The 1e-12 pad keeps the recombined σ_eff from landing an ulp below σ: the accountant rounds σ *down*
+        # onto its grid, so an ulp below a grid value would be charged (and checked) one grid step lower.
+        padded = sigma * (1.0 + 1e-12)
+        self.noise_multipliers = {g: padded * c_total / c for g, c in self.clip_thresholds.items()}
 
     def epsilon(self, delta: float | None = None) -> float:
         """ε spent so far at ``delta`` (default ``target_delta``)."""
