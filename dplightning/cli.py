@@ -84,7 +84,11 @@ def run_lightning(argv: Sequence[str] | None) -> int:
         """Config errors as one line naming the problem and the fix (no usage dump)."""
 
         def error(self, message: str, ex: Exception | None = None) -> Any:  # type: ignore[override]
-            first = str(message).strip().splitlines()[0] if message else "invalid arguments"
+            # jsonargparse nests the cause below a "Parser key ...:" header: keep the whole chain on one line.
+            parts = [p.strip(" -") for p in str(message or "invalid arguments").splitlines() if p.strip(" -")]
+            first = " ".join(parts)
+            if len(first) > 400:
+                first = first[:397] + "..."
             hint = "check the path" if "does not exist" in first else "check the keys against `dplightning fit --help`"
             raise DPLightningError(f"{first}; {hint}")
 
