@@ -1,47 +1,104 @@
-"""Privacy accounting over Google's ``dp-accounting`` (PLD default, RDP optional).
+"""Privacy accounting over Google's ``dp_accounting``: PLD (default, tight) and RDP (optional).
 
-One interface, :class:`PrivacyAccountant`; two implementations. History is kept compressed as
-``(StepEvent, count)`` pairs so heterogeneous runs (σ changing every step under a controller) stay cheap:
+One interface, :class:`PrivacyAccountant`, two implementations, in the style of ``dp_accounting``: an
+accountant records small immutable :class:`StepEvent` releases and answers ``epsilon(delta)``. All the
+mathematics (privacy loss distributions, RDP curves, RDP → (ε, δ) conversion, calibration by root finding)
+is ``dp_accounting``'s; this module only decides *which* events are composed, and caches.
 
-- RDP is additive per order, so each new step adds its RDP vector (incremental, O(orders)).
-- PLD composes per distinct event. σ is first quantised DOWN onto a log grid (1000 points per decade):
-  rounding σ down can only increase ε, so the reported ε is an upper bound. Composed results are cached.
+**σ grid.** Both accountants first quantise σ **down** onto a log grid with :data:`SIGMA_GRID_PER_DECADE`
+points per decade (relative spacing 0.23 %). Less noise can only increase ε, so the reported ε is an upper
+bound on the ε of the σ actually used (conservative; +0.15 % for σ = 1.1 in the Abadi et al. MNIST setting).
+The grid keeps the history small when a controller changes σ every step, and makes the per-σ caches hit.
+
+History is kept compressed as ``(StepEvent, count)`` pairs:
+
+- **RDP** is additive per order. Each grid value's RDP curve is computed once by ``dp_accounting``'s
+  ``RdpAccountant`` (~60 ms for its 156 default orders, hence the cache) and the history's curve is
+  ``Σ count · curve``, so a step with a known σ costs one vector sum and no new RDP evaluation.
+- **PLD**: each grid value is composed once as ``count × event`` (``self_compose``, the PLD counterpart of
+  ``SelfComposedDpEvent``), and the per-value PLDs are composed along a canonical tree (a treap whose shape
+  depends only on the set of events), caching every subtree. A step recomposes only the subtrees that contain
+  the changed event (expected O(log k) for k distinct σ), and the result is a function of the compressed
+  history alone: an accountant restored from :meth:`PrivacyAccountant.state_dict` reports bit-identical ε.
+- :meth:`PrivacyAccountant.epsilon_with` (a budget guard's "would one more step fit?") composes only the
+  hypothetical extra events onto the cached PLD (or RDP curve) of the history.
+
+PLD discretisation: ``value_discretization_interval`` = :data:`DEFAULT_VALUE_DISCRETIZATION` (5e-4, with
+``dp_accounting``'s pessimistic connect-the-dots discretisation, so its error is again an over-estimate).
+Measured against a 1e-5 reference, the relative ε error is < 0.1 % for 10^4 steps (MNIST setting: +0.09 %)
+and 0.6 % for 10^5 steps at q = 0.001 (it grows roughly like steps × interval²). A budget-guard query
+(history PLD ⊗ one more step, then ε) takes 10-40 ms for typical settings (ε ≲ 15), up to ~90 ms for σ ≈ 0.6
+or ε ≈ 40; an ``epsilon()`` after a step (recomposing the changed subtrees) ~90 ms for 10^4 steps at one σ,
+~120 ms with 50 distinct σ. ``dp_accounting``'s default interval of 1e-4 is ~5x slower; 1e-3 is ~2x faster
+but 2 % off at 10^5 steps.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import dp_accounting
 import numpy as np
-from absl import logging as absl_logging
-from dp_accounting import pld, rdp
+from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_VALUE_DISCRETIZATION",
+    "MECHANISMS",
+    "SIGMA_GRID_PER_DECADE",
+    "SIGMA_SEARCH_RANGE",
+    "AccountantKind",
+    "Mechanism",
+    "PLDAccountant",
+    "PrivacyAccountant",
+    "RDPAccountant",
+    "StepEvent",
+    "compute_epsilon",
+    "laplace_scale_for_pure_epsilon",
+    "make_accountant",
+    "noise_for_target",
+    "pure_epsilon_laplace",
+    "quantize_sigma_down",
+    "sigma_from_grid_index",
+    "sigma_grid_index",
+]
+
 Mechanism = Literal["gaussian", "laplace"]
 AccountantKind = Literal["pld", "rdp"]
-
-# dp-accounting logs a warning per order it cannot evaluate; those orders are excluded (sound), keep logs clean.
-absl_logging.set_verbosity(absl_logging.ERROR)
+MECHANISMS: tuple[str, ...] = get_args(Mechanism)
+ACCOUNTANTS: tuple[str, ...] = get_args(AccountantKind)
 
 SIGMA_GRID_PER_DECADE = 1000
-RDP_ORDERS: tuple[float, ...] = tuple(rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
-PLD_VALUE_DISCRETIZATION = 1e-3  # measured: 1000 steps at q=0.01 within 0.05% of 1e-4 and 8x faster
+"""Points per decade of the log grid onto which the accountants quantise σ (rounding down: conservative)."""
+
+DEFAULT_VALUE_DISCRETIZATION = 5e-4
+"""``value_discretization_interval`` of the PLD accountant (see the module docstring for the measurements)."""
+
+SIGMA_SEARCH_RANGE = (0.1, 1e4)
+"""Interval searched by :func:`noise_for_target`. Below 0.1, ε is in the hundreds for any realistic run."""
+
+_STATE_VERSION = 1
+_EventCounts = list[tuple["StepEvent", int]]
 
 
 @dataclass(frozen=True)
 class StepEvent:
-    """One private release.
+    """One private release: noise of multiplier ``noise_multiplier`` on a Poisson sample of rate ``sample_rate``.
 
     Attributes:
-        noise_multiplier: Gaussian std / L2 sensitivity, or Laplace scale / L1 sensitivity. 0 means no noise.
-        sample_rate: Poisson sampling probability q in (0, 1].
+        noise_multiplier: Gaussian std / L2 sensitivity, or Laplace scale / L1 sensitivity. ``0`` means no
+            noise (ε = ∞).
+        sample_rate: Poisson sampling probability q in (0, 1]; 1 means the whole dataset.
         mechanism: ``"gaussian"`` or ``"laplace"``.
     """
 
@@ -50,14 +107,24 @@ class StepEvent:
     mechanism: Mechanism = "gaussian"
 
     def __post_init__(self) -> None:
-        if self.noise_multiplier < 0 or math.isnan(self.noise_multiplier):
-            raise DPLightningError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if not 0.0 < self.sample_rate <= 1.0:
-            raise DPLightningError(f"sample rate q must be in (0, 1], got {self.sample_rate}; lower the batch size")
-        if self.mechanism not in ("gaussian", "laplace"):
-            raise DPLightningError(f"unknown mechanism '{self.mechanism}'; use gaussian or laplace")
+        sigma = _as_float(self.noise_multiplier, "noise_multiplier")
+        q = _as_float(self.sample_rate, "sample_rate")
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise DPLightningError(
+                f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier!r}; "
+                "pass the noise std (Laplace: scale) divided by the sensitivity"
+            )
+        if not 0.0 < q <= 1.0:
+            raise DPLightningError(
+                f"sample_rate must be in (0, 1], got {self.sample_rate!r}; use expected batch size / dataset size"
+            )
+        if self.mechanism not in MECHANISMS:
+            raise DPLightningError(f"unknown mechanism {self.mechanism!r}; use 'gaussian' or 'laplace'")
+        object.__setattr__(self, "noise_multiplier", sigma)
+        object.__setattr__(self, "sample_rate", q)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
+        """The equivalent ``dp_accounting`` event (``PoissonSampledDpEvent`` unless q = 1)."""
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
         inner: dp_accounting.DpEvent
@@ -65,163 +132,518 @@ class StepEvent:
             inner = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         else:
             inner = dp_accounting.LaplaceDpEvent(self.noise_multiplier)
-        if self.sample_rate >= 1.0:
+        if self.sample_rate == 1.0:
             return inner
         return dp_accounting.PoissonSampledDpEvent(self.sample_rate, inner)
 
 
+def _as_float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DPLightningError(f"{name} must be a number, got {value!r}; pass a float") from None
+
+
+def _as_count(value: Any, name: str = "num_steps") -> int:
+    try:
+        count = operator.index(value)
+    except TypeError:
+        raise DPLightningError(f"{name} must be a non-negative integer, got {value!r}; pass an int") from None
+    if count < 0:
+        raise DPLightningError(f"{name} must be a non-negative integer, got {count}; pass an int >= 0")
+    return count
+
+
+def _check_delta(delta: Any) -> float:
+    d = _as_float(delta, "delta")
+    if not 0.0 < d < 1.0:
+        raise DPLightningError(
+            f"delta must be in (0, 1), got {delta!r}; pick δ well below 1/dataset size, e.g. 1e-5"
+        )
+    return d
+
+
+def _check_kind(kind: Any) -> AccountantKind:
+    if kind not in ACCOUNTANTS:
+        raise DPLightningError(f"unknown accountant {kind!r}; use 'pld' or 'rdp'")
+    return kind  # type: ignore[no-any-return]
+
+
+def _sort_key(event: StepEvent) -> tuple[str, float, float]:
+    return (event.mechanism, event.sample_rate, event.noise_multiplier)
+
+
+# --------------------------------------------------------------------------------------------------- σ grid
+
+
+def sigma_grid_index(sigma: float) -> int:
+    """Index k of the largest grid value ``10 ** (k / SIGMA_GRID_PER_DECADE)`` that is ≤ ``sigma`` (> 0)."""
+    k = math.floor(math.log10(sigma) * SIGMA_GRID_PER_DECADE + 1e-9)
+    if sigma_from_grid_index(k) > sigma:  # the 1e-9 guard must never round *up*
+        k -= 1
+    return k
+
+
+def sigma_from_grid_index(k: int) -> float:
+    """Grid value ``10 ** (k / SIGMA_GRID_PER_DECADE)``."""
+    return 10.0 ** (k / SIGMA_GRID_PER_DECADE)
+
+
 def quantize_sigma_down(sigma: float) -> float:
-    """Largest grid value ≤ σ on a log grid with ``SIGMA_GRID_PER_DECADE`` points per decade (conservative)."""
+    """Largest grid value ≤ ``sigma`` (0 stays 0). Less noise never lowers ε, so this is conservative."""
     if sigma <= 0:
         return 0.0
-    k = math.floor(math.log10(sigma) * SIGMA_GRID_PER_DECADE + 1e-9)
-    return 10 ** (k / SIGMA_GRID_PER_DECADE)
+    return sigma_from_grid_index(sigma_grid_index(sigma))
 
 
-def _check_delta(delta: float) -> None:
-    if not 0.0 < delta < 1.0:
-        raise DPLightningError(f"delta must be in (0, 1), got {delta}; typical is below 1/N")
+# ----------------------------------------------------------------------------------------------- interface
 
 
 class PrivacyAccountant(abc.ABC):
-    """Tracks the privacy spent by a sequence of :class:`StepEvent` releases.
+    """Tracks the privacy spent by a sequence of :class:`StepEvent` releases (add-or-remove-one adjacency).
 
-    σ is quantised DOWN onto a log grid (``SIGMA_GRID_PER_DECADE`` points per decade) before it is charged:
-    a smaller σ can only cost more, so the reported ε is an upper bound, and repeated σ values hit caches.
+    Implementations: :class:`PLDAccountant` (tight) and :class:`RDPAccountant`. Create one with
+    :func:`make_accountant`.
     """
 
-    kind: AccountantKind
+    kind: ClassVar[AccountantKind]
 
     def __init__(self) -> None:
         self._history: dict[StepEvent, int] = {}
+        self._steps = 0
+        self._epsilon_cache: dict[float, float] = {}
+
+    # ----------------------------------------------------------------------------------------- recording
 
     def step(
-        self, noise_multiplier: float, sample_rate: float, num_steps: int = 1, mechanism: Mechanism = "gaussian"
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_steps: int = 1,
+        mechanism: Mechanism = "gaussian",
     ) -> None:
         """Record ``num_steps`` releases of the same event."""
-        if num_steps < 0:
-            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
-        if num_steps == 0:
+        count = _as_count(num_steps)
+        event = self._canonical(StepEvent(noise_multiplier, sample_rate, mechanism))
+        if count == 0:
             return
-        event = self._canonical(StepEvent(float(noise_multiplier), float(sample_rate), mechanism))
-        self._history[event] = self._history.get(event, 0) + num_steps
-        self._on_step(event, num_steps)
-
-    def _canonical(self, event: StepEvent) -> StepEvent:
-        return StepEvent(quantize_sigma_down(event.noise_multiplier), event.sample_rate, event.mechanism)
-
-    def _on_step(self, event: StepEvent, count: int) -> None:  # noqa: B027 - optional hook
-        """Incremental update hook."""
+        self._history[event] = self._history.get(event, 0) + count
+        self._steps += count
+        self._epsilon_cache.clear()
+        self._history_changed()
 
     @property
     def steps(self) -> int:
-        return sum(self._history.values())
+        """Number of releases recorded so far."""
+        return self._steps
 
     @property
     def history(self) -> list[tuple[StepEvent, int]]:
+        """Compressed history: distinct (canonical) events with their counts, in order of first use."""
         return list(self._history.items())
 
-    def epsilon(self, delta: float) -> float:
-        """ε of all steps so far at ``delta``; 0 if none."""
-        return self.epsilon_with(delta, ())
+    # ------------------------------------------------------------------------------------------ querying
 
-    @abc.abstractmethod
+    def epsilon(self, delta: float) -> float:
+        """ε at ``delta`` of all steps so far; ``0.0`` if none. Cached until the next :meth:`step`."""
+        d = _check_delta(delta)
+        cached = self._epsilon_cache.get(d)
+        if cached is None:
+            cached = self._query(d, [])
+            self._epsilon_cache[d] = cached
+        return cached
+
     def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
-        """ε of the history plus hypothetical ``extra`` (event, count) pairs; the history is not changed."""
+        """ε at ``delta`` of the history plus hypothetical ``extra`` ``(event, count)`` pairs.
+
+        The history is not changed. This is what a budget guard asks before each step, so it reuses the cached
+        history and only composes the extra events.
+        """
+        d = _check_delta(delta)
+        pairs = self._canonical_extra(extra)
+        if not pairs:
+            return self.epsilon(d)
+        return self._query(d, pairs)
+
+    def _query(self, delta: float, extra: _EventCounts) -> float:
+        if not self._history and not extra:
+            return 0.0
+        events = [*self._history, *(e for e, _ in extra)]
+        if any(e.noise_multiplier == 0 for e in events):  # a release without noise
+            return math.inf
+        return float(self._epsilon(delta, extra))
+
+    def _canonical_extra(self, extra: Iterable[tuple[StepEvent, int]]) -> _EventCounts:
+        merged: dict[StepEvent, int] = {}
+        for pair in extra:
+            try:
+                event, count = pair
+            except (TypeError, ValueError):
+                raise DPLightningError(
+                    f"extra must hold (StepEvent, count) pairs, got {pair!r}; pass e.g. [(StepEvent(1.0, 0.01), 1)]"
+                ) from None
+            if not isinstance(event, StepEvent):
+                raise DPLightningError(
+                    f"extra events must be StepEvent, got {type(event).__name__}; wrap it in StepEvent"
+                )
+            n = _as_count(count, "extra count")
+            canonical = self._canonical(event)
+            if n:
+                merged[canonical] = merged.get(canonical, 0) + n
+        return sorted(merged.items(), key=lambda kv: _sort_key(kv[0]))
+
+    # ---------------------------------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "history": [[asdict(e), c] for e, c in self._history.items()]}
+        """Checkpointable state of plain Python types (JSON-able); :meth:`load_state_dict` restores it exactly."""
+        return {
+            "kind": self.kind,
+            "version": _STATE_VERSION,
+            "history": [
+                {
+                    "noise_multiplier": e.noise_multiplier,
+                    "sample_rate": e.sample_rate,
+                    "mechanism": e.mechanism,
+                    "count": c,
+                }
+                for e, c in self._history.items()
+            ],
+            **self._settings(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this accountant's history with the one in ``state`` (from :meth:`state_dict`)."""
+        if not isinstance(state, dict):
+            raise DPLightningError(
+                f"accountant state must be a dict, got {type(state).__name__}; pass state_dict()"
+            )
         if state.get("kind") != self.kind:
-            raise DPLightningError(f"checkpoint holds a '{state.get('kind')}' accountant, this run uses '{self.kind}'")
-        self._history.clear()
-        self._reset()
-        for event, count in state["history"]:
-            self.step(event["noise_multiplier"], event["sample_rate"], count, event["mechanism"])
+            raise DPLightningError(
+                f"checkpoint holds a {state.get('kind')!r} accountant but this run uses {self.kind!r}; "
+                f"set accountant={state.get('kind')!r} to resume it"
+            )
+        if state.get("version", _STATE_VERSION) != _STATE_VERSION:
+            raise DPLightningError(
+                f"accountant state version {state.get('version')!r} is not supported (expected {_STATE_VERSION}); "
+                "resume with the dplightning version that wrote the checkpoint"
+            )
+        history: dict[StepEvent, int] = {}
+        try:
+            entries = list(state["history"])
+            for entry in entries:
+                if isinstance(entry, dict):
+                    fields, count = entry, entry["count"]
+                else:  # legacy [{event fields}, count] pairs
+                    fields, count = entry
+                event = StepEvent(
+                    fields["noise_multiplier"], fields["sample_rate"], fields.get("mechanism", "gaussian")
+                )
+                n = _as_count(count, "history count")
+                if n:
+                    history[event] = history.get(event, 0) + n
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, DPLightningError):
+                raise
+            raise DPLightningError(
+                f"malformed accountant state ({type(exc).__name__}: {exc}); pass the dict returned by state_dict()"
+            ) from None
+        canonical: dict[StepEvent, int] = {}
+        for event, count in history.items():
+            e = self._canonical(event)
+            canonical[e] = canonical.get(e, 0) + count
+        self._load_settings(state)  # the last check; nothing has been changed before it
+        self._history = canonical
+        self._steps = sum(canonical.values())
+        self._epsilon_cache.clear()
+        self._history_changed()
 
-    def _reset(self) -> None:  # noqa: B027 - optional hook
-        """Clear incremental caches."""
+    # --------------------------------------------------------------------------------- implementation hooks
+
+    def _canonical(self, event: StepEvent) -> StepEvent:
+        """The event as recorded: σ quantised down onto the grid. Raises if this accountant cannot account it."""
+        sigma = quantize_sigma_down(event.noise_multiplier)
+        if sigma == event.noise_multiplier:
+            return event
+        return StepEvent(sigma, event.sample_rate, event.mechanism)
+
+    def _history_changed(self) -> None:  # noqa: B027 - optional hook
+        """Invalidate caches that depend on the history."""
+
+    def _settings(self) -> dict[str, Any]:
+        return {"sigma_grid_per_decade": SIGMA_GRID_PER_DECADE}
+
+    def _load_settings(self, state: dict[str, Any]) -> None:
+        """Check / restore the settings written by :meth:`_settings`."""
+        grid = state.get("sigma_grid_per_decade", SIGMA_GRID_PER_DECADE)
+        if grid != SIGMA_GRID_PER_DECADE:
+            raise DPLightningError(
+                f"checkpoint quantised σ with {grid} points per decade, this version uses {SIGMA_GRID_PER_DECADE}; "
+                "resume with the dplightning version that wrote it"
+            )
+
+    @abc.abstractmethod
+    def _epsilon(self, delta: float, extra: _EventCounts) -> float:
+        """ε of history + ``extra`` (canonical, merged, sorted, non-empty union, all σ > 0)."""
 
 
-@lru_cache(maxsize=4096)
-def _pld_of(event: StepEvent, count: int) -> pld.privacy_loss_distribution.PrivacyLossDistribution:
-    """PLD of ``count`` self-composed releases of ``event`` (cached: the same pairs recur every query)."""
-    acc = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
-    acc.compose(event.to_dp_event(), count)
-    return acc._pld
+# --------------------------------------------------------------------------------------------------- PLD
+
+
+@lru_cache(maxsize=128)
+def _base_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribution:
+    """PLD of a single release of ``event`` (what ``dp_accounting.pld.PLDAccountant`` builds for it)."""
+    if event.mechanism == "gaussian":
+        return pld_lib.from_gaussian_mechanism(
+            standard_deviation=event.noise_multiplier,
+            sampling_prob=event.sample_rate,
+            value_discretization_interval=interval,
+        )
+    return pld_lib.from_laplace_mechanism(
+        parameter=event.noise_multiplier,
+        sampling_prob=event.sample_rate,
+        value_discretization_interval=interval,
+    )
+
+
+@lru_cache(maxsize=8)
+def _self_composed_pld(event: StepEvent, count: int, interval: float) -> pld_lib.PrivacyLossDistribution:
+    """PLD of ``count`` releases of ``event``, i.e. of ``SelfComposedDpEvent(event.to_dp_event(), count)``."""
+    if event.mechanism == "gaussian" and event.sample_rate == 1.0:
+        # As dp_accounting: count Gaussian releases are one Gaussian of std σ/√count (exact, one discretisation).
+        return pld_lib.from_gaussian_mechanism(
+            standard_deviation=event.noise_multiplier / math.sqrt(count),
+            value_discretization_interval=interval,
+        )
+    base = _base_pld(event, interval)
+    return base if count == 1 else base.self_compose(count)
+
+
+def _priority(event: StepEvent) -> int:
+    """Deterministic pseudo-random treap priority (``hash()`` is salted per process, so not usable)."""
+    digest = hashlib.blake2b(repr(_sort_key(event)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 class PLDAccountant(PrivacyAccountant):
-    """Privacy-loss-distribution accounting (tight), composed per distinct event and cached."""
+    """Privacy-loss-distribution accounting (``dp_accounting.pld``): tight ε, composed per grid σ along a treap.
 
-    kind: AccountantKind = "pld"
+    Args:
+        value_discretization_interval: PLD loss grid; smaller is more accurate and slower (error ~ interval²).
+    """
 
-    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
-        _check_delta(delta)
-        counts = dict(self._history)
+    kind: ClassVar[AccountantKind] = "pld"
+
+    def __init__(self, value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION) -> None:
+        super().__init__()
+        self._interval = self._check_interval(value_discretization_interval)
+        self._nodes: dict[bytes, pld_lib.PrivacyLossDistribution] = {}
+        self._leaves: dict[StepEvent, tuple[int, pld_lib.PrivacyLossDistribution]] = {}
+        self._composed: pld_lib.PrivacyLossDistribution | None = None
+        self._composed_valid = False
+
+    @staticmethod
+    def _check_interval(value: Any) -> float:
+        interval = _as_float(value, "value_discretization_interval")
+        if not (math.isfinite(interval) and 0 < interval <= 0.1):
+            raise DPLightningError(
+                f"value_discretization_interval must be in (0, 0.1], got {value!r}; the default is "
+                f"{DEFAULT_VALUE_DISCRETIZATION}"
+            )
+        return interval
+
+    @property
+    def value_discretization_interval(self) -> float:
+        """The PLD loss discretisation interval."""
+        return self._interval
+
+    def _history_changed(self) -> None:
+        self._composed_valid = False
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "value_discretization_interval": self._interval}
+
+    def _load_settings(self, state: dict[str, Any]) -> None:
+        super()._load_settings(state)
+        self._interval = self._check_interval(state.get("value_discretization_interval", self._interval))
+        self._nodes = {}
+        self._leaves = {}
+
+    def _leaf(self, event: StepEvent, count: int) -> pld_lib.PrivacyLossDistribution:
+        """PLD of ``count × event``, kept per event while it is in the history (the tree needs it again)."""
+        cached = self._leaves.get(event)
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        leaf = _self_composed_pld(event, count, self._interval)
+        self._leaves[event] = (count, leaf)
+        return leaf
+
+    def history_pld(self) -> pld_lib.PrivacyLossDistribution | None:
+        """The composed PLD of the history (``None`` if empty or if some step had no noise). Cached."""
+        if not self._composed_valid:
+            self._composed = self._compose_history()
+            self._composed_valid = True
+        return self._composed
+
+    def _compose_history(self) -> pld_lib.PrivacyLossDistribution | None:
+        """Compose the per-event PLDs along a treap keyed by event (priority = hash of the event).
+
+        The treap's shape depends only on the set of events, each subtree's PLD is cached under a digest of its
+        content, and a step changes one event's count: only the subtrees on that event's path (expected
+        O(log k) of them) are recomposed, and the result does not depend on the order of the steps.
+        """
+        items = sorted(self._history.items(), key=lambda kv: _sort_key(kv[0]))
+        if not items or any(e.noise_multiplier == 0 for e, _ in items):
+            self._nodes, self._leaves = {}, {}
+            return None
+        n = len(items)
+        priority = [_priority(e) for e, _ in items]
+        left, right = [-1] * n, [-1] * n
+        stack: list[int] = []
+        for i in range(n):  # Cartesian tree (max-heap on priority) in O(n)
+            last = -1
+            while stack and priority[stack[-1]] < priority[i]:
+                last = stack.pop()
+            left[i] = last
+            if stack:
+                right[stack[-1]] = i
+            stack.append(i)
+        root = stack[0]
+        digests: list[bytes] = [b""] * n
+        values: list[Any] = [None] * n
+        nodes: dict[bytes, pld_lib.PrivacyLossDistribution] = {}
+        # iterative post-order: children before parents
+        order: list[int] = []
+        todo = [root]
+        while todo:
+            i = todo.pop()
+            order.append(i)
+            todo.extend(c for c in (left[i], right[i]) if c >= 0)
+        for i in reversed(order):
+            event, count = items[i]
+            lo, hi = left[i], right[i]
+            h = hashlib.blake2b(digest_size=16)
+            h.update(digests[lo] if lo >= 0 else b"-")
+            h.update(repr((*_sort_key(event), count)).encode())
+            h.update(digests[hi] if hi >= 0 else b"-")
+            key = h.digest()
+            pld = self._nodes.get(key)
+            if pld is None:
+                pld = self._leaf(event, count)
+                if lo >= 0:
+                    pld = values[lo].compose(pld)
+                if hi >= 0:
+                    pld = pld.compose(values[hi])
+            nodes[key] = pld
+            digests[i], values[i] = key, pld
+        self._nodes = nodes  # keep exactly the current tree's subtrees
+        return values[root]
+
+    def _epsilon(self, delta: float, extra: _EventCounts) -> float:
+        pld = self.history_pld()
         for event, count in extra:
-            e = self._canonical(event)
-            counts[e] = counts.get(e, 0) + count
-        counts = {e: c for e, c in counts.items() if c > 0}
-        if not counts:
-            return 0.0
-        if any(e.noise_multiplier == 0 for e in counts):
-            return math.inf
-        composed = None
-        for event, count in sorted(counts.items(), key=lambda kv: (kv[0].mechanism, kv[0].noise_multiplier, kv[0].sample_rate)):
-            part = _pld_of(event, count)
-            composed = part if composed is None else composed.compose(part)
-        assert composed is not None
-        return float(composed.get_epsilon_for_delta(delta))
+            part = _self_composed_pld(event, count, self._interval)
+            pld = part if pld is None else pld.compose(part)
+        assert pld is not None
+        return float(pld.get_epsilon_for_delta(delta))
 
 
-@lru_cache(maxsize=65536)
-def _rdp_vector(event: StepEvent) -> np.ndarray:
-    """RDP of one release of ``event`` at ``RDP_ORDERS`` (cached: composition is then a vector add)."""
-    if event.mechanism == "laplace" and event.sample_rate < 1.0:
-        raise DPLightningError("the RDP accountant has no Poisson-subsampled Laplace; use accountant='pld' for Laplace")
-    acc = rdp.RdpAccountant(RDP_ORDERS)
-    acc.compose(event.to_dp_event(), 1)
-    vec = np.array(acc._rdp, dtype=np.float64)
-    vec.flags.writeable = False
-    return vec
+# --------------------------------------------------------------------------------------------------- RDP
+
+
+@lru_cache(maxsize=4096)
+def _rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one release of ``event`` at ``orders`` (``dp_accounting.rdp.RdpAccountant``); read-only."""
+    acc = rdp_lib.RdpAccountant(orders=list(orders))
+    acc.compose(event.to_dp_event())
+    curve = acc.rdp
+    curve.setflags(write=False)
+    return curve
 
 
 class RDPAccountant(PrivacyAccountant):
-    """Rényi-DP accounting (Mironov et al.); additive per order, so each step adds a cached vector."""
+    """Rényi-DP accounting (``dp_accounting.rdp``): additive per order, cached RDP curve per grid σ.
 
-    kind: AccountantKind = "rdp"
+    Poisson-subsampled Laplace noise has no RDP bound in ``dp_accounting``; use :class:`PLDAccountant` for it.
 
-    def __init__(self) -> None:
+    Args:
+        orders: RDP orders; ``None`` uses ``dp_accounting``'s defaults.
+    """
+
+    kind: ClassVar[AccountantKind] = "rdp"
+
+    def __init__(self, orders: Sequence[float] | None = None) -> None:
         super().__init__()
-        self._rdp = np.zeros(len(RDP_ORDERS))
+        self._orders = self._check_orders(rdp_lib.DEFAULT_RDP_ORDERS if orders is None else orders)
+        self._total: np.ndarray | None = None
 
-    def _reset(self) -> None:
-        self._rdp = np.zeros(len(RDP_ORDERS))
+    @staticmethod
+    def _check_orders(orders: Sequence[float]) -> tuple[float, ...]:
+        try:
+            values = tuple(float(a) for a in orders)
+        except (TypeError, ValueError):
+            raise DPLightningError(
+                f"RDP orders must be numbers > 1, got {orders!r}; omit them for the defaults"
+            ) from None
+        if not values or any(not (a > 1 and math.isfinite(a)) for a in values):
+            raise DPLightningError(
+                f"RDP orders must be finite numbers > 1, got {orders!r}; omit them for the defaults"
+            )
+        return values
 
-    def _on_step(self, event: StepEvent, count: int) -> None:
-        self._rdp = self._rdp + count * _rdp_vector(event)
+    @property
+    def orders(self) -> np.ndarray:
+        """The RDP orders (a copy)."""
+        return np.array(self._orders)
 
-    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
-        _check_delta(delta)
-        total = self._rdp.copy()
-        for event, count in extra:
-            if count > 0:
-                total += count * _rdp_vector(self._canonical(event))
-        if not total.any():
-            return 0.0
-        eps, _ = rdp.rdp_privacy_accountant.compute_epsilon(np.array(RDP_ORDERS), total, delta)
+    def _canonical(self, event: StepEvent) -> StepEvent:
+        if event.mechanism == "laplace" and event.sample_rate < 1.0:
+            raise DPLightningError(
+                "dp_accounting has no RDP bound for Poisson-subsampled Laplace noise; use accountant='pld' "
+                "(or sample_rate=1)"
+            )
+        return super()._canonical(event)
+
+    def _history_changed(self) -> None:
+        self._total = None
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "orders": list(self._orders)}
+
+    def _load_settings(self, state: dict[str, Any]) -> None:
+        super()._load_settings(state)
+        if "orders" in state:
+            self._orders = self._check_orders(state["orders"])
+
+    def rdp_curve(self) -> np.ndarray:
+        """The history's RDP at each of :attr:`orders` (a copy): ``Σ count · curve(event)``."""
+        return self._history_curve().copy()
+
+    def _history_curve(self) -> np.ndarray:
+        if self._total is None:
+            total = np.zeros(len(self._orders))
+            for event, count in sorted(self._history.items(), key=lambda kv: _sort_key(kv[0])):
+                total += count * _rdp_curve(event, self._orders)
+            self._total = total
+        return self._total
+
+    def _epsilon(self, delta: float, extra: _EventCounts) -> float:
+        total = self._history_curve()
+        if extra:
+            total = total.copy()
+            for event, count in extra:
+                total += count * _rdp_curve(event, self._orders)
+        eps, _ = rdp_lib.compute_epsilon(np.array(self._orders), total, delta)
         return float(eps)
 
 
+# --------------------------------------------------------------------------------------------- functions
+
+
 def make_accountant(kind: AccountantKind = "pld") -> PrivacyAccountant:
-    """A fresh accountant of ``kind`` (``"pld"`` or ``"rdp"``)."""
-    if kind == "pld":
+    """A fresh accountant: ``"pld"`` (tight, default) or ``"rdp"``."""
+    if _check_kind(kind) == "pld":
         return PLDAccountant()
-    if kind == "rdp":
-        return RDPAccountant()
-    raise DPLightningError(f"unknown accountant '{kind}'; use pld or rdp")
+    return RDPAccountant()
 
 
 def compute_epsilon(
@@ -232,9 +654,10 @@ def compute_epsilon(
     accountant: AccountantKind = "pld",
     mechanism: Mechanism = "gaussian",
 ) -> float:
-    """ε after ``steps`` Poisson-sampled releases at (σ, q)."""
+    """ε at ``delta`` after ``steps`` Poisson-sampled releases at (``noise_multiplier``, ``sample_rate``)."""
     acc = make_accountant(accountant)
-    return acc.epsilon_with(delta, [(StepEvent(noise_multiplier, sample_rate, mechanism), steps)])
+    event = StepEvent(noise_multiplier, sample_rate, mechanism)
+    return acc.epsilon_with(delta, [(event, _as_count(steps, "steps"))])
 
 
 def noise_for_target(
@@ -245,41 +668,137 @@ def noise_for_target(
     accountant: AccountantKind = "pld",
     mechanism: Mechanism = "gaussian",
 ) -> float:
-    """Smallest σ (to 0.1 %) with ``compute_epsilon(σ, ...) ≤ epsilon``, by bisection (dp_accounting's)."""
-    _check_delta(delta)
-    if epsilon <= 0 or not math.isfinite(epsilon):
-        raise PrivacyBudgetError(f"target epsilon must be a positive number, got {epsilon}")
-    if steps <= 0:
-        raise PrivacyBudgetError(f"steps must be positive, got {steps}")
-    StepEvent(1.0, sample_rate, mechanism)  # validates q and mechanism
+    """Smallest σ on the log grid with ``compute_epsilon(σ, sample_rate, steps, delta, ...) ≤ epsilon``.
 
-    def eps_of(sigma: float) -> float:
-        return compute_epsilon(sigma, sample_rate, steps, delta, accountant, mechanism)
+    A bracket is found by walking σ geometrically (from 1, or for PLD from the cheap RDP answer, which needs
+    more noise), then ``dp_accounting.calibrate_dp_mechanism`` searches the grid index (discrete mode), and the
+    answer is checked with :func:`compute_epsilon` itself, moving along the grid if needed, so the returned σ
+    meets the target and is the smallest grid value that does (the grid spacing is 0.23 %).
+    σ is searched in :data:`SIGMA_SEARCH_RANGE`; if its lower end already meets the target, that is returned.
 
-    hi = 1.0
-    while eps_of(hi) > epsilon:
-        hi *= 2
-        if hi > 1e6:
-            raise PrivacyBudgetError(
-                f"no noise multiplier ≤ 1e6 reaches ε={epsilon} at δ={delta} in {steps} steps; raise ε or δ"
-            )
-    lo = hi / 2
-    while lo > 1e-3 and eps_of(lo) <= epsilon:
-        hi, lo = lo, lo / 2
-    # invariant: eps(hi) <= target < eps(lo); shrink to 0.1 % relative width, return the safe end
-    while hi / lo > 1.001:
-        mid = math.sqrt(lo * hi)
-        if eps_of(mid) <= epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    Raises:
+        PrivacyBudgetError: the target is not positive, or unreachable with σ ≤ 1e4.
+    """
+    d = _check_delta(delta)
+    kind = _check_kind(accountant)
+    target = _as_float(epsilon, "epsilon")
+    n = _as_count(steps, "steps")
+    # validates q and mechanism, and that this accountant supports them
+    make_accountant(kind)._canonical(StepEvent(1.0, sample_rate, mechanism))
+    if not (target > 0 and math.isfinite(target)):
+        raise PrivacyBudgetError(
+            f"target epsilon must be a positive finite number, got {epsilon!r}; pick ε > 0"
+        )
+    if n == 0:
+        raise DPLightningError("steps must be >= 1 to calibrate noise; pass the planned number of steps")
+
+    def eps_at(k: int) -> float:
+        return compute_epsilon(sigma_from_grid_index(k), sample_rate, n, d, kind, mechanism)
+
+    k_min, k_max = (sigma_grid_index(s) for s in SIGMA_SEARCH_RANGE)
+    start, jump = 0, round(math.log10(2) * SIGMA_GRID_PER_DECADE)  # from σ = 1 by factors 2, 4, 16, ...
+    if kind == "pld" and not (mechanism == "laplace" and sample_rate < 1):
+        # RDP is cheap and looser, so its σ is a close upper guess for PLD's (PLD at tiny σ is slow).
+        try:
+            start = sigma_grid_index(noise_for_target(target, d, sample_rate, n, "rdp", mechanism))
+        except PrivacyBudgetError:
+            start = k_max
+        jump = round(math.log10(1.1) * SIGMA_GRID_PER_DECADE)  # by factors 1.1, 1.2, 1.5, ...
+    # bracket: eps_at(lo) > target >= eps_at(hi)
+    if eps_at(start) <= target:
+        hi = start
+        while True:
+            if hi == k_min:
+                return sigma_from_grid_index(k_min)
+            lo = max(hi - jump, k_min)
+            if eps_at(lo) > target:
+                break
+            hi, jump = lo, jump * 2
+    else:
+        lo = start
+        while True:
+            if lo == k_max:
+                raise PrivacyBudgetError(
+                    f"ε={target:g} at δ={d:g} is unreachable in {n} steps at q={sample_rate:g} even with "
+                    f"σ={SIGMA_SEARCH_RANGE[1]:g}; raise ε or δ, or take fewer steps"
+                )
+            hi = min(lo + jump, k_max)
+            if eps_at(hi) <= target:
+                break
+            lo, jump = hi, jump * 2
+
+    if kind == "pld":
+
+        def fresh() -> dp_accounting.PrivacyAccountant:
+            return dp_accounting.pld.PLDAccountant(value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION)
+
+    else:
+
+        def fresh() -> dp_accounting.PrivacyAccountant:
+            return dp_accounting.rdp.RdpAccountant()
+
+    def event_of(k: float) -> dp_accounting.DpEvent:
+        return dp_accounting.SelfComposedDpEvent(
+            StepEvent(sigma_from_grid_index(round(k)), sample_rate, mechanism).to_dp_event(), n
+        )
+
+    k = round(
+        dp_accounting.calibrate_dp_mechanism(
+            fresh, event_of, target, d, dp_accounting.ExplicitBracketInterval(lo, hi), discrete=True
+        )
+    )
+    # Make the answer exact for *our* computation (calibration's accountant may differ in the last bits).
+    k = min(max(k, lo + 1), hi)
+    while k < hi and eps_at(k) > target:
+        k += 1
+    while k - 1 > lo and eps_at(k - 1) <= target:
+        k -= 1
+    return sigma_from_grid_index(k)
 
 
 def pure_epsilon_laplace(scale: float, sample_rate: float, steps: int) -> float:
-    """Pure ε-DP (δ = 0) of ``steps`` Poisson-subsampled Laplace releases (L1 sensitivity 1, scale b):
-    amplification ``log(1 + q (e^{1/b} − 1))`` per step, basic composition over steps."""
-    if scale <= 0:
+    """Pure ε-DP (δ = 0) of ``steps`` Poisson-subsampled Laplace releases (L1 sensitivity 1, scale ``scale``).
+
+    Per step ``log(1 + q (e^{1/scale} − 1))`` (amplification by subsampling of a (1/scale)-DP release), summed
+    over steps (basic composition). ``dp_accounting`` has no pure-DP accountant; its PLD at δ = 0 agrees.
+    """
+    event = StepEvent(scale, sample_rate, "laplace")
+    n = _as_count(steps, "steps")
+    if n == 0:
+        return 0.0
+    if event.noise_multiplier == 0:
         return math.inf
-    StepEvent(scale, sample_rate, "laplace")
-    return steps * math.log1p(sample_rate * math.expm1(1.0 / scale))
+    x, q = 1.0 / event.noise_multiplier, event.sample_rate
+    if q == 1.0:
+        per_step = x
+    elif x > 30:  # log(q e^x + 1 − q) without overflow
+        per_step = x + math.log(q + (1 - q) * math.exp(-x))
+    else:
+        per_step = math.log1p(q * math.expm1(x))
+    return n * per_step
+
+
+def laplace_scale_for_pure_epsilon(epsilon: float, sample_rate: float, steps: int) -> float:
+    """Smallest Laplace scale with ``pure_epsilon_laplace(scale, sample_rate, steps) ≤ epsilon`` (inverse formula).
+
+    Raises:
+        PrivacyBudgetError: ``epsilon`` is not positive.
+    """
+    target = _as_float(epsilon, "epsilon")
+    n = _as_count(steps, "steps")
+    StepEvent(1.0, sample_rate, "laplace")
+    if not (target > 0 and math.isfinite(target)):
+        raise PrivacyBudgetError(
+            f"target epsilon must be a positive finite number, got {epsilon!r}; pick ε > 0"
+        )
+    if n == 0:
+        raise DPLightningError("steps must be >= 1 to calibrate noise; pass the planned number of steps")
+    per_step, q = target / n, float(sample_rate)
+    if per_step > 30:  # 1/scale = log(1 + (e^ε₀ − 1)/q) without overflow
+        inv = per_step + math.log(-math.expm1(-per_step) / q + math.exp(-per_step))
+    else:
+        inv = math.log1p(math.expm1(per_step) / q)
+    scale = 1.0 / inv
+    while pure_epsilon_laplace(scale, q, n) > target:  # float rounding: step up to the safe side
+        scale = math.nextafter(scale, math.inf)
+    return scale

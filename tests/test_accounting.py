@@ -1,0 +1,440 @@
+"""Accounting over dp_accounting: agreement with dp_accounting / Opacus / published numbers, composition,
+calibration, checkpointing, Laplace, and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import (
+    DEFAULT_VALUE_DISCRETIZATION,
+    SIGMA_GRID_PER_DECADE,
+    PLDAccountant,
+    PrivacyAccountant,
+    RDPAccountant,
+    StepEvent,
+    compute_epsilon,
+    laplace_scale_for_pure_epsilon,
+    make_accountant,
+    noise_for_target,
+    pure_epsilon_laplace,
+    quantize_sigma_down,
+)
+
+GRID_STEP = 10 ** (1 / SIGMA_GRID_PER_DECADE)  # ratio between neighbouring grid values of σ
+
+MNIST_Q = 256 / 60000
+MNIST_STEPS = 60 * 60000 // 256  # 60 epochs of 60000 examples at expected batch 256 (TF Privacy: 14062)
+
+
+def reference_epsilon(kind: str, events: list[tuple[StepEvent, int]], delta: float) -> float:
+    """ε computed directly with dp_accounting: a ComposedDpEvent of SelfComposedDpEvents."""
+    if kind == "pld":
+        acc: dp_accounting.PrivacyAccountant = dp_accounting.pld.PLDAccountant(
+            value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION
+        )
+    else:
+        acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(
+        dp_accounting.ComposedDpEvent(
+            [dp_accounting.SelfComposedDpEvent(e.to_dp_event(), c) for e, c in events]
+        )
+    )
+    return float(acc.get_epsilon(delta))
+
+
+# ------------------------------------------------------------------------------------------- dp_accounting
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "delta"),
+    [(1.0, 0.01, 1000, 1e-5), (0.8, 0.05, 300, 1e-6), (2.0, 1.0, 50, 1e-5), (1.5, 0.002, 5000, 1e-7)],
+)
+def test_matches_dp_accounting(kind: str, sigma: float, q: float, steps: int, delta: float) -> None:
+    ours = compute_epsilon(sigma, q, steps, delta, kind)
+    # the accountant charges the grid value at or below σ ...
+    grid_event = StepEvent(quantize_sigma_down(sigma), q)
+    assert ours == pytest.approx(reference_epsilon(kind, [(grid_event, steps)], delta), rel=1e-8)
+    # ... which is conservative and at most a few tenths of a percent above the exact σ
+    # (1e-9: dp_accounting composes onto an identity PLD first, which moves ~1e-15 of mass to +∞)
+    exact = reference_epsilon(kind, [(StepEvent(sigma, q), steps)], delta)
+    assert exact * (1 - 1e-9) <= ours <= exact * 1.005
+
+
+def test_accountant_step_equals_compute_epsilon() -> None:
+    for kind in ("pld", "rdp"):
+        acc = make_accountant(kind)  # type: ignore[arg-type]
+        acc.step(1.3, 0.02, 400)
+        assert acc.steps == 400
+        assert acc.epsilon(1e-5) == compute_epsilon(1.3, 0.02, 400, 1e-5, kind)  # type: ignore[arg-type]
+
+
+def test_rdp_agrees_with_opacus() -> None:
+    opacus_accountants = pytest.importorskip("opacus.accountants")
+    sigma = quantize_sigma_down(1.1)  # a grid value: no quantisation in play
+    op = opacus_accountants.RDPAccountant()
+    op.history = [(sigma, MNIST_Q, MNIST_STEPS)]
+    ours = compute_epsilon(sigma, MNIST_Q, MNIST_STEPS, 1e-5, "rdp")
+    assert ours == pytest.approx(op.get_epsilon(1e-5), rel=1e-6)
+    # off-grid σ = 1.1: Opacus's exact value, ours ≤ 0.3 % above it
+    op.history = [(1.1, MNIST_Q, MNIST_STEPS)]
+    exact = op.get_epsilon(1e-5)
+    assert exact == pytest.approx(2.5966, abs=1e-3)
+    assert exact <= compute_epsilon(1.1, MNIST_Q, MNIST_STEPS, 1e-5, "rdp") <= exact * 1.003
+
+
+# ---------------------------------------------------------------------------------------- published numbers
+
+
+def classic_rdp_to_dp(acc: RDPAccountant, delta: float) -> float:
+    """min_α RDP(α) + log(1/δ)/(α−1): the conversion TF Privacy used when its tutorial numbers were published."""
+    orders = acc.orders
+    return float(np.min(acc.rdp_curve() + math.log(1 / delta) / (orders - 1)))
+
+
+@pytest.mark.parametrize(
+    ("sigma", "epochs", "published"),
+    # TF Privacy tutorials/README.md, MNIST, batch 256 of 60000, δ = 1e-5 (Abadi et al. 2016 setting)
+    [(1.12, 60, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)],
+)
+def test_published_mnist_numbers(sigma: float, epochs: int, published: float) -> None:
+    steps = epochs * 60000 // 256
+    rdp = RDPAccountant()
+    rdp.step(sigma, MNIST_Q, steps)
+    # same RDP curve + the old conversion reproduces the published figure ...
+    assert classic_rdp_to_dp(rdp, 1e-5) == pytest.approx(published, rel=5e-3)
+    # ... today's conversion (dp_accounting, Opacus) is tighter, and PLD tighter still
+    eps_rdp = rdp.epsilon(1e-5)
+    pld = make_accountant("pld")
+    pld.step(sigma, MNIST_Q, steps)
+    assert pld.epsilon(1e-5) < eps_rdp < published
+
+
+def test_abadi_mnist_sigma_1_1_sixty_epochs() -> None:
+    eps_rdp = compute_epsilon(1.1, MNIST_Q, MNIST_STEPS, 1e-5, "rdp")
+    eps_pld = compute_epsilon(1.1, MNIST_Q, MNIST_STEPS, 1e-5, "pld")
+    assert eps_rdp == pytest.approx(2.60, abs=0.01)  # Opacus RDPAccountant today: 2.597 (at σ exactly 1.1)
+    rdp = RDPAccountant()
+    rdp.step(1.1, MNIST_Q, MNIST_STEPS)
+    assert classic_rdp_to_dp(rdp, 1e-5) == pytest.approx(3.01, abs=0.01)  # the "~3" of older tutorials
+    assert eps_pld == pytest.approx(2.39, abs=0.01)
+    assert eps_pld < eps_rdp
+
+
+# ------------------------------------------------------------------------------------------- composition
+
+
+def test_heterogeneous_composition_matches_event_by_event() -> None:
+    rng = random.Random(0)
+    q, delta = 0.05, 1e-5
+    sigmas = [rng.uniform(1.0, 2.0) for _ in range(15)]
+    events = [(StepEvent(s, q), 1) for s in sigmas]
+    for kind in ("pld", "rdp"):
+        acc = make_accountant(kind)  # type: ignore[arg-type]
+        for s in sigmas:
+            acc.step(s, q)
+        ours = acc.epsilon(delta)
+        exact = reference_epsilon(kind, events, delta)  # 15 separate events, σ not quantised
+        assert exact <= ours <= exact * 1.005, kind  # conservative, within the grid tolerance
+
+
+def test_grouped_history_matches_dp_accounting_on_grid() -> None:
+    q, delta = 0.02, 1e-6
+    plan = [(0.9, 200), (1.4, 300), (2.5, 100), (0.9, 50), (1.4, 1)]
+    for kind in ("pld", "rdp"):
+        acc = make_accountant(kind)  # type: ignore[arg-type]
+        for s, n in plan:
+            acc.step(s, q, n)
+        assert [c for _, c in acc.history] == [250, 301, 100]
+        grouped = [(StepEvent(quantize_sigma_down(s), q), n) for s, n in plan]
+        assert acc.epsilon(delta) == pytest.approx(reference_epsilon(kind, grouped, delta), rel=1e-7), kind
+
+
+def test_pld_is_independent_of_step_order() -> None:
+    rng = random.Random(1)
+    steps = [(rng.choice([0.8, 1.0, 1.3, 1.7, 2.2, 3.0]), rng.choice([0.01, 0.03])) for _ in range(40)]
+    a, b = make_accountant("pld"), make_accountant("pld")
+    for i, (s, q) in enumerate(steps):
+        a.step(s, q)
+        if i % 4 == 0:
+            a.epsilon(1e-5)  # interleaved queries exercise the subtree cache
+    for s, q in reversed(steps):
+        b.step(s, q)
+    assert a.epsilon(1e-5) == b.epsilon(1e-5)  # bit-identical: the composition tree is canonical
+
+
+def test_quantisation_is_down_and_fine() -> None:
+    rng = random.Random(2)
+    for sigma in [rng.uniform(0.05, 50) for _ in range(500)] + [1.0, 10.0, 0.5]:
+        g = quantize_sigma_down(sigma)
+        assert g <= sigma < g * GRID_STEP * (1 + 1e-12)
+        assert quantize_sigma_down(g) == g
+    assert quantize_sigma_down(0.0) == 0.0
+    acc = make_accountant("pld")
+    acc.step(1.1, 0.01)
+    assert acc.history[0][0].noise_multiplier == quantize_sigma_down(1.1)
+
+
+# --------------------------------------------------------------------------------------------- monotone
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_monotonicity(kind: str) -> None:
+    base = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 500, "delta": 1e-5}
+
+    def eps(**change: float) -> float:
+        args = {**base, **change}
+        return compute_epsilon(
+            args["noise_multiplier"], args["sample_rate"], int(args["steps"]), args["delta"], kind
+        )  # type: ignore[arg-type]
+
+    e0 = eps()
+    assert eps(noise_multiplier=1.5) < e0 < eps(noise_multiplier=0.8)
+    assert eps(sample_rate=0.005) < e0 < eps(sample_rate=0.02)
+    assert eps(steps=250) < e0 < eps(steps=1000)
+    assert eps(delta=1e-3) < e0 < eps(delta=1e-8)
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    previous = 0.0
+    for _ in range(5):
+        acc.step(1.0, 0.01, 100)
+        current = acc.epsilon(1e-5)
+        assert current > previous
+        previous = current
+
+
+def test_zero_steps_and_zero_noise() -> None:
+    for kind in ("pld", "rdp"):
+        acc = make_accountant(kind)  # type: ignore[arg-type]
+        assert acc.epsilon(1e-5) == 0.0
+        assert acc.steps == 0 and acc.history == []
+        acc.step(1.0, 0.1, 0)
+        assert acc.steps == 0
+        assert compute_epsilon(1.0, 0.1, 0, 1e-5, kind) == 0.0  # type: ignore[arg-type]
+        acc.step(0.0, 0.1)
+        assert acc.epsilon(1e-5) == math.inf
+
+
+# ---------------------------------------------------------------------------------------------- epsilon_with
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_epsilon_with_does_not_mutate(kind: str) -> None:
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    acc.step(1.2, 0.02, 300)
+    acc.step(0.9, 0.02, 20)
+    before_history, before_eps = acc.history, acc.epsilon(1e-5)
+    extra = [(StepEvent(1.2, 0.02), 1), (StepEvent(2.0, 0.05), 50)]
+    with_extra = acc.epsilon_with(1e-5, extra)
+    assert acc.history == before_history and acc.steps == 320
+    assert acc.epsilon(1e-5) == before_eps
+    assert with_extra > before_eps
+    assert acc.epsilon_with(1e-5, []) == before_eps
+    for event, count in extra:
+        acc.step(event.noise_multiplier, event.sample_rate, count)
+    assert acc.epsilon(1e-5) == pytest.approx(with_extra, rel=1e-9)
+
+
+def test_pld_queries_reuse_the_cached_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    acc = PLDAccountant()
+    acc.step(1.0, 0.01, 1000)
+    calls = []
+    original = PLDAccountant._compose_history
+
+    def counting(self: PLDAccountant) -> object:
+        calls.append(1)
+        return original(self)
+
+    monkeypatch.setattr(PLDAccountant, "_compose_history", counting)
+    e1 = acc.epsilon(1e-5)
+    e2 = acc.epsilon(1e-5)
+    for _ in range(3):
+        acc.epsilon_with(1e-5, [(StepEvent(1.0, 0.01), 1)])
+    assert e1 == e2 and len(calls) == 1
+    acc.step(1.0, 0.01)
+    acc.epsilon_with(1e-5, [(StepEvent(1.0, 0.01), 1)])
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------------- checkpointing
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_state_dict_round_trip_is_exact(kind: str) -> None:
+    rng = random.Random(3)
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    for _ in range(15):
+        acc.step(rng.uniform(0.8, 2.5), rng.choice([0.01, 0.02]), rng.randint(1, 20))
+    eps = acc.epsilon(1e-5)
+    state = json.loads(json.dumps(acc.state_dict()))  # plain types only
+    restored = make_accountant(kind)  # type: ignore[arg-type]
+    restored.step(5.0, 0.5, 3)  # overwritten by the load
+    restored.load_state_dict(state)
+    assert restored.epsilon(1e-5) == eps
+    assert restored.history == acc.history and restored.steps == acc.steps
+    acc.step(1.1, 0.01, 7)
+    restored.step(1.1, 0.01, 7)
+    assert restored.epsilon(1e-6) == acc.epsilon(1e-6)  # a resumed run keeps reporting the same ε
+
+
+def test_load_state_dict_errors_and_legacy_format() -> None:
+    pld = make_accountant("pld")
+    pld.step(1.0, 0.01, 10)
+    with pytest.raises(DPLightningError, match="'pld' accountant"):
+        make_accountant("rdp").load_state_dict(pld.state_dict())
+    with pytest.raises(DPLightningError, match="malformed"):
+        make_accountant("pld").load_state_dict({"kind": "pld", "history": [{"sample_rate": 0.1}]})
+    legacy = {
+        "kind": "pld",
+        "history": [[{"noise_multiplier": 1.0, "sample_rate": 0.01, "mechanism": "gaussian"}, 10]],
+    }
+    restored = make_accountant("pld")
+    restored.load_state_dict(legacy)
+    assert restored.epsilon(1e-5) == pld.epsilon(1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+@pytest.mark.parametrize(
+    ("kind", "target", "q", "steps"),
+    [("pld", 2.0, 0.01, 1000), ("rdp", 1.0, 0.004, 3000), ("rdp", 8.0, 0.05, 200), ("rdp", 20.0, 0.1, 20)],
+)
+def test_noise_for_target_round_trip(kind: str, target: float, q: float, steps: int) -> None:
+    sigma = noise_for_target(target, 1e-5, q, steps, kind)  # type: ignore[arg-type]
+    eps = compute_epsilon(sigma, q, steps, 1e-5, kind)  # type: ignore[arg-type]
+    assert eps <= target
+    assert eps >= 0.99 * target
+    # smallest on the grid: one grid step less noise exceeds the target
+    assert compute_epsilon(sigma / GRID_STEP, q, steps, 1e-5, kind) > target  # type: ignore[arg-type]
+    # what a budget guard computes for the planned run agrees exactly
+    fresh = make_accountant(kind)  # type: ignore[arg-type]
+    assert fresh.epsilon_with(1e-5, [(StepEvent(sigma, q), steps)]) == eps
+
+
+def test_noise_for_target_laplace_pld() -> None:
+    scale = noise_for_target(1.0, 1e-6, 0.02, 200, "pld", "laplace")
+    eps = compute_epsilon(scale, 0.02, 200, 1e-6, "pld", "laplace")
+    assert 0.99 <= eps <= 1.0
+
+
+def test_noise_for_target_unreachable() -> None:
+    with pytest.raises(PrivacyBudgetError):
+        noise_for_target(0.0, 1e-5, 0.01, 100)
+    with pytest.raises(PrivacyBudgetError):
+        noise_for_target(-1.0, 1e-5, 0.01, 100, "rdp")
+    with pytest.raises(PrivacyBudgetError, match="unreachable"):
+        noise_for_target(1e-4, 1e-10, 1.0, 10_000, "rdp")
+    with pytest.raises(PrivacyBudgetError, match="unreachable"):
+        noise_for_target(1e-4, 1e-10, 1.0, 10_000, "pld")
+    with pytest.raises(DPLightningError):
+        noise_for_target(1.0, 1e-5, 0.01, 0)
+
+
+# ----------------------------------------------------------------------------------------------------- Laplace
+
+
+def test_pure_epsilon_laplace_formula() -> None:
+    assert pure_epsilon_laplace(2.0, 1.0, 10) == pytest.approx(5.0)  # 10 × 1/b
+    q, b, steps = 0.01, 0.5, 100
+    assert pure_epsilon_laplace(b, q, steps) == pytest.approx(steps * math.log(1 + q * (math.exp(1 / b) - 1)))
+    big = pure_epsilon_laplace(0.001, 0.01, 3)  # e^{1000} overflows a naive formula
+    assert big == pytest.approx(3 * (1000 + math.log(0.01)), rel=1e-12)
+    assert pure_epsilon_laplace(0.0, 0.1, 1) == math.inf
+    assert pure_epsilon_laplace(1.0, 0.1, 0) == 0.0
+    assert (
+        pure_epsilon_laplace(1.0, 0.1, 10)
+        < pure_epsilon_laplace(1.0, 0.2, 10)
+        < pure_epsilon_laplace(0.5, 0.2, 10)
+    )
+
+
+@pytest.mark.parametrize(("target", "q", "steps"), [(1.0, 0.01, 100), (5.0, 1.0, 10), (200.0, 0.001, 2)])
+def test_laplace_scale_for_pure_epsilon(target: float, q: float, steps: int) -> None:
+    scale = laplace_scale_for_pure_epsilon(target, q, steps)
+    eps = pure_epsilon_laplace(scale, q, steps)
+    assert eps <= target
+    assert eps == pytest.approx(target, rel=1e-9)
+
+
+@pytest.mark.parametrize(("scale", "q", "steps"), [(2.0, 0.01, 100), (1.0, 1.0, 10), (5.0, 0.1, 200)])
+def test_laplace_pld_matches_dp_accounting(scale: float, q: float, steps: int) -> None:
+    ours = compute_epsilon(scale, q, steps, 1e-5, "pld", "laplace")
+    grid_event = StepEvent(quantize_sigma_down(scale), q, "laplace")
+    assert ours == pytest.approx(reference_epsilon("pld", [(grid_event, steps)], 1e-5), rel=1e-8)
+    assert ours <= pure_epsilon_laplace(quantize_sigma_down(scale), q, steps)  # δ > 0 never costs more ε
+
+
+def test_laplace_rdp() -> None:
+    # q = 1: dp_accounting has the RDP of the Laplace mechanism
+    ours = compute_epsilon(2.0, 1.0, 10, 1e-5, "rdp", "laplace")
+    grid_event = StepEvent(quantize_sigma_down(2.0), 1.0, "laplace")
+    assert ours == pytest.approx(reference_epsilon("rdp", [(grid_event, 10)], 1e-5), rel=1e-9)
+    with pytest.raises(DPLightningError, match="use accountant='pld'"):
+        compute_epsilon(2.0, 0.1, 10, 1e-5, "rdp", "laplace")
+    acc = make_accountant("rdp")
+    with pytest.raises(DPLightningError):
+        acc.step(2.0, 0.1, mechanism="laplace")
+    assert acc.steps == 0 and acc.history == []  # a refused step leaves no trace
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, 1.5, -1e-5, float("nan")])
+def test_bad_delta(delta: float) -> None:
+    for kind in ("pld", "rdp"):
+        with pytest.raises(DPLightningError, match="delta must be in"):
+            make_accountant(kind).epsilon(delta)  # type: ignore[arg-type]
+        with pytest.raises(DPLightningError, match="delta must be in"):
+            compute_epsilon(1.0, 0.1, 10, delta, kind)  # type: ignore[arg-type]
+
+
+def test_bad_events() -> None:
+    for bad_q in (0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(DPLightningError, match="sample_rate"):
+            StepEvent(1.0, bad_q)
+        with pytest.raises(DPLightningError, match="sample_rate"):
+            compute_epsilon(1.0, bad_q, 10, 1e-5)
+    for bad_sigma in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(DPLightningError, match="noise_multiplier"):
+            StepEvent(bad_sigma, 0.1)
+    with pytest.raises(DPLightningError, match="mechanism"):
+        StepEvent(1.0, 0.1, "cauchy")  # type: ignore[arg-type]
+    with pytest.raises(DPLightningError, match="accountant"):
+        make_accountant("moments")  # type: ignore[arg-type]
+    acc = make_accountant("pld")
+    with pytest.raises(DPLightningError, match="num_steps"):
+        acc.step(1.0, 0.1, -1)
+    with pytest.raises(DPLightningError, match="StepEvent"):
+        acc.epsilon_with(1e-5, [((1.0, 0.1), 1)])  # type: ignore[list-item]
+
+
+def test_error_messages_are_one_line() -> None:
+    attempts = [
+        lambda: StepEvent(1.0, 2.0),
+        lambda: make_accountant("pld").epsilon(1.0),
+        lambda: noise_for_target(0.0, 1e-5, 0.1, 10),
+        lambda: compute_epsilon(1.0, 0.1, 10, 1e-5, "rdp", "laplace"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(DPLightningError) as info:
+            attempt()
+        message = str(info.value)
+        assert "\n" not in message and ";" in message  # problem; fix
+
+
+def test_interface() -> None:
+    assert isinstance(make_accountant(), PLDAccountant)
+    assert isinstance(make_accountant("rdp"), RDPAccountant)
+    assert issubclass(PLDAccountant, PrivacyAccountant) and issubclass(RDPAccountant, PrivacyAccountant)
+    event = StepEvent(1, 1)  # ints are accepted and stored as floats
+    assert isinstance(event.noise_multiplier, float) and event.mechanism == "gaussian"
+    with pytest.raises(AttributeError):
+        event.noise_multiplier = 2.0  # type: ignore[misc]
