@@ -321,9 +321,10 @@ class DPSGDMixin:
             return
         sigma = self.effective_noise_multiplier
         final = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, self.sample_rate), remaining)])
-        if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9):
-            # The plan itself breaks the strategy's budget: refuse up front. (A PrivacyBudget callback's
-            # target alone only stops the run early.)
+        if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9) and self.accountant.steps == 0:
+            # A fresh plan that breaks the strategy's budget is refused up front. (A PrivacyBudget callback's
+            # target alone only stops the run early; on resume σ may have been moved by a controller, whose own
+            # guard and the per-step guard below keep ε within budget.)
             raise PrivacyBudgetError(
                 f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
                 f"ε={final:.3g} > target {self.target_epsilon}; raise noise_multiplier, lower max_steps, or drop "
