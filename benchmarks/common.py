@@ -1,0 +1,61 @@
+"""Pieces shared by the benchmark scripts: quiet logging, /proc memory counters, machine description."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+def status_kb(field: str) -> int:
+    """One ``kB`` field (``VmRSS``, ``VmHWM``, ...) of ``/proc/self/status``."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def quiet() -> None:
+    """Silence library warnings and progress bars so the benchmark's own output is readable."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "lightning", "lightning.pytorch", "dplightning", "opacus"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def machine(threads: int | None = None, packages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Where a benchmark ran: cores, threads, versions of torch and of ``packages``, load at start, CPU/GPU."""
+    import torch
+
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_at_start": os.getloadavg(),
+        "cpu": cpu_model(),
+    }
+    for package in packages:
+        with contextlib.suppress(Exception):
+            info[package] = __import__(package).__version__
+    return info

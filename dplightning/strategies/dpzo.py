@@ -1,0 +1,786 @@
+"""DP-ZO (Tang et al., arXiv:2401.04343) as a Lightning ``Strategy``: zeroth-order SPSA steps whose only
+data-dependent quantity, one scalar per random direction, is clipped per example and privatised.
+
+One logical step (DESIGN §5), with ``n = num_directions`` directions and Poisson batch ``B`` (may be empty)::
+
+    for k in 1..n:  s_k = H(seed, step, k);  z_k ~ N(0, I) over the trainable params, regenerated from s_k
+        L⁺_i = loss_i(θ + μ z_k),  L⁻_i = loss_i(θ − μ z_k)               (forwards only, under no_grad)
+        d_ik = clip((L⁺_i − L⁻_i) / (2μ), −C, C)                            [B]
+        S_k  = Σ_i d_ik                                                     (summed over micro-batches)
+    Ŝ = S + noise                                                           [n], one release per step
+    g = Ŝ / (q N)                                                           [n]
+    θ ← θ − lr · (1/n) Σ_k g_k z_k                                          (z_k regenerated again)
+
+Privacy of one step. Every example moves the released vector ``S ∈ R^n`` by at most ``C`` per coordinate,
+so its L2 sensitivity is ``C √n`` and its L1 sensitivity is ``n C``. ``noise_multiplier`` is the multiplier
+of the whole step (noise scale / sensitivity of the vector), so the accountant is charged exactly one
+Poisson-subsampled event per step, whatever ``n`` is (the n directions share one batch: charging n
+independently-subsampled compositions would under-count):
+
+- Gaussian: per-coordinate std ``σ C √n``; the accountant records ``StepEvent(σ, q, "gaussian")``.
+- Laplace:  per-coordinate scale ``λ n C``; with ``target_delta > 0`` the PLD accountant records
+  ``StepEvent(λ, q, "laplace")`` (only ``n = 1``: the PLD of a vector Laplace is only claimed for one
+  coordinate); with ``target_delta = 0`` each step is ``1/λ``-DP, amplified by Poisson sampling to
+  ``log(1 + q (e^{1/λ} − 1))`` and composed additively (:class:`PureLaplaceAccountant`), for any ``n``.
+
+Perturbation (``perturbation=``):
+
+- ``"swap"`` (default): θ is never written during the two forwards. Forward pre-hooks on every module that
+  owns a trainable parameter swap in a temporary ``θ_p ± μ z_p`` (one parameter-sized tensor per module call)
+  and forward hooks put the original ``Parameter`` back, so θ is restored bit-exactly by construction.
+  Requires trainable parameters to be read inside their owning module's ``forward`` (true for Hugging Face /
+  peft models); a parameter whose module never ran is reported once with a warning.
+- ``"inplace"``: MeZO's ``θ += μz; θ −= 2μz; θ += μz`` on the parameter storage in 1 M-element chunks. Works
+  for any module, but floating-point rounding leaves a drift of a few ulps of ``μ|z|`` per step.
+
+In both modes ``z`` is never stored whole: it is regenerated chunk by chunk from a per-(step, direction,
+parameter) seed, so peak memory is one forward's plus one parameter-sized buffer (swap) or 4 MB (inplace).
+There is no optimizer state: the learning rate is read from the optimizer's first param group (so LR
+schedulers work) and ``optimizer.step`` is never called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import (
+    AccountantKind,
+    Mechanism,
+    StepEvent,
+    noise_for_target,
+    pure_epsilon_laplace,
+)
+from dplightning.privacy.batch_selection import PoissonBatchSampler
+from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of
+
+NoiseKind = Literal["gaussian", "laplace"]
+Trainable = Literal["lora", "all"]
+Perturbation = Literal["swap", "inplace"]
+
+SCALAR_GROUP = "scalar"
+DEFAULT_CHUNK = 1 << 20  # elements of z drawn at once (4 MB in float32)
+_MASK64 = (1 << 64) - 1
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def direction_seed(seed: int, step: int, direction: int) -> int:
+    """Seed of direction ``direction`` at optimizer step ``step``: a pure function of its arguments (counter-based),
+    so a resumed run regenerates the same directions. 63 bits."""
+    digest = hashlib.sha256(f"dplightning-dpzo:{seed}:{step}:{direction}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def parameter_seed(direction: int, index: int) -> int:
+    """Seed of the slice of a direction that lies on trainable parameter number ``index``. 63 bits."""
+    return _splitmix64(direction ^ _splitmix64(index + 1)) >> 1
+
+
+# ------------------------------------------------------------------------------------------ estimator
+class ZerothOrderEstimator:
+    """Two-point (SPSA) directional derivatives over a fixed list of parameters; ``z`` regenerated from seeds.
+
+    Args:
+        root: module whose forward computes the loss (hooks are installed on its submodules in swap mode).
+        params: ``(name, parameter)`` pairs to perturb, in a fixed order (the order is part of the direction).
+        mu: perturbation scale μ.
+        perturbation: ``"swap"`` (θ never written, exact) or ``"inplace"`` (MeZO, rounding drift).
+        chunk_size: elements of ``z`` drawn at once.
+    """
+
+    def __init__(
+        self,
+        root: nn.Module,
+        params: Sequence[tuple[str, nn.Parameter]],
+        mu: float,
+        perturbation: Perturbation = "swap",
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        if perturbation not in ("swap", "inplace"):
+            raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
+        if mu <= 0:
+            raise DPLightningError(f"mu must be > 0, got {mu}")
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+        for name, p in params:
+            if not p.is_contiguous():
+                raise DPLightningError(f"parameter '{name}' is not contiguous; call .contiguous() on it before training")
+        self.mu = float(mu)
+        self.perturbation: Perturbation = perturbation
+        self.chunk_size = int(chunk_size)
+        self._active: tuple[int, float] | None = None  # (direction seed, scale) while a perturbed forward runs
+        self._touched: set[int] = set()
+        self._warned_untouched = False
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        if perturbation == "swap":
+            self._install_hooks(root)
+
+    @property
+    def numel(self) -> int:
+        """Dimension ``d`` of the directions."""
+        return sum(p.numel() for p in self.params)
+
+    # ------------------------------------------------------------------------------------ directions
+    def chunks(self, index: int, seed: int) -> Iterator[tuple[slice, Tensor]]:
+        """``(slice of the flattened parameter, z chunk)`` pairs of parameter ``index`` under direction ``seed``.
+        Each chunk is ``[min(chunk_size, remaining)]`` standard normals in the parameter's dtype and device."""
+        p = self.params[index]
+        gen = torch.Generator(device=p.device)
+        gen.manual_seed(parameter_seed(seed, index))
+        n = p.numel()
+        for start in range(0, n, self.chunk_size):
+            size = min(self.chunk_size, n - start)
+            yield slice(start, start + size), torch.randn(size, generator=gen, device=p.device, dtype=p.dtype)
+
+    def direction(self, seed: int) -> list[Tensor]:
+        """The whole direction ``z`` as one tensor per parameter (shapes of ``params``). Diagnostics/tests only:
+        training never materialises it."""
+        out = []
+        for i, p in enumerate(self.params):
+            z = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+            for sl, chunk in self.chunks(i, seed):
+                z[sl] = chunk
+            out.append(z.view_as(p))
+        return out
+
+    @torch.no_grad()
+    def add_direction(self, seed: int, alpha: float) -> None:
+        """``θ += alpha · z(seed)`` in place, chunk by chunk."""
+        for i, p in enumerate(self.params):
+            flat = p.detach().view(-1)
+            for sl, chunk in self.chunks(i, seed):
+                flat[sl].add_(chunk, alpha=alpha)
+
+    def perturbed_tensor(self, index: int, seed: int, scale: float) -> Tensor:
+        """A new tensor ``θ_index + scale · z_index(seed)`` (shape of the parameter); θ is not touched."""
+        p = self.params[index].detach()
+        out = torch.empty_like(p)
+        flat_out, flat_p = out.view(-1), p.view(-1)
+        for sl, chunk in self.chunks(index, seed):
+            torch.add(flat_p[sl], chunk, alpha=scale, out=flat_out[sl])
+        return out
+
+    # ------------------------------------------------------------------------------------ swap hooks
+    def _install_hooks(self, root: nn.Module) -> None:
+        index = {id(p): i for i, p in enumerate(self.params)}
+        owners: dict[nn.Module, list[tuple[str, int]]] = {}
+        for module in root.modules():
+            for pname, p in module._parameters.items():  # direct params, tied ones appear in every owner
+                if p is not None and id(p) in index:
+                    owners.setdefault(module, []).append((pname, index[id(p)]))
+        self._owners = owners
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            if self._active is None:
+                return
+            seed, scale = self._active
+            for pname, i in owners[module]:
+                module._parameters[pname] = self.perturbed_tensor(i, seed, scale)  # type: ignore[assignment]
+                self._touched.add(i)
+
+        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
+            for pname, i in owners[module]:
+                module._parameters[pname] = self.params[i]
+
+        for module in owners:
+            self._handles.append(module.register_forward_pre_hook(pre_hook))
+            self._handles.append(module.register_forward_hook(post_hook, always_call=True))
+
+    def _restore_all(self) -> None:
+        for module, entries in getattr(self, "_owners", {}).items():
+            for pname, i in entries:
+                module._parameters[pname] = self.params[i]
+
+    def remove(self) -> None:
+        """Remove the swap hooks."""
+        self._restore_all()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ------------------------------------------------------------------------------------- estimates
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float) -> Iterator[None]:
+        """Forwards run inside see ``θ + scale · z(seed)`` (swap mode only: nothing is written to θ)."""
+        if self.perturbation != "swap":
+            raise DPLightningError("perturbed() needs perturbation='swap'; use directional_derivatives()")
+        self._active = (seed, scale)
+        self._touched.clear()
+        try:
+            yield
+        finally:
+            self._active = None
+            self._restore_all()
+        missing = set(range(len(self.params))) - self._touched
+        if missing and not self._warned_untouched:
+            self._warned_untouched = True
+            names = [self.names[i] for i in sorted(missing)][:3]
+            warnings.warn(
+                f"DP-ZO: {len(missing)} trainable parameters (e.g. {names}) were not perturbed because their module's "
+                "forward did not run; if they are used outside it, set perturbation='inplace'",
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def directional_derivatives(self, loss_fn: Callable[[], Tensor], seed: int) -> tuple[Tensor, Tensor]:
+        """Per-example central differences along ``z(seed)``.
+
+        Args:
+            loss_fn: returns the per-example losses ``[B]`` at the current (perturbed) parameters.
+            seed: direction seed.
+
+        Returns:
+            ``((L⁺ − L⁻) / (2μ), (L⁺ + L⁻) / 2)``, both ``[B]`` float64 (the second approximates the loss at θ
+            up to O(μ²)). θ is unchanged afterwards (bit-exact in swap mode).
+        """
+        mu = self.mu
+        if self.perturbation == "swap":
+            with self.perturbed(seed, mu):
+                plus = loss_fn().detach().double()
+            with self.perturbed(seed, -mu):
+                minus = loss_fn().detach().double()
+        else:
+            applied = mu  # net multiple of z currently added to θ
+            self.add_direction(seed, mu)
+            try:
+                plus = loss_fn().detach().double()
+                self.add_direction(seed, -2.0 * mu)
+                applied = -mu
+                minus = loss_fn().detach().double()
+            finally:
+                self.add_direction(seed, -applied)
+        return (plus - minus) / (2.0 * mu), (plus + minus) / 2.0
+
+
+# ------------------------------------------------------------------------------------- pure ε accountant
+class PureLaplaceAccountant:
+    """Pure ε-DP (δ = 0) of Poisson-subsampled Laplace releases: ``log(1 + q (e^{1/λ} − 1))`` per step (an
+    ε₀-DP mechanism on a Poisson subsample is ``log(1 + q (e^{ε₀} − 1))``-DP), composed additively
+    (:func:`~dplightning.privacy.accounting.pure_epsilon_laplace`).
+
+    Same interface as :class:`~dplightning.privacy.accounting.PrivacyAccountant` (``step``, ``steps``,
+    ``history``, ``epsilon``, ``epsilon_with``, ``state_dict``, ``load_state_dict``). ``epsilon(delta)`` accepts
+    any ``delta ≥ 0`` and ignores it: a pure ε guarantee holds for every δ.
+    """
+
+    kind = "pure_laplace"
+
+    def __init__(self) -> None:
+        self._history: dict[StepEvent, int] = {}
+
+    def step(
+        self, noise_multiplier: float, sample_rate: float, num_steps: int = 1, mechanism: Mechanism = "laplace"
+    ) -> None:
+        """Record ``num_steps`` releases at Laplace multiplier ``noise_multiplier`` and sample rate ``sample_rate``."""
+        if num_steps < 0:
+            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
+        event = self._check(StepEvent(float(noise_multiplier), float(sample_rate), mechanism))
+        if num_steps:
+            self._history[event] = self._history.get(event, 0) + int(num_steps)
+
+    @staticmethod
+    def _check(event: StepEvent) -> StepEvent:
+        if event.mechanism != "laplace":
+            raise DPLightningError("the pure-ε accountant only composes Laplace releases; use accountant='pld'")
+        return event
+
+    @property
+    def steps(self) -> int:
+        return sum(self._history.values())
+
+    @property
+    def history(self) -> list[tuple[StepEvent, int]]:
+        return list(self._history.items())
+
+    def epsilon(self, delta: float = 0.0) -> float:
+        """Pure ε of all steps so far (``delta`` is ignored)."""
+        return self.epsilon_with(delta, [])
+
+    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
+        """Pure ε of the history plus hypothetical ``(event, count)`` pairs (``delta`` is ignored)."""
+        pairs = [*self._history.items(), *((self._check(e), c) for e, c in extra)]
+        return sum(pure_epsilon_laplace(e.noise_multiplier, e.sample_rate, c) for e, c in pairs if c > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "history": [
+                {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "count": c}
+                for e, c in self._history.items()
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise DPLightningError(
+                f"checkpoint holds a {state.get('kind')!r} accountant, this run uses pure ε-DP Laplace accounting; "
+                "resume with the same noise and target_delta"
+            )
+        self._history = {}
+        for entry in state["history"]:
+            self.step(entry["noise_multiplier"], entry["sample_rate"], entry["count"])
+
+
+def pure_laplace_multiplier(epsilon: float, sample_rate: float, steps: int) -> float:
+    """Smallest Laplace multiplier λ with ``pure_epsilon_laplace(λ, q, steps) ≤ epsilon`` (inverse formula:
+    ``1/λ = log(1 + (e^{ε/steps} − 1)/q)``, then nudged up past float rounding)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise PrivacyBudgetError(f"target epsilon must be a positive finite number, got {epsilon}; pick ε > 0")
+    if steps <= 0:
+        raise PrivacyBudgetError(f"steps must be positive, got {steps}")
+    StepEvent(1.0, sample_rate, "laplace")  # validates q
+    lam = 1.0 / math.log1p(math.expm1(epsilon / steps) / sample_rate)
+    while pure_epsilon_laplace(lam, sample_rate, steps) > epsilon:
+        lam = math.nextafter(lam, math.inf)
+    return lam
+
+
+# ------------------------------------------------------------------------------------ Poisson sampler
+class _EpochForwarder:
+    """What Lightning finds at ``batch_sampler.sampler``: it calls ``set_epoch`` there (Lightning 2.6 never calls
+    it on the batch sampler itself), and we pass it on."""
+
+    def __init__(self, owner: PoissonBatchSampler) -> None:
+        self._owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self._owner.set_epoch(epoch)
+
+
+class LightningPoissonBatchSampler(PoissonBatchSampler):
+    """:class:`PoissonBatchSampler` as Lightning's fit loop needs it (workaround until the base sampler has it):
+
+    - ``set_epoch`` is reachable through ``.sampler``, so epoch ``e`` draws the batches of ``(seed, e, i)``
+      instead of replaying epoch 0's batches every epoch (which would break the i.i.d. Poisson assumption of
+      the accountant);
+    - ``len`` stays the full epoch after a mid-epoch resume: Lightning keeps counting from the restored batch
+      index while the iterator skips the batches already taken, so a shortened length would end the epoch early.
+    """
+
+    @classmethod
+    def from_sampler(cls, sampler: PoissonBatchSampler) -> LightningPoissonBatchSampler:
+        fixed = cls.__new__(cls)
+        fixed.__dict__.update(sampler.__dict__)
+        return fixed
+
+    @property
+    def sampler(self) -> _EpochForwarder:
+        return _EpochForwarder(self)
+
+    def __len__(self) -> int:
+        return self.num_batches * self.micro_batches
+
+
+# ----------------------------------------------------------------------------------------- strategy
+class DPZOStrategy(DPSGDStrategy):
+    """Differentially private zeroth-order fine-tuning (DP-ZO): two forwards per direction, no backward, no
+    optimizer state; only a clipped, noised scalar per direction depends on the data.
+
+    Reuses :class:`DPSGDStrategy`'s Poisson batches, σ calibration, budget guard and checkpoint state; the
+    per-example-gradient engine is not installed. The module must define ``per_example_loss(batch) -> [B]``;
+    its ``training_step`` is not called (the strategy logs ``train/loss`` = mean of (L⁺ + L⁻)/2 itself).
+
+    Args:
+        mu: perturbation scale μ (MeZO: 1e-3 full, 1e-2 LoRA).
+        max_loss_diff: clip threshold C of each per-example scalar ``(L⁺ − L⁻)/(2μ)``.
+        noise: ``"gaussian"`` ((ε, δ)-DP) or ``"laplace"`` (pure ε-DP with ``target_delta=0``, else PLD).
+        noise_multiplier: noise scale / sensitivity of one step's release (see module docstring); ``None``
+            calibrates it from ``target_epsilon``; ``0`` disables noise (ε = ∞).
+        target_epsilon: ε budget; training never takes a step that would exceed it.
+        target_delta: δ; ``0`` (Laplace only) selects pure ε-DP accounting.
+        num_directions: n ≥ 1 directions per step, averaged; one privatised release of n scalars.
+        trainable: ``"lora"`` (the module's ``requires_grad`` parameters, LoRA for ``DPLoRAModule``) or
+            ``"all"`` (every parameter; they are marked ``requires_grad`` so checkpoints hold them).
+        perturbation: ``"swap"`` (exact restore, default) or ``"inplace"`` (MeZO, any module).
+        eval_forwards: run the perturbed forwards in eval mode (no dropout), as MeZO does: both sides of the
+            difference must see the same function.
+        accountant: ``"pld"`` or ``"rdp"`` (Gaussian only); ignored for pure ε-DP.
+        poisson_sampling, secure_rng, seed, device, checkpoint_io: as for :class:`DPSGDStrategy`. ``secure_rng``
+            applies to the noise and the batches; directions are always seeded (they are public).
+    """
+
+    strategy_name = "dpzo"
+
+    def __init__(
+        self,
+        mu: float = 1e-3,
+        max_loss_diff: float = 1.0,
+        noise: NoiseKind = "gaussian",
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        target_delta: float = 1e-5,
+        num_directions: int = 1,
+        trainable: Trainable = "lora",
+        perturbation: Perturbation = "swap",
+        eval_forwards: bool = True,
+        accountant: AccountantKind = "pld",
+        poisson_sampling: bool = True,
+        secure_rng: bool = False,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        checkpoint_io: CheckpointIO | None = None,
+    ) -> None:
+        if noise not in self.noise_kinds():
+            raise DPLightningError(f"unknown noise '{noise}'; use one of {', '.join(self.noise_kinds())}")
+        if noise_multiplier is None and target_epsilon is None:
+            raise DPLightningError("DPZOStrategy needs noise_multiplier or target_epsilon; set one of them")
+        if num_directions < 1:
+            raise DPLightningError(f"num_directions must be >= 1, got {num_directions}")
+        if trainable not in ("lora", "all"):
+            raise DPLightningError(f"unknown trainable '{trainable}'; use lora or all")
+        if perturbation not in ("swap", "inplace"):
+            raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
+        if mu <= 0:
+            raise DPLightningError(f"mu must be > 0, got {mu}")
+        if max_loss_diff <= 0:
+            raise DPLightningError(f"max_loss_diff must be > 0, got {max_loss_diff}")
+        pure = target_delta == 0
+        if pure and noise != "laplace":
+            raise DPLightningError("target_delta=0 (pure ε-DP) needs noise='laplace'; Gaussian noise needs δ > 0")
+        if noise == "laplace" and not pure:
+            if accountant != "pld":
+                raise DPLightningError("Laplace noise with δ > 0 needs accountant='pld' (RDP has no subsampled Laplace)")
+            if num_directions > 1:
+                raise DPLightningError(
+                    "Laplace noise with δ > 0 supports num_directions=1 only; set target_delta=0 (pure ε-DP) for n > 1"
+                )
+        super().__init__(
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_loss_diff,
+            clipping="flat",
+            target_epsilon=target_epsilon,
+            target_delta=1e-5 if pure else target_delta,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            secure_rng=secure_rng,
+            seed=seed,
+            device=device,
+            checkpoint_io=checkpoint_io,
+        )
+        self.target_delta = float(target_delta)
+        self.pure_dp = pure
+        if pure:
+            self.accountant = PureLaplaceAccountant()  # type: ignore[assignment]
+        self.mu = float(mu)
+        self.noise = noise
+        self.num_directions = int(num_directions)
+        self.trainable: Trainable = trainable
+        self.perturbation: Perturbation = perturbation
+        self.eval_forwards = eval_forwards
+        # One clipping group: the per-example scalar. Set now so σ, C and checkpoint state work before setup.
+        self.groups = {SCALAR_GROUP: []}
+        self.clip_thresholds = {SCALAR_GROUP: float(max_loss_diff)}
+        if noise_multiplier is not None:
+            self.set_noise_multiplier(noise_multiplier)
+        self._estimator: ZerothOrderEstimator | None = None
+        self._zo_sums: Tensor | None = None  # [n] clipped sums of the current logical step (private until noised)
+        self.last_projected_grads: Tensor | None = None  # [n] released g of the last step (public)
+
+    # --------------------------------------------------------------------------------- mechanism hooks
+    @staticmethod
+    def noise_kinds() -> tuple[str, ...]:
+        """Accepted values of ``noise`` (a subclass adding a mechanism extends this)."""
+        return ("gaussian", "laplace")
+
+    @property
+    def mechanism(self) -> Mechanism:
+        """Accounting mechanism of one step's release."""
+        return "laplace" if self.noise == "laplace" else "gaussian"
+
+    @property
+    def max_loss_diff(self) -> float:
+        """Clip threshold C of the per-example scalar."""
+        return self.clip_thresholds[SCALAR_GROUP]
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """The step's multiplier σ (Gaussian) or λ (Laplace), what the accountant is charged."""
+        return float(self.noise_multiplier or 0.0)
+
+    def step_event(self, sigma: float, q: float) -> StepEvent:
+        """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
+        return StepEvent(sigma, q, self.mechanism)
+
+    def noise_scale(self) -> float:
+        """Per-coordinate noise std (Gaussian, ``σ C √n``) or Laplace scale (``λ n C``) of one release."""
+        sigma, c, n = self.effective_noise_multiplier, self.max_loss_diff, self.num_directions
+        return sigma * c * (n if self.noise == "laplace" else math.sqrt(n))
+
+    def scalar_noise(self, num: int) -> Tensor:
+        """Noise for one release of ``num`` scalars, ``[num]`` float64 on CPU. Every scalar release goes through
+        here (issue 7's LMO noise overrides this and :attr:`mechanism`)."""
+        scale = self.noise_scale()
+        if scale <= 0:
+            return torch.zeros(num, dtype=torch.float64)
+        if self.noise == "laplace":
+            return self.noise_source.laplace((num,), scale).double()
+        return self.noise_source.gaussian((num,), scale).double()
+
+    def privatize(self, sums: Tensor) -> Tensor:
+        """Release ``sums`` ``[n]`` (clipped per-example scalars summed over the batch) with noise."""
+        return sums.double().cpu() + self.scalar_noise(sums.numel())
+
+    def calibrate(self, target_epsilon: float, steps: int) -> float:
+        """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
+        assert self.sample_rate is not None
+        if self.pure_dp:
+            return pure_laplace_multiplier(target_epsilon, self.sample_rate, steps)
+        return noise_for_target(
+            target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
+            mechanism=self.mechanism,
+        )
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default ``target_delta``; ignored for pure ε-DP)."""
+        return self.accountant.epsilon(self.target_delta if delta is None else delta)
+
+    def within_budget(self, sigma: float, q: float) -> bool:
+        """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap inside the proven-safe region."""
+        if self.max_epsilon is None:
+            return True
+        if self._safe_region is not None:
+            sigma_min, q_max, steps = self._safe_region
+            if min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
+                return True
+        if sigma <= 0:
+            return False
+        return self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, q), 1)]) <= self.max_epsilon
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer) -> None:
+        super(DPSGDMixin, self).setup(trainer)  # Lightning's setup only: no per-example-gradient hooks
+        module = self.lightning_module
+        assert module is not None
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # validate/test/predict: plain forwards, nothing private to set up
+        if not module.automatic_optimization:
+            raise DPLightningError("DPZOStrategy needs automatic optimization; set automatic_optimization = True")
+        if trainer.gradient_clip_val:
+            raise DPLightningError("Trainer(gradient_clip_val=...) has no effect on DP-ZO; remove it and set max_loss_diff")
+        if len(self.optimizers) != 1:
+            raise DPLightningError(f"DPZOStrategy needs exactly one optimizer (for its learning rate), got {len(self.optimizers)}")
+        if not callable(getattr(module, "per_example_loss", None)):
+            raise DPLightningError(
+                f"{type(module).__name__} has no per_example_loss(batch) -> [B]; DP-ZO clips per-example losses"
+            )
+        if not self.eval_forwards and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+            raise DPLightningError(
+                "batch norm in train mode mixes examples and breaks per-example clipping; keep eval_forwards=True"
+            )
+        if self.trainable == "all":
+            for p in module.parameters():
+                p.requires_grad_(True)  # checkpoints keep trainable params; no grads are ever computed
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise DPLightningError("the module has no trainable parameters; use trainable='all' or add LoRA adapters")
+        if self._estimator is not None:
+            self._estimator.remove()
+        self._estimator = ZerothOrderEstimator(module, named, self.mu, self.perturbation)
+        self.groups = {SCALAR_GROUP: [n for n, _ in named]}
+        self._params = dict(module.named_parameters())
+        self._trainable = set(self.groups[SCALAR_GROUP])
+        if self._pending_state is not None:
+            self._apply_dp_state(self._pending_state)
+            self._pending_state = None
+        rank_zero_info(
+            f"[dplightning] DP-ZO over {self._estimator.numel:,} parameters ({self.trainable}), "
+            f"{self.num_directions} direction(s)/step, μ={self.mu}, C={self.max_loss_diff}, noise={self.noise}"
+        )
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """DP-SGD's Poisson dataloader, with the sampler swapped for :class:`LightningPoissonBatchSampler`."""
+        out = super().process_dataloader(dataloader)
+        sampler = self._sampler
+        if not isinstance(out, DataLoader) or sampler is None or out.batch_sampler is not sampler:
+            return out
+        if isinstance(sampler, LightningPoissonBatchSampler):
+            return out
+        fixed = LightningPoissonBatchSampler.from_sampler(sampler)
+        self._sampler = fixed
+        return DataLoader(
+            out.dataset,
+            batch_sampler=fixed,
+            collate_fn=out.collate_fn,
+            num_workers=out.num_workers,
+            pin_memory=out.pin_memory,
+            worker_init_fn=out.worker_init_fn,
+        )
+
+    def on_train_start(self) -> None:
+        super(DPSGDMixin, self).on_train_start()
+        trainer = self.lightning_module.trainer
+        if self.sample_rate is None:
+            raise DPLightningError("DPZOStrategy could not find the training dataloader to set the sample rate")
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
+        self.planned_steps = int(steps)
+        remaining = max(self.planned_steps - self.accountant.steps, 0)
+        if self.noise_multiplier is None:
+            assert self.target_epsilon is not None
+            self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
+            rank_zero_info(
+                f"[dplightning] calibrated {self.noise} noise_multiplier={self.noise_multiplier:.4f} for "
+                f"ε={self.target_epsilon}, δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
+            )
+        if self.max_epsilon is None or remaining == 0:
+            return
+        sigma = self.effective_noise_multiplier
+        final = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)])
+        if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9):
+            raise PrivacyBudgetError(
+                f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
+                f"ε={final:.3g} > target {self.target_epsilon}; raise noise_multiplier, lower max_steps, or drop "
+                "noise_multiplier and let target_epsilon calibrate it"
+            )
+        if final <= self.max_epsilon:
+            self._safe_region = (sigma, self.sample_rate, self.accountant.steps + remaining)
+
+    # ------------------------------------------------------------------------------------- one step
+    def _current_step(self) -> int:
+        return int(self.lightning_module.trainer.global_step)
+
+    def direction_seeds(self, step: int) -> list[int]:
+        """Seeds of the ``num_directions`` directions of optimizer step ``step``."""
+        return [direction_seed(self.seed, step, k) for k in range(self.num_directions)]
+
+    @contextlib.contextmanager
+    def _forward_mode(self) -> Iterator[None]:
+        module = self.lightning_module
+        if not self.eval_forwards:
+            yield
+            return
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Per-example central differences along each direction on this (micro-)batch, clipped to [−C, C] and
+        summed into the step's ``[n]`` accumulator. Returns the detached loss estimate (for logging)."""
+        batch = args[0] if args else kwargs["batch"]
+        module = self.lightning_module
+        assert self._estimator is not None
+        n = self.num_directions
+        c = self.max_loss_diff
+        sums = torch.zeros(n, dtype=torch.float64)
+        if batch_size_of(batch) == 0:
+            # An empty Poisson batch is still a step: the release is noise only. The model is not run.
+            self._accumulate(sums)
+            return torch.zeros((), device=self.root_device)
+        center: Tensor | None = None
+        with self.precision_plugin.train_step_context(), torch.no_grad(), self._forward_mode():
+            for k, seed in enumerate(self.direction_seeds(self._current_step())):
+                diffs, mid = self._estimator.directional_derivatives(lambda: module.per_example_loss(batch), seed)
+                clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B]
+                sums[k] = clipped.sum().cpu()
+                if center is None:
+                    center = mid
+        self._accumulate(sums)
+        assert center is not None
+        loss = center.mean().float()
+        module.log("train/loss", loss, prog_bar=True, batch_size=center.numel())
+        return loss
+
+    def _accumulate(self, sums: Tensor) -> None:
+        self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        """No backward pass in DP-ZO."""
+        return closure_loss
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure (last micro-batch's training step and Lightning's hooks), then release the noisy
+        scalars and apply ``θ −= lr · mean_k g_k z_k``. ``optimizer.step`` is not called (no optimizer state)."""
+        model = model or self.lightning_module
+        assert isinstance(model, pl.LightningModule)
+        result = self.precision_plugin._wrap_closure(model, optimizer, closure)
+        self.release_and_update(float(optimizer.param_groups[0]["lr"]))
+        return result
+
+    @torch.no_grad()
+    def release_and_update(self, lr: float) -> None:
+        """Privatise the step's clipped sums, charge the accountant, update θ along the step's directions."""
+        assert self.sample_rate is not None and self.expected_batch_size is not None and self._estimator is not None
+        sigma, q = self.effective_noise_multiplier, self.sample_rate
+        sums = self._zo_sums if self._zo_sums is not None else torch.zeros(self.num_directions, dtype=torch.float64)
+        self._zo_sums = None
+        if not self.within_budget(sigma, q):
+            self.budget_exhausted = True
+            self.lightning_module.trainer.should_stop = True
+            rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
+            return
+        grads = self.privatize(sums) / self.expected_batch_size  # [n]
+        self.last_projected_grads = grads
+        for seed, g in zip(self.direction_seeds(self._current_step()), grads.tolist()):
+            self._estimator.add_direction(seed, -lr * g / self.num_directions)
+        self.accountant.step(sigma, q, mechanism=self.mechanism)
+        self._min_sigma_used = min(self._min_sigma_used, sigma)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        state = super().dp_state_dict()
+        state["dpzo"] = {"noise": self.noise, "num_directions": self.num_directions, "pure_dp": self.pure_dp}
+        return state
+
+    def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
+        saved = state.get("dpzo")
+        if saved is not None and (saved["noise"], saved["pure_dp"]) != (self.noise, self.pure_dp):
+            raise DPLightningError(
+                f"checkpoint was trained with noise={saved['noise']} (pure ε: {saved['pure_dp']}); "
+                f"this run uses noise={self.noise} (pure ε: {self.pure_dp}); resume with the same settings"
+            )
+        super()._apply_dp_state(state)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super(DPSGDMixin, self).load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get("dplightning")
+        if state is not None:
+            self._apply_dp_state(state)  # groups exist from __init__: apply now
+        return checkpoint
+
+    def teardown(self) -> None:
+        if self._estimator is not None:
+            self._estimator.remove()
+            self._estimator = None
+        super().teardown()
+
+
+__all__ = [
+    "DPZOStrategy",
+    "PureLaplaceAccountant",
+    "ZerothOrderEstimator",
+    "direction_seed",
+    "parameter_seed",
+    "pure_laplace_multiplier",
+]
