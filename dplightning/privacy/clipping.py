@@ -54,8 +54,12 @@ def per_example_norms(
     return norms
 
 
-def clip_factors(norms: Tensor, threshold: float) -> Tensor:
-    """``min(1, C / ||g_i||)`` per example, shape ``[B]``."""
+def clip_factors(norms: Tensor, threshold: float, stability: float | None = None) -> Tensor:
+    """Per-example scale factors ``[B]``: ``min(1, C / ||g_i||)`` (clipping), or with ``stability`` γ > 0 the
+    automatic-clipping normalisation ``C / (||g_i|| + γ)`` (Bu et al. 2022). Either way ``factor·||g_i|| ≤ C``,
+    so the sensitivity (and the noise calibration) is the same."""
+    if stability is not None:
+        return threshold / (norms + stability)
     return (threshold / (norms + 1e-12)).clamp(max=1.0)
 
 
@@ -64,8 +68,10 @@ def clip_and_sum(
     groups: Mapping[str, Sequence[str]],
     thresholds: Mapping[str, float],
     p: float = 2.0,
+    stability: float | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Clip each example's group gradient to its threshold and sum over examples.
+    """Clip (or, with ``stability``, normalise: see :func:`clip_factors`) each example's group gradient to its
+    threshold and sum over examples.
 
     Returns:
         ``({param: summed clipped gradient [*shape]}, {group: per-example pre-clip norms [B]})``.
@@ -73,7 +79,7 @@ def clip_and_sum(
     norms = per_example_norms(grads, groups, p)
     summed: dict[str, Tensor] = {}
     for group, names in groups.items():
-        factors = clip_factors(norms[group], thresholds[group])
+        factors = clip_factors(norms[group], thresholds[group], stability)
         for n in names:
             summed[n] = torch.einsum("b,b...->...", factors.to(grads[n].dtype), grads[n])
     return summed, norms

@@ -154,6 +154,8 @@ class DPSGDMixin:
         self.budget_exhausted = False
         self.groups: dict[str, list[str]] = {}
         self.auxiliary_noise_multipliers: dict[str, float] = {}
+        # AutomaticClipping sets γ > 0: per-example C_g/(‖g‖+γ) normalisation replaces min(1, C_g/‖g‖) clipping.
+        self.normalization_stability: float | None = None
         self.last_noisy_grad_norms: dict[str, float] = {}  # per group, of the released (noisy) sum: public
         # per group, per-example pre-clip norms of the last step [B]: PRIVATE, only for mechanisms that noise them
         self.private_step_norms: dict[str, Tensor] = {}
@@ -346,7 +348,7 @@ class DPSGDMixin:
         assert self._engine is not None
         grads = self._engine.pop()
         if grads:
-            summed, norms = clip_and_sum(grads, self.groups, self.clip_thresholds)
+            summed, norms = clip_and_sum(grads, self.groups, self.clip_thresholds, stability=self.normalization_stability)
             for name, value in summed.items():
                 prev = self._summed.get(name)
                 self._summed[name] = value if prev is None else prev + value
