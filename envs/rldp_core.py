@@ -113,12 +113,19 @@ class ClipCountRelease:
 
     Each example adds at most 1 to each of the ``k`` counts, so the count vector has L2 sensitivity ``√k`` and
     the noise std is ``s = σ_count·√k``. Fractions are averaged over the decision interval (less noise).
+
+    ``centered=True`` (Andrew et al. 2021) releases ``Σ_i (1[clipped] − ½)`` instead: each example moves each
+    count by at most ½, so the sensitivity halves to ``√k/2`` and the same ``σ_count`` needs half the noise
+    std. The fraction is then ``noisy centred sum / m + ½`` with ``m`` the expected batch size.
     """
 
-    def __init__(self, groups: list[list[str]], expected_batch_size: float, generator: torch.Generator) -> None:
+    def __init__(
+        self, groups: list[list[str]], expected_batch_size: float, generator: torch.Generator, centered: bool = False
+    ) -> None:
         self.groups = groups
         self.expected_batch_size = expected_batch_size
         self.generator = generator
+        self.centered = centered
         self._sum = np.zeros(len(groups))
         self._n = 0
 
@@ -130,9 +137,10 @@ class ClipCountRelease:
             present = [g for g in members if g in norms]
             if present:
                 clipped = torch.stack([(norms[g] > thresholds[g]).double() for g in present]).mean(0)
-                counts[j] = float(clipped.sum())
-        noise = torch.randn(k, generator=self.generator, dtype=torch.float64).numpy() * sigma_count * math.sqrt(k)
-        fractions = (counts + noise) / self.expected_batch_size
+                counts[j] = float((clipped - 0.5).sum() if self.centered else clipped.sum())
+        sensitivity = math.sqrt(k) * (0.5 if self.centered else 1.0)
+        noise = torch.randn(k, generator=self.generator, dtype=torch.float64).numpy() * sigma_count * sensitivity
+        fractions = (counts + noise) / self.expected_batch_size + (0.5 if self.centered else 0.0)
         self._sum += fractions
         self._n += 1
         return fractions

@@ -1,0 +1,187 @@
+"""`QuantileClipping`: adaptive clip thresholds that track a target quantile of per-example gradient norms.
+
+Andrew, Thakkar, McMahan & Ramaswamy, "Differentially Private Learning with Adaptive Clipping" (NeurIPS 2021).
+Every optimizer step, per clipping group g, the fraction of examples whose norm was *not* clipped is released
+with Gaussian noise and the threshold moves geometrically towards the target quantile γ::
+
+    b̃_g = (Σ_i (1[||g_i|| ≤ C_g] − ½) + N(0, σ_b²)) / m + ½          (m = expected batch size)
+    C_g ← C_g · exp(−η · (b̃_g − γ))
+
+Privacy: the centred count has L2 sensitivity ½ per group, so it is a Gaussian release of multiplier 2σ_b
+(√k/2 and σ_count·√k/2 for k groups). It is registered as an auxiliary channel of the strategy and the gradient
+noise is raised so that the combined step costs exactly the budgeted σ (DESIGN §4):
+``σ_grad = (σ^-2 − (2σ_b)^-2)^-1/2``. The split and the release are :func:`split_sigma` and
+:class:`ClipCountRelease`, shared with the RLDP controller.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from dplightning.envs.rldp_core import ClipCountRelease, split_sigma
+from lightning.pytorch.callbacks import Callback
+
+from dplightning.errors import DPLightningError
+from dplightning.strategies.dpsgd import short_group_name
+
+COUNT_CHANNEL = "quantile_clip_counts"
+
+
+class QuantileClipping(Callback):
+    """Adaptive per-group clipping to a target quantile of the per-example norms (use with ``DPSGDStrategy``).
+
+    Args:
+        target_quantile: γ in (0, 1): the fraction of examples that should be left unclipped (0.5 = median).
+        learning_rate: η of the geometric update ``C ← C·exp(−η(b̃ − γ))``.
+        count_noise_std: σ_b, the noise std on each centred count (in examples). ``None`` derives it from
+            ``count_budget_fraction``. Andrew et al. suggest σ_b ≈ m/20 (noise 0.05 on the fraction).
+        count_budget_fraction: share of each step's privacy (in σ^-2 units) spent on the counts when
+            ``count_noise_std`` is ``None``.
+        min_threshold, max_threshold: bounds on every C_g (keeps the noise scale sane).
+        seed: seed of the count noise.
+    """
+
+    def __init__(
+        self,
+        target_quantile: float = 0.5,
+        learning_rate: float = 0.2,
+        count_noise_std: float | None = None,
+        count_budget_fraction: float = 0.05,
+        min_threshold: float = 1e-4,
+        max_threshold: float = 1e4,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < target_quantile < 1.0:
+            raise DPLightningError(f"target_quantile must be in (0, 1), got {target_quantile}; e.g. 0.5 for the median")
+        if learning_rate <= 0:
+            raise DPLightningError(f"learning_rate must be > 0, got {learning_rate}; Andrew et al. use 0.2")
+        if count_noise_std is not None and count_noise_std <= 0:
+            raise DPLightningError(f"count_noise_std must be > 0, got {count_noise_std}; e.g. batch size / 20")
+        if not 0.0 < count_budget_fraction < 1.0:
+            raise DPLightningError(f"count_budget_fraction must be in (0, 1), got {count_budget_fraction}")
+        if not 0 < min_threshold < max_threshold:
+            raise DPLightningError("need 0 < min_threshold < max_threshold")
+        self.target_quantile = float(target_quantile)
+        self.learning_rate = float(learning_rate)
+        self.count_noise_std = count_noise_std
+        self.count_budget_fraction = float(count_budget_fraction)
+        self.min_threshold = float(min_threshold)
+        self.max_threshold = float(max_threshold)
+        self.seed = seed
+        self.strategy: Any = None
+        self.release: ClipCountRelease | None = None
+        self.sigma: float | None = None  # budgeted σ of one step (gradient + counts together)
+        self.sigma_grad = 0.0
+        self.sigma_count = 0.0  # multiplier of the count channel relative to its sensitivity (= 2σ_b)
+        self.last_unclipped_fraction: dict[str, float] = {}
+        self._last_step = -1
+        self._generator_state: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not hasattr(strategy, "set_clip_thresholds") or not hasattr(strategy, "private_step_norms"):
+            raise DPLightningError(
+                f"QuantileClipping adapts DPSGDStrategy's thresholds, got {type(strategy).__name__}; "
+                "set trainer.strategy to DPSGDStrategy"
+            )
+        self.strategy = strategy
+
+    def initialise(self, strategy: Any) -> None:
+        """Split the strategy's (calibrated) σ between gradient and counts; build the count release."""
+        self.strategy = strategy
+        if self.sigma is None:  # a resumed run restores σ from the checkpoint instead
+            self.sigma = float(strategy.effective_noise_multiplier)
+        self._apply_split()
+        groups = [[g] for g in strategy.group_names]
+        gen = torch.Generator().manual_seed(self.seed + 104729)
+        if self._generator_state is not None:  # resume: continue the count noise stream
+            gen.set_state(self._generator_state)
+        self.release = ClipCountRelease(groups, strategy.expected_batch_size, gen, centered=True)
+
+    def count_fraction(self, sigma: float, num_groups: int) -> float:
+        """Share of the step's σ^-2 spent on the counts. With σ_b per count and k counts, the centred count vector
+        (sensitivity √k/2) is released at multiplier σ_count = 2σ_b/√k, so the share is ``k·σ²/(2σ_b)²``."""
+        if self.count_noise_std is None:
+            return self.count_budget_fraction
+        fraction = num_groups * sigma**2 / (2.0 * self.count_noise_std) ** 2
+        if fraction >= 1.0:
+            raise DPLightningError(
+                f"count_noise_std={self.count_noise_std} costs more than the whole step at σ={sigma:.4g} with "
+                f"{num_groups} groups (needs 2·σ_b > σ·√k); raise count_noise_std above "
+                f"{sigma * math.sqrt(num_groups) / 2:.4g} or use count_budget_fraction"
+            )
+        return fraction
+
+    def _apply_split(self) -> None:
+        assert self.sigma is not None
+        strategy = self.strategy
+        if self.sigma <= 0:  # non-private run (σ = 0): counts are exact, ε = ∞ anyway
+            self.sigma_grad = self.sigma_count = 0.0
+        else:
+            fraction = self.count_fraction(self.sigma, len(strategy.group_names))
+            self.sigma_grad, self.sigma_count = split_sigma(self.sigma, fraction)
+        strategy.set_noise_multiplier(self.sigma_grad)
+        strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
+
+    @property
+    def count_noise_std_per_count(self) -> float:
+        """σ_b actually used: noise std on each centred count (in examples)."""
+        k = len(self.strategy.group_names)
+        return self.sigma_count * math.sqrt(k) / 2.0
+
+    # ----------------------------------------------------------------------------------------- loop
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.release is None and self.strategy is not None:
+            self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = self.strategy
+        step = strategy.accountant.steps
+        if step == self._last_step:  # inside gradient accumulation (or a refused step): nothing released
+            return
+        self._last_step = step
+        self.update(strategy.private_step_norms)
+        strategy.private_step_norms = {}
+        if trainer.logger is not None:
+            metrics = {f"quantile_clip/unclipped_fraction/{short_group_name(g)}": f
+                       for g, f in self.last_unclipped_fraction.items()}
+            metrics["quantile_clip/total_clip_norm"] = strategy.total_clip_norm
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def update(self, norms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One privatised quantile step from this step's per-example norms ``{group: [B]}`` (paid for by the
+        count channel in this step's σ_eff). Returns the new thresholds."""
+        assert self.release is not None
+        strategy = self.strategy
+        groups = strategy.group_names
+        clipped = self.release.release(norms, strategy.clip_thresholds, self.sigma_count)  # noisy clipped fraction
+        new: dict[str, float] = {}
+        for g, c_frac in zip(groups, clipped):
+            unclipped = 1.0 - float(c_frac)
+            self.last_unclipped_fraction[g] = unclipped
+            c = strategy.clip_thresholds[g] * math.exp(-self.learning_rate * (unclipped - self.target_quantile))
+            new[g] = min(max(c, self.min_threshold), self.max_threshold)
+        # Thresholds move, per-group σ_g stay: re-apply the split so every group's noise is σ_grad·C_total again.
+        strategy.set_clip_thresholds(new)
+        strategy.set_noise_multiplier(self.sigma_grad)
+        return new
+
+    # ---------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"sigma": self.sigma, "last_step": self._last_step}
+        if self.release is not None:
+            state["generator"] = self.release.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.sigma = state_dict.get("sigma")
+        self._last_step = state_dict.get("last_step", -1)
+        self._generator_state = state_dict.get("generator")
