@@ -39,7 +39,7 @@ import abc
 import hashlib
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar, Literal, get_args
@@ -50,6 +50,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy import lmo_accounting
+from dplightning.privacy.mechanisms import LMOMechanism
 
 __all__ = [
     "ACCOUNTANTS",
@@ -62,6 +64,7 @@ __all__ = [
     "PLDAccountant",
     "PrivacyAccountant",
     "RDPAccountant",
+    "Release",
     "StepEvent",
     "compute_epsilon",
     "laplace_scale_for_pure_epsilon",
@@ -73,9 +76,11 @@ __all__ = [
     "sigma_grid_index",
 ]
 
-Mechanism = Literal["gaussian", "laplace"]
+Mechanism = Literal["gaussian", "laplace", "lmo"]
+Release = Literal["scalar", "vector"]
 AccountantKind = Literal["pld", "rdp"]
 MECHANISMS: tuple[str, ...] = get_args(Mechanism)
+RELEASES: tuple[str, ...] = get_args(Release)
 ACCOUNTANTS: tuple[str, ...] = get_args(AccountantKind)
 
 SIGMA_GRID_PER_DECADE = 1000
@@ -96,15 +101,21 @@ class StepEvent:
     """One private release: noise of multiplier ``noise_multiplier`` on a Poisson sample of rate ``sample_rate``.
 
     Attributes:
-        noise_multiplier: Gaussian std / L2 sensitivity, or Laplace scale / L1 sensitivity. ``0`` means no
+        noise_multiplier: Gaussian std / L2 sensitivity, or Laplace scale / L1 sensitivity; for ``"lmo"`` the
+            factor s of the noise ``s · C · n`` (n ~ ``lmo``) added to a release of sensitivity C. ``0`` means no
             noise (ε = ∞).
         sample_rate: Poisson sampling probability q in (0, 1]; 1 means the whole dataset.
-        mechanism: ``"gaussian"`` or ``"laplace"``.
+        mechanism: ``"gaussian"``, ``"laplace"`` or ``"lmo"`` (:mod:`dplightning.privacy.lmo_accounting`).
+        lmo: the LMO noise distribution (``mechanism="lmo"`` only; a parameter dict is accepted).
+        release: ``"lmo"`` only: ``"scalar"`` (one coordinate; PLD or RDP) or ``"vector"`` (i.i.d. noise on a
+            vector with L1 sensitivity C; RDP only, after the convexity check of DESIGN §6).
     """
 
     noise_multiplier: float
     sample_rate: float
     mechanism: Mechanism = "gaussian"
+    lmo: LMOMechanism | None = None
+    release: Release = "scalar"
 
     def __post_init__(self) -> None:
         sigma = _as_float(self.noise_multiplier, "noise_multiplier")
@@ -119,14 +130,26 @@ class StepEvent:
                 f"sample_rate must be in (0, 1], got {self.sample_rate!r}; use expected batch size / dataset size"
             )
         if self.mechanism not in MECHANISMS:
-            raise DPLightningError(f"unknown mechanism {self.mechanism!r}; use 'gaussian' or 'laplace'")
+            raise DPLightningError(f"unknown mechanism {self.mechanism!r}; use 'gaussian', 'laplace' or 'lmo'")
+        if self.release not in RELEASES:
+            raise DPLightningError(f"unknown release {self.release!r}; use 'scalar' or 'vector'")
+        if self.mechanism == "lmo":
+            if self.lmo is None:
+                raise DPLightningError("mechanism='lmo' needs lmo=LMOMechanism(...) (or its parameter dict)")
+            object.__setattr__(self, "lmo", LMOMechanism.coerce(self.lmo))
+        elif self.lmo is not None or self.release != "scalar":
+            raise DPLightningError(
+                f"lmo= and release= apply to mechanism='lmo' only, got mechanism={self.mechanism!r}; drop them"
+            )
         object.__setattr__(self, "noise_multiplier", sigma)
         object.__setattr__(self, "sample_rate", q)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
-        """The equivalent ``dp_accounting`` event (``PoissonSampledDpEvent`` unless q = 1)."""
+        """The equivalent ``dp_accounting`` event (``PoissonSampledDpEvent`` unless q = 1). Not for LMO noise."""
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
+        if self.mechanism == "lmo":
+            raise DPLightningError("dp_accounting has no event for LMO noise; account it with PLDAccountant/RDPAccountant")
         inner: dp_accounting.DpEvent
         if self.mechanism == "gaussian":
             inner = dp_accounting.GaussianDpEvent(self.noise_multiplier)
@@ -169,8 +192,11 @@ def _check_kind(kind: Any) -> AccountantKind:
     return kind  # type: ignore[no-any-return]
 
 
-def _sort_key(event: StepEvent) -> tuple[str, float, float]:
-    return (event.mechanism, event.sample_rate, event.noise_multiplier)
+def _sort_key(event: StepEvent) -> tuple[Any, ...]:
+    base = (event.mechanism, event.sample_rate, event.noise_multiplier)
+    if event.lmo is None:
+        return base
+    return (*base, event.release, *event.lmo.key())
 
 
 # --------------------------------------------------------------------------------------------------- σ grid
@@ -221,10 +247,18 @@ class PrivacyAccountant(abc.ABC):
         sample_rate: float,
         num_steps: int = 1,
         mechanism: Mechanism = "gaussian",
+        lmo: LMOMechanism | None = None,
+        release: Release = "scalar",
     ) -> None:
         """Record ``num_steps`` releases of the same event."""
+        self.record(StepEvent(noise_multiplier, sample_rate, mechanism, lmo, release), num_steps)
+
+    def record(self, event: StepEvent, num_steps: int = 1) -> None:
+        """Record ``num_steps`` releases of ``event``."""
         count = _as_count(num_steps)
-        event = self._canonical(StepEvent(noise_multiplier, sample_rate, mechanism))
+        if not isinstance(event, StepEvent):
+            raise DPLightningError(f"record() needs a StepEvent, got {type(event).__name__}; wrap it in StepEvent")
+        event = self._canonical(event)
         if count == 0:
             return
         self._history[event] = self._history.get(event, 0) + count
@@ -304,6 +338,7 @@ class PrivacyAccountant(abc.ABC):
                     "noise_multiplier": e.noise_multiplier,
                     "sample_rate": e.sample_rate,
                     "mechanism": e.mechanism,
+                    **({} if e.lmo is None else {"lmo": e.lmo.to_dict(), "release": e.release}),
                     "count": c,
                 }
                 for e, c in self._history.items()
@@ -336,7 +371,11 @@ class PrivacyAccountant(abc.ABC):
                 else:  # legacy [{event fields}, count] pairs
                     fields, count = entry
                 event = StepEvent(
-                    fields["noise_multiplier"], fields["sample_rate"], fields.get("mechanism", "gaussian")
+                    fields["noise_multiplier"],
+                    fields["sample_rate"],
+                    fields.get("mechanism", "gaussian"),
+                    fields.get("lmo"),
+                    fields.get("release", "scalar"),
                 )
                 n = _as_count(count, "history count")
                 if n:
@@ -360,7 +399,12 @@ class PrivacyAccountant(abc.ABC):
     # --------------------------------------------------------------------------------- implementation hooks
 
     def _canonical(self, event: StepEvent) -> StepEvent:
-        """The event as recorded: σ quantised down onto the grid. Raises if this accountant cannot account it."""
+        """The event as recorded: σ quantised down onto the grid. Raises if this accountant cannot account it.
+
+        LMO events are kept exact: ε is not proven monotone in their multiplier, so rounding it is not safe.
+        """
+        if event.mechanism == "lmo":
+            return event
         sigma = quantize_sigma_down(event.noise_multiplier)
         if sigma == event.noise_multiplier:
             return event
@@ -398,6 +442,9 @@ def _base_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribut
             sampling_prob=event.sample_rate,
             value_discretization_interval=interval,
         )
+    if event.mechanism == "lmo":
+        assert event.lmo is not None
+        return lmo_accounting.lmo_pld(event.lmo, 1.0 / event.noise_multiplier, event.sample_rate, interval)
     return pld_lib.from_laplace_mechanism(
         parameter=event.noise_multiplier,
         sampling_prob=event.sample_rate,
@@ -455,6 +502,13 @@ class PLDAccountant(PrivacyAccountant):
     def value_discretization_interval(self) -> float:
         """The PLD loss discretisation interval."""
         return self._interval
+
+    def _canonical(self, event: StepEvent) -> StepEvent:
+        if event.mechanism == "lmo" and event.release == "vector":
+            raise DPLightningError(
+                "LMO noise on a vector (L1 clipping) is accounted with RDP only (DESIGN §6); use accountant='rdp'"
+            )
+        return super()._canonical(event)
 
     def _history_changed(self) -> None:
         self._composed_valid = False
@@ -553,6 +607,13 @@ class PLDAccountant(PrivacyAccountant):
 @lru_cache(maxsize=4096)
 def _rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
     """RDP of one release of ``event`` at ``orders`` (``dp_accounting.rdp.RdpAccountant``); read-only."""
+    if event.mechanism == "lmo":
+        assert event.lmo is not None
+        curve = lmo_accounting.lmo_rdp(
+            event.lmo, 1.0 / event.noise_multiplier, event.sample_rate, orders, vector=event.release == "vector"
+        )
+        curve.setflags(write=False)
+        return curve
     acc = rdp_lib.RdpAccountant(orders=list(orders))
     acc.compose(event.to_dp_event())
     curve = acc.rdp
@@ -653,10 +714,12 @@ def compute_epsilon(
     delta: float,
     accountant: AccountantKind = "pld",
     mechanism: Mechanism = "gaussian",
+    lmo: LMOMechanism | None = None,
+    release: Release = "scalar",
 ) -> float:
     """ε at ``delta`` after ``steps`` Poisson-sampled releases at (``noise_multiplier``, ``sample_rate``)."""
     acc = make_accountant(accountant)
-    event = StepEvent(noise_multiplier, sample_rate, mechanism)
+    event = StepEvent(noise_multiplier, sample_rate, mechanism, lmo, release)
     return acc.epsilon_with(delta, [(event, _as_count(steps, "steps"))])
 
 
@@ -667,8 +730,13 @@ def noise_for_target(
     steps: int,
     accountant: AccountantKind = "pld",
     mechanism: Mechanism = "gaussian",
+    lmo: LMOMechanism | None = None,
+    release: Release = "scalar",
 ) -> float:
     """Smallest σ on the log grid with ``compute_epsilon(σ, sample_rate, steps, delta, ...) ≤ epsilon``.
+
+    For ``mechanism="lmo"`` (no ``dp_accounting`` event), bisection on the grid index; the answer is checked with
+    :func:`compute_epsilon`, so it meets the target even where ε is not monotone in the multiplier.
 
     A bracket is found by walking σ geometrically (from 1, or for PLD from the cheap RDP answer, which needs
     more noise), then ``dp_accounting.calibrate_dp_mechanism`` searches the grid index (discrete mode), and the
@@ -684,7 +752,7 @@ def noise_for_target(
     target = _as_float(epsilon, "epsilon")
     n = _as_count(steps, "steps")
     # validates q and mechanism, and that this accountant supports them
-    make_accountant(kind)._canonical(StepEvent(1.0, sample_rate, mechanism))
+    make_accountant(kind)._canonical(StepEvent(1.0, sample_rate, mechanism, lmo, release))
     if not (target > 0 and math.isfinite(target)):
         raise PrivacyBudgetError(
             f"target epsilon must be a positive finite number, got {epsilon!r}; pick ε > 0"
@@ -693,7 +761,10 @@ def noise_for_target(
         raise DPLightningError("steps must be >= 1 to calibrate noise; pass the planned number of steps")
 
     def eps_at(k: int) -> float:
-        return compute_epsilon(sigma_from_grid_index(k), sample_rate, n, d, kind, mechanism)
+        return compute_epsilon(sigma_from_grid_index(k), sample_rate, n, d, kind, mechanism, lmo, release)
+
+    if mechanism == "lmo":
+        return _lmo_noise_for_target(eps_at, target, d, sample_rate, n)
 
     k_min, k_max = (sigma_grid_index(s) for s in SIGMA_SEARCH_RANGE)
     start, jump = 0, round(math.log10(2) * SIGMA_GRID_PER_DECADE)  # from σ = 1 by factors 2, 4, 16, ...
@@ -754,6 +825,32 @@ def noise_for_target(
     while k - 1 > lo and eps_at(k - 1) <= target:
         k -= 1
     return sigma_from_grid_index(k)
+
+
+def _lmo_noise_for_target(eps_at: Callable[[int], float], target: float, delta: float, q: float, n: int) -> float:
+    """Smallest grid multiplier found by doubling then bisection on the grid index with ``eps_at(k) ≤ target``."""
+    k_min, k_max = (sigma_grid_index(s) for s in SIGMA_SEARCH_RANGE)
+    jump = round(math.log10(2) * SIGMA_GRID_PER_DECADE)
+    hi = 0
+    while eps_at(hi) > target:
+        if hi == k_max:
+            raise PrivacyBudgetError(
+                f"ε={target:g} at δ={delta:g} is unreachable in {n} steps at q={q:g} with LMO noise even at "
+                f"multiplier {SIGMA_SEARCH_RANGE[1]:g}; raise ε or δ, or take fewer steps"
+            )
+        hi = min(hi + jump, k_max)
+    lo = hi - jump
+    while lo > k_min and eps_at(lo) <= target:
+        hi, lo = lo, max(lo - jump, k_min)
+    if lo <= k_min and eps_at(k_min) <= target:
+        return sigma_from_grid_index(k_min)
+    while hi - lo > 1:  # invariant: eps_at(hi) ≤ target < eps_at(lo)
+        mid = (lo + hi) // 2
+        if eps_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return sigma_from_grid_index(hi)
 
 
 def pure_epsilon_laplace(scale: float, sample_rate: float, steps: int) -> float:

@@ -6,7 +6,11 @@
     dplightning privacy noise --epsilon 3 --sample-rate 0.004267 --steps 14062 --delta 1e-5 --json
 
 ``epsilon`` prints ε, ``noise`` the smallest noise multiplier σ (Laplace: scale / L1 sensitivity) meeting the
-target. Plain output is the number alone, rounded *up* to 6 significant digits (so it is safe to reuse);
+target. ``lmo-search`` searches the LMO noise (Laplace scale mixture, :mod:`dplightning.privacy.lmo_search`) with the
+least variance meeting a target and prints its parameters next to the Gaussian mechanism's::
+
+    dplightning privacy lmo-search --epsilon 1 --delta 1e-5 --sample-rate 0.01 --steps 1000 --release scalar
+ Plain output is the number alone, rounded *up* to 6 significant digits (so it is safe to reuse);
 ``--json`` prints one JSON object with the exact value and the inputs. With ``--mechanism laplace --delta 0``
 the figure is pure ε-DP (basic composition of the subsampled Laplace mechanism).
 
@@ -27,7 +31,6 @@ from typing import Any, NoReturn
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import (
     ACCOUNTANTS,
-    MECHANISMS,
     compute_epsilon,
     laplace_scale_for_pure_epsilon,
     noise_for_target,
@@ -90,7 +93,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--accountant", choices=ACCOUNTANTS, default="pld", help="PLD (tight, default) or RDP"
     )
-    parser.add_argument("--mechanism", choices=MECHANISMS, default="gaussian", help="noise distribution")
+    parser.add_argument(
+        "--mechanism", choices=("gaussian", "laplace"), default="gaussian", help="noise distribution (LMO: lmo-search)"
+    )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object with the figure and the inputs"
     )
@@ -174,6 +179,78 @@ def _run_noise(args: argparse.Namespace) -> dict[str, Any]:
     return {"noise_multiplier": sigma, "epsilon": eps, "target_epsilon": args.epsilon, **_inputs(args, pure)}
 
 
+@subcommand
+def _lmo_search_command(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "lmo-search",
+        help="least-variance LMO noise meeting (ε, δ), compared with the Gaussian mechanism",
+        description=(
+            "Search the LMO noise (Laplace(0, 1/U), U = a1·Gamma + a3·Exp + a4·Uniform) with the least variance meeting "
+            "--epsilon at --delta after --steps releases at --sample-rate, within --time-budget seconds. "
+            "scalar: one coordinate (DP-ZO), PLD accounting, compared with Gaussian noise on the same scalar. "
+            "vector: L1-clipped vector (DP-SGD flat_l1), RDP accounting with the convexity check; per-coordinate std "
+            "compared with Gaussian noise for L2 clipping at the same threshold C (L1 clipping to C is stricter)."
+        ),
+    )
+    parser.add_argument("--epsilon", type=float, required=True, help="target ε > 0")
+    parser.add_argument("--delta", type=float, required=True, help="δ in (0, 1)")
+    parser.add_argument("--sample-rate", "-q", type=float, required=True, help="Poisson sampling rate q in (0, 1]")
+    parser.add_argument("--steps", "-T", type=_positive_int, required=True, help="number of noisy releases")
+    parser.add_argument("--release", choices=("scalar", "vector"), default="scalar", help="what is released")
+    parser.add_argument("--time-budget", type=float, default=90.0, help="seconds for the search (default 90)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--verbose", action="store_true", help="print each improvement to stderr")
+    parser.set_defaults(handler=_run_lmo_search, key=None)
+
+
+def _run_lmo_search(args: argparse.Namespace) -> dict[str, Any]:
+    from dplightning.privacy.lmo_search import lmo_search  # scipy.optimize only when searching
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    result = lmo_search(
+        args.epsilon, args.delta, args.sample_rate, args.steps, args.release, args.time_budget,
+        log if args.verbose else None,
+    )
+    compared = (
+        "variance of the noise on one scalar of sensitivity 1, LMO vs Gaussian"
+        if args.release == "scalar"
+        else "per-coordinate noise variance, LMO with L1 clipping to C vs Gaussian with L2 clipping to the same C"
+    )
+    return {
+        "lmo": result.mechanism.to_dict(),
+        "noise_multiplier": result.noise_multiplier,
+        "epsilon": result.epsilon,
+        "noise_std": result.std,
+        "gaussian_noise_multiplier": result.gaussian_sigma,
+        "variance_ratio": result.variance_ratio,
+        "compared": compared,
+        "release": args.release,
+        "accountant": "pld" if args.release == "scalar" else "rdp",
+        "target_epsilon": args.epsilon,
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "evaluations": result.evaluations,
+        "seconds": result.seconds,
+    }
+
+
+def _format_lmo(record: dict[str, Any]) -> str:
+    params = " ".join(f"{k}={v:.6g}" for k, v in record["lmo"].items())
+    return "\n".join(
+        [
+            f"lmo: {params}",
+            f"noise_multiplier: {_round_up(record['noise_multiplier'])} (noise = multiplier · C · n)",
+            f"epsilon: {_round_up(record['epsilon'])} at delta {record['delta']:g} ({record['accountant']})",
+            f"noise_std: {_round_up(record['noise_std'])} per unit sensitivity; Gaussian: "
+            f"{_round_up(record['gaussian_noise_multiplier'])}",
+            f"variance_ratio (LMO / Gaussian): {record['variance_ratio']:.4f} — {record['compared']}",
+        ]
+    )
+
+
 def _round_up(value: float, digits: int = 6) -> str:
     """``value`` rounded up (towards +∞) to ``digits`` significant digits, for conservative display."""
     if not math.isfinite(value):
@@ -203,6 +280,8 @@ def privacy_main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     if args.json:
         print(json.dumps(_jsonable(record)))
+    elif args.key is None:
+        print(_format_lmo(record))
     else:
         print(_round_up(record[args.key]))
     return 0

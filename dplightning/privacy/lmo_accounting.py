@@ -218,9 +218,12 @@ def base_rdp(mech: LMOMechanism, shift: float, orders: Sequence[int], grid: LMOG
     """
     m, lr = base_atoms(mech, shift, grid)
     alphas = np.asarray(orders, dtype=np.float64)
-    log_m = np.log(m)
-    out = np.array([logsumexp(log_m + a * lr) / (a - 1) for a in alphas])
-    return np.minimum(np.maximum(out, 0.0), float(lr.max()))
+    top = float(lr.max())
+    centred = lr - top  # ≤ 0: exp(α · centred) cannot overflow
+    # log Σ_j m_j e^{α lr_j} = α·top + log Σ_j m_j e^{α (lr_j − top)}, as one matrix-vector product per chunk
+    sums = np.concatenate([np.exp(np.outer(chunk, centred)) @ m for chunk in np.array_split(alphas, max(1, alphas.size // 16))])
+    out = (alphas * top + np.log(sums)) / (alphas - 1)
+    return np.minimum(np.maximum(out, 0.0), top)
 
 
 def check_convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: float = 1e-9) -> None:
@@ -267,18 +270,28 @@ def poisson_subsampled_rdp_bound(base: np.ndarray, q: float) -> np.ndarray:
     return np.maximum(out, 0.0)
 
 
+BASE_ORDERS: tuple[int, ...] = (
+    *range(2, 17), *range(18, 33, 2), *range(36, 65, 4), *range(72, 129, 8), *range(144, MAX_RDP_ORDER + 1, 16)
+)
+"""Integer orders at which the base (1-D) RDP is computed; an order in between uses the next one up (RDP is
+non-decreasing in the order, so this is an upper bound)."""
+
+
 @lru_cache(maxsize=256)
 def _lmo_rdp_cached(
     mech: LMOMechanism, shift: float, q: float, max_order: int, vector: bool, grid: LMOGrid
 ) -> np.ndarray:
-    ints = list(range(2, max_order + 1))
-    base = base_rdp(mech, shift, ints, grid)
+    computed = sorted({a for a in BASE_ORDERS if a <= max_order} | {max_order})
+    sparse = base_rdp(mech, shift, computed, grid)
     if vector:
         n = grid.convexity_points
         shifts = shift * np.arange(n + 1) / n
-        values = np.stack([np.zeros(len(ints))] + [base_rdp(mech, float(s), ints, grid) for s in shifts[1:-1]] + [base])
+        inner = [base_rdp(mech, float(s), computed, grid) for s in shifts[1:-1]]
+        values = np.stack([np.zeros(len(computed)), *inner, sparse])
         # each value is an upper bound within a second-order discretisation error; allow that much slack
-        check_convex_in_shift(shifts, values.T, tolerance=1e-7 * max(1.0, float(base.max())))
+        check_convex_in_shift(shifts, values.T, tolerance=1e-7 * max(1.0, float(sparse.max())))
+    ints = np.arange(2, max_order + 1)
+    base = sparse[np.searchsorted(np.asarray(computed), ints)]  # ε(ℓ) ≤ ε(next computed order ≥ ℓ)
     out = poisson_subsampled_rdp_bound(base, q)
     out.setflags(write=False)
     return out
