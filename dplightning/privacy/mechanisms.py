@@ -32,14 +32,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from scipy import integrate, special
-from torch import Tensor
 
 from dplightning.errors import DPLightningError
+
+if TYPE_CHECKING:  # torch is imported only when sampling: the accounting CLI stays light
+    import torch
+    from torch import Tensor
 
 __all__ = ["LMOMechanism"]
 
@@ -291,6 +293,8 @@ class LMOMechanism:
 
         Rows: Gamma (inverse regularised incomplete gamma), Exponential, Uniform, Laplace (inverse CDF).
         """
+        import torch
+
         v = u.detach().double().cpu().numpy()
         big_u = np.zeros(v.shape[1])
         if self.a1 > 0:
@@ -307,6 +311,8 @@ class LMOMechanism:
 
     def sample(self, shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None) -> Tensor:
         """i.i.d. draws of n with ``shape`` (float64, CPU), one U per coordinate, from ``generator``'s uniforms."""
+        import torch
+
         n = math.prod(shape)
         u = torch.rand((4, n), generator=generator, dtype=torch.float64).clamp(1e-300, 1 - 2**-53)
         return self.from_uniforms(u).view(tuple(shape))
