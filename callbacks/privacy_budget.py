@@ -61,6 +61,20 @@ class PrivacyBudget(Callback):
             current = strategy.max_epsilon
             strategy.max_epsilon = self.target_epsilon if current is None else min(current, self.target_epsilon)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # Checked here, not at the end of the previous batch: controllers (RLDPController, QuantileClipping) set
+        # the next σ in their own on_train_batch_end, which may run after this callback's. A σ changed later in
+        # this same hook is still covered: the strategy re-checks at release and skips a step that would not fit.
+        strategy = self._strategy
+        if strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):
+            return
+        self.stopped_on_budget = True
+        trainer.should_stop = True
+        rank_zero_info(
+            f"[dplightning] stopping: one more step would exceed ε={strategy.max_epsilon} "
+            f"(spent ε={strategy.accountant.epsilon(self.delta):.4f} after {strategy.accountant.steps} steps)"
+        )
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -82,13 +96,6 @@ class PrivacyBudget(Callback):
                     metrics[f"privacy/clip/{short_group_name(group)}"] = c
             pl_module.log("privacy/epsilon", metrics.pop("privacy/epsilon"), prog_bar=True)
             pl_module.log_dict(metrics)
-        if not strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):
-            self.stopped_on_budget = True
-            trainer.should_stop = True
-            rank_zero_info(
-                f"[dplightning] stopping: one more step would exceed ε={strategy.max_epsilon} "
-                f"(spent ε={strategy.accountant.epsilon(self.delta):.4f} after {step} steps)"
-            )
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"stopped_on_budget": self.stopped_on_budget, "target_epsilon": self.target_epsilon}

@@ -168,7 +168,7 @@ def _tiny_trainer(tmp_path: Path, controller: RLDPController, max_steps: int, **
     trainer = pl.Trainer(
         max_steps=max_steps, strategy=strategy, callbacks=[controller, PrivacyBudget(), *kw.pop("callbacks", [])],  # type: ignore[list-item]
         logger=pl.loggers.TensorBoardLogger(tmp_path, name="rldp"), enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, **kw,  # type: ignore[arg-type]
+        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, **kw,  # type: ignore[arg-type]
     )
     return trainer, strategy
 

@@ -1,0 +1,248 @@
+"""Turn ``matrix.jsonl`` (from ``run_matrix.py``) into ``README.md`` tables (mean ± std over seeds) and PNG plots.
+
+Usage::
+
+    .venv/bin/python benchmarks/report_matrix.py                       # benchmarks/results/matrix.jsonl
+    .venv/bin/python benchmarks/report_matrix.py --results /tmp/m      # another results directory
+
+Only rows of one task (model, sizes, step budget) are compared: the task of the most recent ``ok`` row; rows of
+other tasks are counted and left out. For each (method, ε, seed) the latest ``ok`` row is used.
+
+*Steps to DP-SGD's final perplexity*: for a cell (method, ε, seed), the first validation step at which its held-out
+perplexity is ≤ the final held-out perplexity of ``dpsgd_flat`` at the same ε and seed, as a fraction of that
+DP-SGD run's steps ("—" when never reached within the budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REFERENCE = "dpsgd_flat"
+ORDER = (
+    "nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "quantile_clipping", "automatic_clipping", "noise_schedule",
+    "rldp", "dpzo_gaussian", "dpzo_laplace", "lmo_dpzo", "lmo_dpsgd",
+)
+
+Key = tuple[str, float | None, int]
+
+
+def load_rows(path: Path) -> tuple[dict[Key, dict[str, Any]], dict[str, Any], int]:
+    """Latest ``ok`` row per (method, ε, seed) of the newest task; returns (rows, task, rows of other tasks)."""
+    ok = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ok = [r for r in ok if r.get("status") == "ok"]
+    if not ok:
+        raise SystemExit(f"error: no finished cells in {path}; run benchmarks/run_matrix.py first")
+    task = ok[-1]["task"]
+    rows: dict[Key, dict[str, Any]] = {}
+    for row in ok:
+        if row["task"] == task:
+            rows[(row["method"], row["epsilon"], row["seed"])] = row
+    return rows, task, sum(r["task"] != task for r in ok)
+
+
+def steps_to_reference(row: dict[str, Any], reference: dict[str, Any] | None) -> float | None:
+    """Fraction of the reference run's steps this run needed to reach the reference's final val perplexity."""
+    if reference is None or not reference.get("val_curve") or not row.get("val_curve"):
+        return None
+    target = reference["val_curve"][-1][1]
+    for step, ppl in row["val_curve"]:
+        if ppl <= target:
+            return step / max(reference["steps"], 1)
+    return None
+
+
+def mean_std(values: Iterable[float | None], fmt: str = "{:.2f}") -> str:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return fmt.format(vals[0]) + " (n=1)"
+    return f"{fmt.format(statistics.fmean(vals))} ± {fmt.format(statistics.stdev(vals))} (n={len(vals)})"
+
+
+def _methods(rows: dict[Key, dict[str, Any]]) -> list[str]:
+    present = {k[0] for k in rows}
+    return [m for m in ORDER if m in present] + sorted(present - set(ORDER))
+
+
+def _epsilons(rows: dict[Key, dict[str, Any]]) -> list[float]:
+    return sorted({k[1] for k in rows if k[1] is not None})
+
+
+def _cells(rows: dict[Key, dict[str, Any]], method: str, eps: float | None) -> list[dict[str, Any]]:
+    e = None if method == "nonprivate" else eps
+    return [r for (m, ep, _), r in sorted(rows.items(), key=lambda kv: kv[0][2]) if m == method and ep == e]
+
+
+METRICS: tuple[tuple[str, str, str], ...] = (
+    ("test_perplexity", "Test perplexity (lower is better)", "{:.3f}"),
+    ("epsilon_spent", "ε spent (accountant)", "{:.3f}"),
+    ("steps_to_reference", f"Steps to reach {REFERENCE}'s final val perplexity, fraction of its steps", "{:.2f}"),
+    ("wall_time_s", "Fit wall time, s", "{:.0f}"),
+    ("peak_rss_mb", "Peak RSS of the cell process, MiB", "{:.0f}"),
+    ("mia_auc", "Membership inference ROC AUC (loss attack)", "{:.3f}"),
+    ("canary_exposure", "Canary exposure, bits", "{:.2f}"),
+    ("canary_jaccard", "Canary extraction token Jaccard", "{:.3f}"),
+    ("empirical_epsilon_lower_bound", "Empirical ε lower bound (one-run audit)", "{:.3f}"),
+)
+
+
+def metric_value(rows: dict[Key, dict[str, Any]], row: dict[str, Any], metric: str, eps: float) -> float | None:
+    """``metric`` of one cell shown in the ε=``eps`` column (the non-private row appears in every column)."""
+    if metric == "steps_to_reference":
+        return steps_to_reference(row, rows.get((REFERENCE, eps, row["seed"])))
+    value = row.get(metric)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def tables(rows: dict[Key, dict[str, Any]]) -> list[str]:
+    methods, epsilons = _methods(rows), _epsilons(rows)
+    lines: list[str] = []
+    for metric, title, fmt in METRICS:
+        if all(metric_value(rows, r, metric, e) is None for r in rows.values() for e in epsilons):
+            continue
+        lines += [f"### {title}", "", "| method | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |"]
+        lines.append("|---" * (len(epsilons) + 1) + "|")
+        for m in methods:
+            cells = [mean_std((metric_value(rows, r, metric, e) for r in _cells(rows, m, e)), fmt) for e in epsilons]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def plots(rows: dict[Key, dict[str, Any]], out: Path) -> list[str]:
+    """Write the PNGs; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[str] = []
+    methods, epsilons = _methods(rows), _epsilons(rows)
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out / name)
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in methods:
+        xs, ys, es = [], [], []
+        for e in epsilons:
+            vals = [r["test_perplexity"] for r in _cells(rows, m, e)]
+            if vals:
+                xs.append(e)
+                ys.append(statistics.fmean(vals))
+                es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        if m == "nonprivate" and ys:
+            ax.axhline(ys[0], color="k", ls="--", lw=1, label="non-private")
+        elif xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("target ε (δ=1e-5; pure ε for dpzo_laplace)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Perplexity vs ε (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    save(fig, "perplexity_vs_epsilon.png")
+
+    eps_curve = 2.0 if 2.0 in epsilons else (epsilons[0] if epsilons else None)
+    if eps_curve is not None:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            curves = [r["val_curve"] for r in _cells(rows, m, eps_curve) if r.get("val_curve")]
+            if not curves:
+                continue
+            steps = [s for s, _ in curves[0]]
+            means = [statistics.fmean(c[i][1] for c in curves if i < len(c)) for i in range(len(steps))]
+            ax.plot(steps, means, marker=".", label=m, lw=2.5 if m == "rldp" else 1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("val perplexity (mean over seeds)")
+        ax.set_title(f"Held-out perplexity vs step at ε={eps_curve:g}")
+        ax.legend(fontsize=7)
+        save(fig, "perplexity_vs_step.png")
+
+    if any(r.get("mia_auc") is not None for r in rows.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for m in methods:
+            pts = [(e, statistics.fmean(v)) for e in epsilons
+                   if (v := [r["mia_auc"] for r in _cells(rows, m, e) if r.get("mia_auc") is not None])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.axhline(0.5, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("target ε")
+        ax.set_ylabel("MIA ROC AUC")
+        ax.legend(fontsize=7)
+        save(fig, "mia_auc_vs_epsilon.png")
+
+    rldp = [r for (m, e, s), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != eps_curve, kv[0][2]))
+            if m == "rldp" and r.get("trajectories")]
+    if rldp:
+        row = rldp[0]
+        traj = row["trajectories"]
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        if "privacy/noise_multiplier" in traj:
+            a1.plot(*zip(*traj["privacy/noise_multiplier"]), color="C3")
+        a1.set_ylabel("effective σ")
+        a1.set_title(f"RLDP at ε={row['epsilon']:g}, seed {row['seed']}: σ and per-adapter clip thresholds")
+        for tag, series in sorted(traj.items()):
+            if tag.startswith("privacy/clip/"):
+                a2.plot(*zip(*series), lw=1, label=tag.removeprefix("privacy/clip/"))
+        a2.set_yscale("log")
+        a2.set_xlabel("optimizer step")
+        a2.set_ylabel("clip threshold")
+        if len(a2.lines) <= 12:
+            a2.legend(fontsize=6)
+        save(fig, "rldp_sigma_thresholds.png")
+    return written
+
+
+def report(results: Path) -> Path:
+    rows, task, other = load_rows(results / "matrix.jsonl")
+    pngs = plots(rows, results)
+    commands = sorted({r["command"] for r in rows.values()})
+    seeds = sorted({k[2] for k in rows})
+    lines = [
+        "# Privacy–utility matrix",
+        "",
+        "Generated by `python benchmarks/report_matrix.py` from `matrix.jsonl`, written by:",
+        "",
+        *[f"    {c}" for c in commands],
+        "",
+        f"Task: `{json.dumps(task, sort_keys=True)}`; methods: {', '.join(_methods(rows))}; "
+        f"ε: {', '.join(f'{e:g}' for e in _epsilons(rows))}; seeds: {', '.join(map(str, seeds))}; "
+        f"{len(rows)} cells" + (f" ({other} rows of other tasks left out)" if other else "") + ".",
+        "Non-private runs do not depend on ε: their single figure is repeated in every ε column.",
+        "",
+        *tables(rows),
+        *[f"![{p}]({p})" for p in pngs],
+        "",
+    ]
+    path = results / "README.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="directory holding matrix.jsonl")
+    args = parser.parse_args(argv)
+    print(f"wrote {report(args.results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

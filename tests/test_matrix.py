@@ -1,0 +1,59 @@
+"""The results harness at its ``--quick`` size (issue 9): every quick method trains, rows are sound, reruns skip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_matrix_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_matrix = _load("run_matrix")
+    report_matrix = _load("report_matrix")
+
+    assert run_matrix.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "matrix.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == set(run_matrix.QUICK_METHODS)
+    steps = run_matrix.QUICK_TASK["steps"]
+    for row in rows:
+        assert row["status"] == "ok", row.get("error")
+        assert row["steps"] == steps
+        assert row["peak_rss_mb"] > 50
+        curve_steps = [s for s, _ in row["val_curve"]]
+        assert curve_steps[0] == 0 and curve_steps[-1] == steps, curve_steps
+        assert all(p > 1 for _, p in row["val_curve"])
+        if row["method"] == "nonprivate":
+            assert row["epsilon_spent"] is None
+        else:  # the budget holds in every private cell
+            assert 0 < row["epsilon_spent"] <= row["epsilon"] + 1e-9
+            assert row["trajectories"]["privacy/noise_multiplier"]
+    by_method = {r["method"]: r for r in rows}
+    # without noise the LoRA weights move: held-out perplexity drops over the run
+    curve = by_method["nonprivate"]["val_curve"]
+    assert curve[-1][1] < curve[0][1]
+    # per-adapter thresholds of the RLDP cell are read back from TensorBoard
+    assert any(t.startswith("privacy/clip/") for t in by_method["rldp"]["trajectories"])
+
+    capsys.readouterr()
+    assert run_matrix.main(["--quick", "--out", str(tmp_path)]) == 0  # resumable: nothing reruns
+    assert capsys.readouterr().out.count("done already") == len(rows)
+    assert len((tmp_path / "matrix.jsonl").read_text().splitlines()) == len(rows)
+
+    readme = report_matrix.report(tmp_path).read_text()
+    assert "| dpsgd_flat |" in readme and "Test perplexity" in readme
+    for png in ("perplexity_vs_epsilon.png", "perplexity_vs_step.png", "rldp_sigma_thresholds.png"):
+        assert (tmp_path / png).stat().st_size > 1000
