@@ -164,13 +164,17 @@ def lmo_search(
             return 1e30
 
         def eps_at(s: float) -> float:
-            return compute_epsilon(s, sample_rate, steps, delta, accountant, "lmo", mech, release)
+            # A vector release's RDP is the scalar one once convexity holds: calibrate on the scalar curve (no
+            # check per probe), then check convexity once at the calibrated multiplier.
+            return compute_epsilon(s, sample_rate, steps, delta, accountant, "lmo", mech, "scalar")
 
         guess = best.get("multiplier", gaussian_sigma / std_n)
-        try:
-            s = _calibrate(eps_at, epsilon, guess)
-        except DPLightningError:  # convexity check refused this shape (vector release)
-            s = None
+        s = _calibrate(eps_at, epsilon, guess)
+        if s is not None and release == "vector":
+            try:
+                compute_epsilon(s, sample_rate, steps, delta, accountant, "lmo", mech, "vector")
+            except DPLightningError:  # the convexity check refused this shape
+                s = None
         value = math.inf if s is None else (s * std_n) ** 2
         history.append({"lmo": mech.to_dict(), "noise_multiplier": s, "variance": value})
         if value < best["value"] * (1 - 1e-9):  # a real improvement, not float noise between equal variances

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dplightning.privacy.mechanisms import LMOMechanism
+
 
 class NoiseSource:
     """Draws Gaussian and Laplace noise tensors.
@@ -43,6 +45,21 @@ class NoiseSource:
         u = u.clamp(1e-300, 1 - 1e-16) - 0.5
         x = -scale * torch.sign(u) * torch.log1p(-2.0 * u.abs())
         return x.float().view(shape).to(device)
+
+    def lmo(
+        self, shape: torch.Size | tuple[int, ...], mechanism: LMOMechanism, scale: float, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """``scale · n`` with n ~ ``mechanism`` i.i.d. (one U per coordinate), float64, on ``device``.
+
+        Four uniforms per coordinate (seeded generator or CSPRNG) go through the mechanism's inverse CDFs.
+        """
+        n = math.prod(shape)
+        if self.secure:
+            u = torch.stack([self._secure_uniform(n) for _ in range(4)])
+        else:
+            u = torch.rand((4, n), generator=self.generator, dtype=torch.float64)
+        u = u.clamp(1e-300, 1 - 2**-53)
+        return (mechanism.from_uniforms(u) * scale).view(tuple(shape)).to(device)
 
     def state_dict(self) -> dict[str, Tensor | bool]:
         return {"generator": self.generator.get_state(), "secure": self.secure}

@@ -36,6 +36,7 @@ from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.clipping import CLIPPING_MODES, ClippingMode, clip_and_sum, make_groups
+from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import LossReduction, PerExampleGradients
 
@@ -97,6 +98,7 @@ class DPSGDMixin:
             ``C_g = C / sqrt(#groups)``, so the whole clipped gradient still has norm ≤ C.
         clipping: ``"flat"`` (one group), ``"per_layer"`` (each parameter tensor), ``"per_adapter"`` (each LoRA
             adapter's A and B jointly).
+            ``"flat_l1"``: one group clipped in L1 norm to ``max_grad_norm``; only with ``noise="lmo"``.
         target_epsilon: ε budget; training never takes a step that would exceed it.
         target_delta: δ of the guarantee.
         accountant: ``"pld"`` (tight, default) or ``"rdp"``.
@@ -106,6 +108,10 @@ class DPSGDMixin:
         seed: seed of the noise generator and the Poisson sampler.
         loss_reduction: how ``training_step``'s loss reduces per-example losses (``"mean"`` or ``"sum"``).
         device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
+        noise: ``"gaussian"`` or ``"lmo"`` (issue 7: i.i.d. LMO noise ``σ·C·n`` per coordinate, n ~ ``lmo``, with
+            ``clipping="flat_l1"`` and ``accountant="rdp"``; σ is then the LMO multiplier, see
+            :mod:`dplightning.privacy.lmo_accounting`).
+        lmo: the :class:`~dplightning.privacy.mechanisms.LMOMechanism` (or its parameter dict) for ``noise="lmo"``.
     """
 
     def _dp_init(
@@ -120,9 +126,14 @@ class DPSGDMixin:
         secure_rng: bool,
         seed: int,
         loss_reduction: LossReduction,
+        noise: Literal["gaussian", "lmo"] = "gaussian",
+        lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
-        if clipping not in CLIPPING_MODES or clipping == "flat_l1":
-            raise DPLightningError(f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter")
+        if clipping not in CLIPPING_MODES:
+            raise DPLightningError(f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter, flat_l1")
+        self._check_lmo(noise, lmo, clipping, accountant)
+        self.noise = noise
+        self.lmo = None if lmo is None else LMOMechanism.coerce(lmo)
         if noise_multiplier is None and target_epsilon is None:
             raise DPLightningError("DPSGDStrategy needs noise_multiplier or target_epsilon; set one of them")
         if noise_multiplier is not None and noise_multiplier < 0:
@@ -170,6 +181,37 @@ class DPSGDMixin:
         self._min_sigma_used = math.inf
         self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
+
+    @staticmethod
+    def _check_lmo(noise: str, lmo: Any, clipping: str, accountant: str) -> None:
+        """LMO noise (issue 7) is sound only with per-example L1 clipping and RDP accounting (DESIGN §6)."""
+        if noise not in ("gaussian", "lmo"):
+            raise DPLightningError(f"unknown noise '{noise}'; use gaussian or lmo")
+        if noise == "lmo":
+            if lmo is None:
+                raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
+            if clipping != "flat_l1":
+                raise DPLightningError("noise='lmo' needs clipping='flat_l1' (its vector accounting is for L1 clipping)")
+            if accountant != "rdp":
+                raise DPLightningError("noise='lmo' on gradients is accounted with RDP (DESIGN §6); set accountant='rdp'")
+        elif clipping == "flat_l1":
+            raise DPLightningError("clipping='flat_l1' bounds the L1 norm, which Gaussian accounting ignores; set noise='lmo'")
+        elif lmo is not None:
+            raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
+
+    def step_event(self, sigma: float, q: float) -> StepEvent:
+        """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
+        if getattr(self, "noise", "gaussian") != "lmo":
+            return StepEvent(sigma, q)
+        if self.auxiliary_noise_multipliers:
+            raise DPLightningError("auxiliary Gaussian releases cannot be combined with LMO noise; use noise='gaussian'")
+        return StepEvent(sigma, q, "lmo", self.lmo, "vector")
+
+    def _noise_kwargs(self) -> dict[str, Any]:
+        """Mechanism arguments of :func:`noise_for_target` for this strategy's noise."""
+        if getattr(self, "noise", "gaussian") != "lmo":
+            return {}
+        return {"mechanism": "lmo", "lmo": self.lmo, "release": "vector"}
 
     # ------------------------------------------------------------------------------------ group params
     @property
@@ -312,7 +354,8 @@ class DPSGDMixin:
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None
             sigma = noise_for_target(
-                self.target_epsilon, self.target_delta, self.sample_rate, self.planned_steps, accountant=self.accountant_kind
+                self.target_epsilon, self.target_delta, self.sample_rate, self.planned_steps, accountant=self.accountant_kind,
+                **self._noise_kwargs(),
             )
             self.set_noise_multiplier(sigma)
             rank_zero_info(
@@ -322,7 +365,7 @@ class DPSGDMixin:
         if self.max_epsilon is None or remaining == 0:
             return
         sigma = self.effective_noise_multiplier
-        final = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, self.sample_rate), remaining)])
+        final = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)])
         if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9) and self.accountant.steps == 0:
             # A fresh plan that breaks the strategy's budget is refused up front. (A PrivacyBudget callback's
             # target alone only stops the run early; on resume σ may have been moved by a controller, whose own
@@ -348,7 +391,10 @@ class DPSGDMixin:
         assert self._engine is not None
         grads = self._engine.pop()
         if grads:
-            summed, norms = clip_and_sum(grads, self.groups, self.clip_thresholds, stability=self.normalization_stability)
+            summed, norms = clip_and_sum(
+                grads, self.groups, self.clip_thresholds, p=1.0 if self.clipping == "flat_l1" else 2.0,
+                stability=self.normalization_stability,
+            )
             for name, value in summed.items():
                 prev = self._summed.get(name)
                 self._summed[name] = value if prev is None else prev + value
@@ -381,7 +427,7 @@ class DPSGDMixin:
                 return True
         if sigma <= 0:
             return False
-        eps = self.accountant.epsilon_with(self.target_delta, [(StepEvent(sigma, q), 1)])
+        eps = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, q), 1)])
         return eps <= self.max_epsilon
 
     def release_noisy_gradient(self) -> None:
@@ -412,7 +458,7 @@ class DPSGDMixin:
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
         self.private_step_norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
         self._last_norms.clear()
-        self.accountant.step(sigma_eff, q)
+        self.accountant.record(self.step_event(sigma_eff, q))
         self._min_sigma_used = min(self._min_sigma_used, sigma_eff)
 
     # Hooks the DDP variant overrides: single-device versions are identities.
@@ -425,6 +471,9 @@ class DPSGDMixin:
 
     def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
         """Noise for one tensor; identical on every rank so it is added once in total."""
+        if getattr(self, "noise", "gaussian") == "lmo":
+            assert self.lmo is not None
+            return self.noise_source.lmo(shape, self.lmo, std, device)  # i.i.d. LMO, scale σ·C per coordinate
         return self.noise_source.gaussian(shape, std, device)
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -488,13 +537,15 @@ class DPSGDStrategy(DPSGDMixin, SingleDeviceStrategy):
         loss_reduction: LossReduction = "mean",
         device: str | torch.device = "auto",
         checkpoint_io: CheckpointIO | None = None,
+        noise: Literal["gaussian", "lmo"] = "gaussian",
+        lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
         SingleDeviceStrategy.__init__(
             self, device=_resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO()
         )
         self._dp_init(
             noise_multiplier, max_grad_norm, clipping, target_epsilon, target_delta, accountant,
-            poisson_sampling, secure_rng, seed, loss_reduction,
+            poisson_sampling, secure_rng, seed, loss_reduction, noise, lmo,
         )
 
 

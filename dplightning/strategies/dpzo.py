@@ -18,6 +18,9 @@ Poisson-subsampled event per step, whatever ``n`` is (the n directions share one
 independently-subsampled compositions would under-count):
 
 - Gaussian: per-coordinate std ``σ C √n``; the accountant records ``StepEvent(σ, q, "gaussian")``.
+- LMO (issue 7): per-coordinate noise ``s n C · n_LMO`` (n_LMO ~ ``lmo``, i.i.d.); ``n = 1``: a scalar release
+  accounted by PLD (``StepEvent(s, q, "lmo", lmo, "scalar")``); ``n > 1``: a vector of L1 sensitivity ``n C``,
+  accounted by RDP after the convexity check (``accountant="rdp"``, release ``"vector"``).
 - Laplace:  per-coordinate scale ``λ n C``; with ``target_delta > 0`` the PLD accountant records
   ``StepEvent(λ, q, "laplace")`` (only ``n = 1``: the PLD of a vector Laplace is only claimed for one
   coordinate); with ``target_delta = 0`` each step is ``1/λ``-DP, amplified by Poisson sampling to
@@ -66,9 +69,10 @@ from dplightning.privacy.accounting import (
     pure_epsilon_laplace,
 )
 from dplightning.privacy.batch_selection import PoissonBatchSampler
+from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of
 
-NoiseKind = Literal["gaussian", "laplace"]
+NoiseKind = Literal["gaussian", "laplace", "lmo"]
 Trainable = Literal["lora", "all"]
 Perturbation = Literal["swap", "inplace"]
 
@@ -299,6 +303,10 @@ class PureLaplaceAccountant:
         if num_steps:
             self._history[event] = self._history.get(event, 0) + int(num_steps)
 
+    def record(self, event: StepEvent, num_steps: int = 1) -> None:
+        """Record ``num_steps`` releases of ``event`` (Laplace only)."""
+        self.step(event.noise_multiplier, event.sample_rate, num_steps, event.mechanism)
+
     @staticmethod
     def _check(event: StepEvent) -> StepEvent:
         if event.mechanism != "laplace":
@@ -404,7 +412,10 @@ class DPZOStrategy(DPSGDStrategy):
     Args:
         mu: perturbation scale μ (MeZO: 1e-3 full, 1e-2 LoRA).
         max_loss_diff: clip threshold C of each per-example scalar ``(L⁺ − L⁻)/(2μ)``.
-        noise: ``"gaussian"`` ((ε, δ)-DP) or ``"laplace"`` (pure ε-DP with ``target_delta=0``, else PLD).
+        noise: ``"gaussian"`` ((ε, δ)-DP), ``"laplace"`` (pure ε-DP with ``target_delta=0``, else PLD) or ``"lmo"``
+            (Laplace scale mixture ``lmo``; PLD for one direction, RDP for several).
+        lmo: the :class:`~dplightning.privacy.mechanisms.LMOMechanism` (or its parameter dict, e.g. from
+            ``dplightning privacy lmo-search``) for ``noise="lmo"``.
         noise_multiplier: noise scale / sensitivity of one step's release (see module docstring); ``None``
             calibrates it from ``target_epsilon``; ``0`` disables noise (ε = ∞).
         target_epsilon: ε budget; training never takes a step that would exceed it.
@@ -440,9 +451,21 @@ class DPZOStrategy(DPSGDStrategy):
         seed: int = 0,
         device: str | torch.device = "auto",
         checkpoint_io: CheckpointIO | None = None,
+        lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
         if noise not in self.noise_kinds():
             raise DPLightningError(f"unknown noise '{noise}'; use one of {', '.join(self.noise_kinds())}")
+        if noise == "lmo":
+            if lmo is None:
+                raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
+            if target_delta == 0:
+                raise DPLightningError("LMO noise is accounted for δ > 0; set target_delta > 0")
+            if num_directions > 1 and accountant != "rdp":
+                raise DPLightningError(
+                    "LMO noise on n > 1 directions is an L1 vector release, accounted with RDP; set accountant='rdp'"
+                )
+        elif lmo is not None:
+            raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
         if noise_multiplier is None and target_epsilon is None:
             raise DPLightningError("DPZOStrategy needs noise_multiplier or target_epsilon; set one of them")
         if num_directions < 1:
@@ -484,6 +507,7 @@ class DPZOStrategy(DPSGDStrategy):
             self.accountant = PureLaplaceAccountant()  # type: ignore[assignment]
         self.mu = float(mu)
         self.noise = noise
+        self.lmo = None if lmo is None else LMOMechanism.coerce(lmo)
         self.num_directions = int(num_directions)
         self.trainable: Trainable = trainable
         self.perturbation: Perturbation = perturbation
@@ -501,12 +525,12 @@ class DPZOStrategy(DPSGDStrategy):
     @staticmethod
     def noise_kinds() -> tuple[str, ...]:
         """Accepted values of ``noise`` (a subclass adding a mechanism extends this)."""
-        return ("gaussian", "laplace")
+        return ("gaussian", "laplace", "lmo")
 
     @property
     def mechanism(self) -> Mechanism:
         """Accounting mechanism of one step's release."""
-        return "laplace" if self.noise == "laplace" else "gaussian"
+        return self.noise if self.noise in ("laplace", "lmo") else "gaussian"  # type: ignore[return-value]
 
     @property
     def max_loss_diff(self) -> float:
@@ -520,12 +544,15 @@ class DPZOStrategy(DPSGDStrategy):
 
     def step_event(self, sigma: float, q: float) -> StepEvent:
         """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
+        if self.noise == "lmo":
+            return StepEvent(sigma, q, "lmo", self.lmo, "scalar" if self.num_directions == 1 else "vector")
         return StepEvent(sigma, q, self.mechanism)
 
     def noise_scale(self) -> float:
-        """Per-coordinate noise std (Gaussian, ``σ C √n``) or Laplace scale (``λ n C``) of one release."""
+        """Per-coordinate noise std (Gaussian, ``σ C √n``), Laplace scale (``λ n C``) or LMO factor (``s n C``: the
+        noise is that times n_LMO) of one release."""
         sigma, c, n = self.effective_noise_multiplier, self.max_loss_diff, self.num_directions
-        return sigma * c * (n if self.noise == "laplace" else math.sqrt(n))
+        return sigma * c * (n if self.noise in ("laplace", "lmo") else math.sqrt(n))
 
     def scalar_noise(self, num: int) -> Tensor:
         """Noise for one release of ``num`` scalars, ``[num]`` float64 on CPU. Every scalar release goes through
@@ -535,6 +562,9 @@ class DPZOStrategy(DPSGDStrategy):
             return torch.zeros(num, dtype=torch.float64)
         if self.noise == "laplace":
             return self.noise_source.laplace((num,), scale).double()
+        if self.noise == "lmo":
+            assert self.lmo is not None
+            return self.noise_source.lmo((num,), self.lmo, scale)
         return self.noise_source.gaussian((num,), scale).double()
 
     def privatize(self, sums: Tensor) -> Tensor:
@@ -546,9 +576,10 @@ class DPZOStrategy(DPSGDStrategy):
         assert self.sample_rate is not None
         if self.pure_dp:
             return pure_laplace_multiplier(target_epsilon, self.sample_rate, steps)
+        event = self.step_event(1.0, self.sample_rate)
         return noise_for_target(
             target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
-            mechanism=self.mechanism,
+            mechanism=self.mechanism, lmo=event.lmo, release=event.release,
         )
 
     def epsilon(self, delta: float | None = None) -> float:
@@ -744,18 +775,24 @@ class DPZOStrategy(DPSGDStrategy):
         self.last_projected_grads = grads
         for seed, g in zip(self.direction_seeds(self._current_step()), grads.tolist()):
             self._estimator.add_direction(seed, -lr * g / self.num_directions)
-        self.accountant.step(sigma, q, mechanism=self.mechanism)
+        self.accountant.record(self.step_event(sigma, q))
         self._min_sigma_used = min(self._min_sigma_used, sigma)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
         state = super().dp_state_dict()
-        state["dpzo"] = {"noise": self.noise, "num_directions": self.num_directions, "pure_dp": self.pure_dp}
+        state["dpzo"] = {
+            "noise": self.noise,
+            "num_directions": self.num_directions,
+            "pure_dp": self.pure_dp,
+            "lmo": None if self.lmo is None else self.lmo.to_dict(),
+        }
         return state
 
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
         saved = state.get("dpzo")
-        if saved is not None and (saved["noise"], saved["pure_dp"]) != (self.noise, self.pure_dp):
+        mine = None if self.lmo is None else self.lmo.to_dict()
+        if saved is not None and (saved["noise"], saved["pure_dp"], saved.get("lmo")) != (self.noise, self.pure_dp, mine):
             raise DPLightningError(
                 f"checkpoint was trained with noise={saved['noise']} (pure ε: {saved['pure_dp']}); "
                 f"this run uses noise={self.noise} (pure ε: {self.pure_dp}); resume with the same settings"
