@@ -1,4 +1,4 @@
-"""The ``dplightning`` command: ``fit|validate|test --config X.yaml`` (LightningCLI) and ``privacy ...``.
+"""The ``dplightning`` command: ``fit|validate|test --config X.yaml`` (LightningCLI), ``privacy ...`` and ``audit``.
 
 User errors (unknown config key, missing file, impossible budget, model without LoRA targets) end in one
 ``error:`` line and exit code 2, never a long traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dplightning.errors import DPLightningError
 
-SUBCOMMANDS_OUTSIDE_LIGHTNING = ("privacy",)
+SUBCOMMANDS_OUTSIDE_LIGHTNING = ("privacy", "audit")
 
 
 def _fail(message: str) -> int:
@@ -73,16 +74,11 @@ def _lightning_cli_class() -> type:
     return DPLightningCLI
 
 
-def run_lightning(argv: Sequence[str] | None) -> int:
-    """Run LightningCLI on ``argv`` (``None``: the process's own command line)."""
+def one_line_error_parser_class() -> type:
+    """A LightningCLI parser whose config errors are one line naming the problem and the fix (no usage dump)."""
     from lightning.pytorch.cli import LightningArgumentParser
 
-    from dplightning.data import TextDataModule
-    from dplightning.module import DPLoRAModule
-
     class OneLineErrorParser(LightningArgumentParser):
-        """Config errors as one line naming the problem and the fix (no usage dump)."""
-
         def error(self, message: str, ex: Exception | None = None) -> Any:  # type: ignore[override]
             # jsonargparse nests the cause below a "Parser key ...:" header: keep the whole chain on one line.
             parts = [p.strip(" -") for p in str(message or "invalid arguments").splitlines() if p.strip(" -")]
@@ -91,6 +87,16 @@ def run_lightning(argv: Sequence[str] | None) -> int:
                 first = first[:397] + "..."
             hint = "check the path" if "does not exist" in first else "check the keys against `dplightning fit --help`"
             raise DPLightningError(f"{first}; {hint}")
+
+    return OneLineErrorParser
+
+
+def run_lightning(argv: Sequence[str] | None) -> int:
+    """Run LightningCLI on ``argv`` (``None``: the process's own command line)."""
+    from dplightning.data import TextDataModule
+    from dplightning.module import DPLoRAModule
+
+    OneLineErrorParser = one_line_error_parser_class()
 
     cli_cls = _lightning_cli_class()
     cli_cls(
@@ -105,12 +111,24 @@ def run_lightning(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
+    # dp-accounting's RDP code logs one absl WARNING per order it drops at small σ (dropping an order can only
+    # raise ε, so the result stays an upper bound); hundreds of them would bury the run's own output.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    # Deprecation notices from inside Lightning/transformers that users can do nothing about.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["privacy"]:
             from dplightning.privacy.cli import privacy_main
 
             return privacy_main(args[1:])
+        if args[:1] == ["audit"]:
+            from dplightning.auditing.cli import audit_main
+
+            return audit_main(args[1:])
         return run_lightning(None if argv is None else args)
     except DPLightningError as exc:
         return _fail(str(exc))
