@@ -662,6 +662,8 @@ class RDPAccountant(PrivacyAccountant):
                 "dp_accounting has no RDP bound for Poisson-subsampled Laplace noise; use accountant='pld' "
                 "(or sample_rate=1)"
             )
+        if event.mechanism == "lmo" and event.release == "vector" and event.noise_multiplier > 0:
+            _rdp_curve(event, self._orders)  # refuse now (not at the next ε query) if convexity fails; cached
         return super()._canonical(event)
 
     def _history_changed(self) -> None:

@@ -37,7 +37,9 @@ space, so again dominating; this is dp_accounting's "connect the dots" applied p
 sum by v with ``‖v‖₁ ≤ C``. The RDP of the product is ``Σ_i R(α; |v_i|)`` with R the 1-D RDP at a shift. If R is
 convex in the shift (R(0) = 0, R ≥ 0, hence also non-decreasing), ``Σ_i R(|v_i|) ≤ R(Σ|v_i|) ≤ R(C)``: the vector
 release is no worse than one coordinate shifted by C. Convexity is checked numerically on ``convexity_points``
-shifts in [0, C] at every order (:func:`check_convex_in_shift`), and the accounting refuses if it fails. The
+shifts in [0, C] at every order (:func:`convex_in_shift`). An order that fails gets the bound of the next order up
+that passes (the vector RDP is non-decreasing in the order), or +∞; if no order passes the accounting refuses.
+(For any non-degenerate mixture high orders fail: R(α; s) → D_∞(s) = log g(0) − log g(s), concave in s.) The
 Poisson-subsampled RDP is then bounded with the generic bound of Zhu & Wang (ICML 2019, "Poisson subsampled Rényi
 differential privacy", Theorem 6, integer α ≥ 2)::
 
@@ -69,6 +71,7 @@ __all__ = [
     "base_atoms",
     "base_rdp",
     "check_convex_in_shift",
+    "convex_in_shift",
     "lmo_pld",
     "lmo_rdp",
     "poisson_subsampled_rdp_bound",
@@ -226,23 +229,28 @@ def base_rdp(mech: LMOMechanism, shift: float, orders: Sequence[int], grid: LMOG
     return np.minimum(np.maximum(out, 0.0), top)
 
 
-def check_convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: float = 1e-9) -> None:
-    """Refuse unless ``values[:, j]`` (one row per order, ``[n_orders, n_shifts]``, R at ``shifts`` with
-    ``shifts[0] = 0``) is convex and non-decreasing in the shift up to ``tolerance`` (absolute).
-
-    Raises:
-        DPLightningError: naming the first order and shift where convexity fails.
-    """
+def convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: float = 1e-9) -> np.ndarray:
+    """Which rows of ``values`` (``[n_orders, n_shifts]``, R at ``shifts``, ``shifts[0] = 0``) are convex and
+    non-decreasing in the shift up to ``tolerance`` (absolute): a bool mask ``[n_orders]``."""
     s = np.asarray(shifts, dtype=np.float64)
     v = np.atleast_2d(np.asarray(values, dtype=np.float64))
     if s.ndim != 1 or v.shape[1] != s.size or s.size < 3 or s[0] != 0 or np.any(np.diff(s) <= 0):
         raise DPLightningError("convexity check needs >= 3 increasing shifts starting at 0 and one column per shift")
     slopes = np.diff(v, axis=1) / np.diff(s)  # [n_orders, n-1]; convex ⇔ non-decreasing slopes
     bad = (np.diff(slopes, axis=1) * np.diff(s)[1:] < -tolerance) | (slopes[:, :1] < -tolerance / s[1])
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
+    return ~bad.any(axis=1)
+
+
+def check_convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: float = 1e-9) -> None:
+    """Refuse unless every row of ``values`` is convex in the shift (see :func:`convex_in_shift`).
+
+    Raises:
+        DPLightningError: naming the first row that fails.
+    """
+    ok = convex_in_shift(shifts, values, tolerance)
+    if not ok.all():
         raise DPLightningError(
-            f"the LMO mechanism's 1-D RDP curve is not convex in the shift (row {row}, near shift {s[col + 1]:.4g}), "
+            f"the LMO mechanism's 1-D RDP curve is not convex in the shift (row {int(np.argmin(ok))}), "
             "so the L1-vector accounting (DESIGN §6) does not apply; use a scalar release (PLD) or other mixture "
             "parameters (e.g. from `dplightning privacy lmo-search --release vector`)"
         )
@@ -289,7 +297,17 @@ def _lmo_rdp_cached(
         inner = [base_rdp(mech, float(s), computed, grid) for s in shifts[1:-1]]
         values = np.stack([np.zeros(len(computed)), *inner, sparse])
         # each value is an upper bound within a second-order discretisation error; allow that much slack
-        check_convex_in_shift(shifts, values.T, tolerance=1e-7 * max(1.0, float(sparse.max())))
+        ok = convex_in_shift(shifts, values.T, tolerance=1e-7 * max(1.0, float(sparse.max())))
+        if not ok.any():
+            check_convex_in_shift(shifts, values.T[:1])  # raises the user-facing error
+        # Orders where convexity fails get no bound of their own; the vector RDP is non-decreasing in the order, so
+        # the value at the next convex order up bounds them (+inf if there is none). As α → ∞ the 1-D RDP tends to
+        # D_∞(s) = log g(0) − log g(s), concave in s for any non-degenerate mixture: high orders do fail.
+        sparse = sparse.copy()
+        nxt = math.inf
+        for i in range(len(computed) - 1, -1, -1):
+            nxt = float(sparse[i]) if ok[i] else nxt
+            sparse[i] = nxt
     ints = np.arange(2, max_order + 1)
     base = sparse[np.searchsorted(np.asarray(computed), ints)]  # ε(ℓ) ≤ ε(next computed order ≥ ℓ)
     out = poisson_subsampled_rdp_bound(base, q)

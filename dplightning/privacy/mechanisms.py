@@ -206,7 +206,8 @@ class LMOMechanism:
             # d/dt log((1 − e^{−wt})/(wt)) = width/expm1(w) − 1/t, → −width/2 as w → 0
             safe = np.where(w > _SMALL, w, 1.0)
             tiny = np.minimum(w, _SMALL)
-            ratio = np.where(w > _SMALL, width / np.expm1(safe) - width / safe, width * (-0.5 + tiny / 12))
+            with np.errstate(over="ignore"):  # expm1(w) = inf for huge w gives the right limit, width/inf = 0
+                ratio = np.where(w > _SMALL, width / np.expm1(safe) - width / safe, width * (-0.5 + tiny / 12))
             out += -alpha + ratio
         return out
 
