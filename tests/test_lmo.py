@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -132,11 +133,11 @@ def test_degenerate_mixture_reproduces_dp_accounting_laplace_pld(b: float, q: fl
 
 def test_epsilon_is_monotone_in_the_noise_scale() -> None:
     scalar = [compute_epsilon(s, 0.02, 200, 1e-5, "pld", "lmo", MIX) for s in (0.8, 1.0, 1.3, 1.7, 2.5)]
-    assert all(a > b for a, b in zip(scalar, scalar[1:])), scalar
+    assert all(a > b for a, b in itertools.pairwise(scalar)), scalar
     vector = [compute_epsilon(s, 0.02, 200, 1e-5, "rdp", "lmo", GAMMA, "vector") for s in (3.0, 4.0, 6.0)]
-    assert all(a > b for a, b in zip(vector, vector[1:])), vector
+    assert all(a > b for a, b in itertools.pairwise(vector)), vector
     lap = [compute_epsilon(s, 0.02, 200, 1e-5, "rdp", "lmo", LMOMechanism.laplace(1.0), "vector") for s in (0.5, 1, 2)]
-    assert all(a > b for a, b in zip(lap, lap[1:])), lap
+    assert all(a > b for a, b in itertools.pairwise(lap)), lap
 
 
 GRID_TOLERANCE = 2e-3
