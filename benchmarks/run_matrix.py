@@ -102,6 +102,19 @@ ADAMW = {"optimizer": "adamw", "learning_rate": 2e-3}
 ZO_SGD = {"optimizer": "sgd", "learning_rate": 5e-5}  # DESIGN §5: MeZO's LoRA setting
 
 
+def _lmo_params(config: str) -> dict[str, Any]:
+    """The LMO mixture a recipe in ``configs/`` ships (found offline by ``dplightning privacy lmo-search``)."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"]["strategy"]["init_args"]["lmo"]
+
+
+def _lmo_dpsgd(epsilon: float) -> dict[str, Any]:
+    strategy = _dpsgd("flat_l1", epsilon)
+    strategy["init_args"].update(noise="lmo", lmo=_lmo_params("lmo_dpsgd.yaml"))
+    return strategy
+
+
 def _method(strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], optim: dict[str, Any]) -> dict[str, Any]:
     return {"strategy": strategy, "callbacks": callbacks, "optim": optim}
 
@@ -133,6 +146,8 @@ METHODS: dict[str, Callable[[float], dict[str, Any]]] = {
     ),
     "dpzo_gaussian": lambda e: _method(_dpzo("gaussian", e, DELTA), [BUDGET], ZO_SGD),
     "dpzo_laplace": lambda e: _method(_dpzo("laplace", e, 0.0), [BUDGET], ZO_SGD),
+    "lmo_dpzo": lambda e: _method(_dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD),
+    "lmo_dpsgd": lambda e: _method(_lmo_dpsgd(e), [BUDGET], ADAMW),
 }
 
 
