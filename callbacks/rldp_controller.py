@@ -31,26 +31,11 @@ from dplightning.envs.rldp_core import (
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from dplightning.checkpoint_io import atomic_write
 from dplightning.errors import DPLightningError
 from dplightning.strategies.dpsgd import short_group_name
 
 COUNT_CHANNEL = "rldp_clip_counts"
-
-
-def _atomic_bytes(data: bytes, path: str | os.PathLike[str]) -> Path:
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
 
 
 class RLDPController(Callback):
@@ -333,7 +318,8 @@ class RLDPController(Callback):
 
     def save_policy(self, path: str | os.PathLike[str]) -> Path:
         """Write the SAC agent (policy, critics, optimizers) as an SB3 zip, atomically."""
-        return _atomic_bytes(self.policy_bytes(), path)
+        data = self.policy_bytes()
+        return atomic_write(path, lambda fh: fh.write(data))
 
     def state_dict(self) -> dict[str, Any]:
         if self.agent is None:
