@@ -127,7 +127,7 @@ def _edges(mech: LMOMechanism, shift: float, grid: LMOGrid) -> np.ndarray:
     return np.unique(edges)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=32)  # ~1 MB each; the convexity check needs convexity_points + 1 of them per event
 def base_atoms(mech: LMOMechanism, shift: float, grid: LMOGrid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
     """A discrete pair dominating (μ_Δ, μ): atoms ``(m_j, log r_j)`` with ``Σ m_j = 1``, ``Σ m_j r_j = 1`` (±float).
 
