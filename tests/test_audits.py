@@ -173,7 +173,7 @@ def test_audits_have_power_without_privacy_and_respect_the_accountant_with_it(tm
     lower bound ≤ accountant ε and clearly below the non-private one."""
 
     def callbacks() -> tuple[CanaryAudit, MembershipInferenceAudit]:
-        return (CanaryAudit(num_canaries=32, secret_length=6, reference_samples=100, extraction=True, seed=1),
+        return (CanaryAudit(num_canaries=32, secret_length=6, template="ID {tag}: ", reference_samples=50, seed=1),
                 MembershipInferenceAudit(max_examples=64, roc_png_dir=str(tmp_path / "roc")))
 
     open_canary, open_mia = callbacks()
@@ -184,7 +184,7 @@ def test_audits_have_power_without_privacy_and_respect_the_accountant_with_it(tm
     assert open_mia.results["loss"].auc > 0.6, open_mia.metrics
     assert any((tmp_path / "roc").glob("roc_*.png"))
     lb_open = open_canary.lower_bound
-    assert lb_open is not None and lb_open.epsilon > 0.5, lb_open
+    assert lb_open is not None and lb_open.epsilon > 1.0, lb_open
 
     dp_canary, dp_mia = callbacks()
     trainer, _, _ = _fit(True, tmp_path, 60, [dp_canary, dp_mia])
@@ -192,7 +192,8 @@ def test_audits_have_power_without_privacy_and_respect_the_accountant_with_it(tm
     lb_dp = dp_canary.lower_bound
     assert lb_dp is not None and accountant_eps <= 1.0
     assert lb_dp.epsilon <= accountant_eps, (lb_dp, accountant_eps)
-    assert lb_open.epsilon > lb_dp.epsilon + 0.4
+    print(f"lower bounds: open {lb_open}, dp {lb_dp}, accountant ε {accountant_eps:.3f}; open {m}")
+    assert lb_open.epsilon > lb_dp.epsilon + 0.8
     assert dp_canary.metrics["audit/accountant_epsilon"] == pytest.approx(accountant_eps)
 
 
