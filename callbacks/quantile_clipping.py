@@ -90,6 +90,9 @@ class QuantileClipping(Callback):
                 f"QuantileClipping adapts DPSGDStrategy's thresholds, got {type(strategy).__name__}; "
                 "set trainer.strategy to DPSGDStrategy"
             )
+        if getattr(strategy, "world_size", 1) > 1:
+            # Each rank sees only its shard's norms: per-rank counts would move the thresholds apart.
+            raise DPLightningError("QuantileClipping supports single-device DPSGDStrategy only; run it without DDP")
         self.strategy = strategy
 
     def initialise(self, strategy: Any) -> None:
