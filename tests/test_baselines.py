@@ -200,3 +200,20 @@ def test_noise_schedule_refuses_controllers_that_also_set_sigma() -> None:
         _trainer(strategy, [NoiseSchedule(), QuantileClipping()], max_steps=2).fit(Linear(), _data())
     with pytest.raises(DPLightningError, match="final_ratio"):
         NoiseSchedule(final_ratio=1.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["quantile_clipping", "automatic_clipping", "noise_schedule"])
+def test_baseline_configs_parse(name: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).parent / "dplightning"
+    out = subprocess.run([str(exe), "fit", "--config", str(root / "configs" / f"{name}.yaml"), "--print_config"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    callback = {"quantile_clipping": "QuantileClipping", "automatic_clipping": "AutomaticClipping",
+                "noise_schedule": "NoiseSchedule"}[name]
+    assert f"dplightning.callbacks.{callback}" in out.stdout
