@@ -229,3 +229,19 @@ def test_audit_command_prints_table_and_json(tmp_path: Path) -> None:
     bad = subprocess.run([str(exe), "audit", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(cfg)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert bad.returncode == 2 and "nope.ckpt" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_audit_of_a_peft_adapter_directory_and_mismatch_error(tmp_path: Path) -> None:
+    from dplightning.auditing.cli import run_audit
+    from dplightning.module import DPLoRAModule
+
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("model:\n  model_name: tiny-llama\n  lora_rank: 2\ndata:\n  num_records: 40\n  max_length: 24\n"
+                   "  test_fraction: 0.25\ntrainer:\n  max_steps: 1\n")
+    DPLoRAModule(model_name="tiny-llama", lora_rank=2).save_adapter(tmp_path / "ok")
+    figures = run_audit(str(tmp_path / "ok"), str(cfg), max_examples=8)
+    assert figures["audit/mia/reference/auc"] == 0.5  # untrained adapter = base model: every score ties
+    assert "privacy/epsilon" not in figures  # an adapter carries no accountant state
+    DPLoRAModule(model_name="tiny-llama", lora_rank=4).save_adapter(tmp_path / "bad")
+    with pytest.raises(DPLightningError, match="does not fit this model"):
+        run_audit(str(tmp_path / "bad"), str(cfg))

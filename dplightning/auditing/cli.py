@@ -57,7 +57,13 @@ def _load_weights(model: Any, ckpt: Path) -> dict[str, Any]:
         weights = ckpt / "adapter_model.safetensors"
         if not weights.exists():
             raise DPLightningError(f"'{ckpt}' is a directory without adapter_model.safetensors; pass a .ckpt or a saved adapter")
-        result = set_peft_model_state_dict(model.model, load_file(str(weights)))
+        try:
+            result = set_peft_model_state_dict(model.model, load_file(str(weights)))
+        except RuntimeError as exc:  # shape mismatch: another rank / model
+            raise DPLightningError(
+                f"adapter '{ckpt}' does not fit this model ({str(exc).splitlines()[-1].strip()[:160]}); "
+                "pass the config it was trained with"
+            ) from None
         if any("lora" in k for k in getattr(result, "unexpected_keys", [])):
             raise DPLightningError(f"adapter '{ckpt}' does not fit this model; pass the config it was trained with")
         return {}
@@ -71,7 +77,13 @@ def _load_weights(model: Any, ckpt: Path) -> dict[str, Any]:
             f"checkpoint '{ckpt}' lacks {len(missing)} of the model's {len(trainable)} LoRA tensors (e.g. "
             f"{sorted(missing)[0]}); pass the config the checkpoint was trained with"
         )
-    model.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
+    try:
+        model.load_state_dict({k: v for k, v in state.items() if k in trainable}, strict=False)
+    except RuntimeError as exc:
+        raise DPLightningError(
+            f"checkpoint '{ckpt}' does not fit this model ({str(exc).splitlines()[-1].strip()[:160]}); "
+            "pass the config it was trained with"
+        ) from None
     return checkpoint
 
 
