@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, quiet
 
@@ -64,7 +66,7 @@ def noise_table(eps: float, delta: float, q: float, steps: int, budget: float) -
     }
 
 
-def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace) -> dict[str, Any]:
+def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """One short private fine-tune; returns final held-out perplexity, ε spent and the calibrated multiplier."""
     import lightning.pytorch as pl
     import torch
@@ -73,17 +75,18 @@ def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.
     from dplightning.module import DPLoRAModule
     from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     dm = TextDataModule(
         tokenizer=args.model, num_records=args.records, max_length=args.max_length,
         batch_size=args.batch_size, eval_batch_size=32,
     )
     zo = method.startswith("dpzo")
     module = DPLoRAModule(
-        model_name=args.model, lora_rank=4, seed=args.seed, optimizer="sgd",
+        model_name=args.model, lora_rank=4, seed=seed, optimizer="sgd",
         learning_rate=args.zo_lr if zo else args.sgd_lr,
     )
-    common = {"target_epsilon": eps, "target_delta": args.delta, "device": "cpu", "seed": args.seed}
+    # the seed moves the noise, the Poisson batches, the DP-ZO directions and the LoRA initialisation
+    common = {"target_epsilon": eps, "target_delta": args.delta, "device": "cpu", "seed": seed}
     strategy: Any
     if method == "dpzo_gaussian":
         strategy = DPZOStrategy(noise="gaussian", mu=1e-2, max_loss_diff=args.clip, **common)
@@ -107,6 +110,7 @@ def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.
     ).validate(module, datamodule=dm, verbose=False)[0]
     return {
         "method": method,
+        "seed": seed,
         "epsilon_target": eps,
         "epsilon_spent": float(strategy.epsilon()),
         "noise_multiplier": float(strategy.noise_multiplier or 0.0),
@@ -123,8 +127,8 @@ def baseline_perplexity(dm: Any, args: argparse.Namespace) -> float:
 
     from dplightning.module import DPLoRAModule
 
-    torch.manual_seed(args.seed)
-    module = DPLoRAModule(model_name=args.model, lora_rank=4, seed=args.seed, optimizer="sgd")
+    torch.manual_seed(args.seeds[0])
+    module = DPLoRAModule(model_name=args.model, lora_rank=4, seed=args.seeds[0], optimizer="sgd")
     metrics = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=args.val_batches,
@@ -177,15 +181,21 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         "## Held-out perplexity after the run (lower is better)",
         "",
+        f"Mean ± standard deviation over seeds {s['seeds']} (ε spent: the largest over the seeds).",
+        "",
         "| ε | DP-ZO Gaussian | DP-ZO LMO | DP-SGD Gaussian (L2) | DP-SGD LMO (L1) |",
         "|---|---|---|---|---|",
     ]
-    by = {(r["epsilon_target"], r["method"]): r for r in record["runs"]}
     for eps in s["epsilons"]:
         cells = []
         for method in ("dpzo_gaussian", "dpzo_lmo", "dpsgd_gaussian", "dpsgd_lmo"):
-            r = by.get((eps, method))
-            cells.append("—" if r is None else f"{r['val_perplexity']:.3f} (ε {r['epsilon_spent']:.2f})")
+            runs = [r for r in record["runs"] if r["epsilon_target"] == eps and r["method"] == method]
+            if not runs:
+                cells.append("—")
+                continue
+            ppl = np.array([r["val_perplexity"] for r in runs])
+            spent = max(r["epsilon_spent"] for r in runs)
+            cells.append(f"{ppl.mean():.2f} ± {ppl.std(ddof=1) if ppl.size > 1 else 0.0:.2f} (ε {spent:.2f})")
         lines.append(f"| {eps:g} | " + " | ".join(cells) + " |")
     if record.get("baseline_perplexity") is not None:
         lines += ["", f"Perplexity before training: {record['baseline_perplexity']:.3f}."]
@@ -204,14 +214,18 @@ def summarise(record: dict[str, Any]) -> str:
             f"- ε={row['epsilon']:g}: scalar LMO noise variance is {r_s:.2f}× the Gaussian's ({word}); vector "
             f"(L1) per-coordinate variance {r_v:.2f}× the L2-clipped Gaussian's."
         )
-    by = {(r["epsilon_target"], r["method"]): r["val_perplexity"] for r in record["runs"]}
+    def mean_sd(eps: float, method: str) -> tuple[float, float]:
+        ppl = np.array([r["val_perplexity"] for r in record["runs"] if (r["epsilon_target"], r["method"]) == (eps, method)])
+        return (float(ppl.mean()), float(ppl.std(ddof=1)) if ppl.size > 1 else 0.0) if ppl.size else (np.inf, 0.0)
+
     for kind in ("dpzo", "dpsgd"):
-        wins = sum(
-            by.get((e, f"{kind}_lmo"), float("inf")) < by.get((e, f"{kind}_gaussian"), float("inf"))
-            for e in record["settings"]["epsilons"]
-        )
-        out.append(f"- {kind.upper()}: LMO had the lower held-out perplexity at {wins} of "
-                   f"{len(record['settings']['epsilons'])} ε values.")
+        wins = clear = 0
+        for e in record["settings"]["epsilons"]:
+            (m_l, s_l), (m_g, s_g) = mean_sd(e, f"{kind}_lmo"), mean_sd(e, f"{kind}_gaussian")
+            wins += m_l < m_g
+            clear += abs(m_l - m_g) > 2 * max(s_l, s_g)  # separated by more than two standard deviations
+        out.append(f"- {kind.upper()}: LMO had the lower mean held-out perplexity at {wins} of "
+                   f"{len(record['settings']['epsilons'])} ε values; the two differ by more than 2 sd at {clear}.")
     return "\n".join(out)
 
 
@@ -230,7 +244,7 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.5, 1.0, 2.0, 3.0])
     parser.add_argument("--search-budget", type=float, default=15.0, help="seconds per lmo-search")
     parser.add_argument("--val-batches", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed per (ε, method)")
     parser.add_argument("--no-train", action="store_true", help="noise table only")
     parser.add_argument("--out", type=Path, default=RESULTS / "lmo_vs_gaussian")
     args = parser.parse_args()
@@ -264,9 +278,10 @@ def main() -> None:
             eps = row["epsilon"]
             for method in ("dpzo_gaussian", "dpzo_lmo", "dpsgd_gaussian", "dpsgd_lmo"):
                 lmo = row["lmo_scalar"]["lmo"] if method == "dpzo_lmo" else row["lmo_vector"]["lmo"]
-                run = train(method, eps, lmo if method.endswith("lmo") else None, args)
-                record["runs"].append(run)
-                print(json.dumps(run), flush=True)
+                for seed in args.seeds:
+                    run = train(method, eps, lmo if method.endswith("lmo") else None, args, seed)
+                    record["runs"].append(run)
+                    print(json.dumps(run), flush=True)
     record["summary"] = summarise(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
