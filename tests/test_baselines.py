@@ -217,3 +217,40 @@ def test_baseline_configs_parse(name: str) -> None:
     callback = {"quantile_clipping": "QuantileClipping", "automatic_clipping": "AutomaticClipping",
                 "noise_schedule": "NoiseSchedule"}[name]
     assert f"dplightning.callbacks.{callback}" in out.stdout
+
+
+@pytest.mark.parametrize("which", ["quantile", "schedule"])
+def test_resume_continues_the_baseline_exactly(tmp_path: Any, which: str) -> None:
+    """An interrupted run resumed from a checkpoint ends with the same thresholds, σ and ε as an uninterrupted one."""
+
+    def parts() -> tuple[DPSGDStrategy, pl.Callback]:
+        if which == "quantile":
+            return (DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=10.0, clipping="per_layer", accountant="rdp",
+                                  device="cpu", seed=5), QuantileClipping(learning_rate=0.3, seed=2))
+        return (DPSGDStrategy(target_epsilon=3.0, accountant="rdp", device="cpu", seed=5),
+                NoiseSchedule(schedule="exponential", final_ratio=0.5))
+
+    def trainer(strategy: DPSGDStrategy, callbacks: list[pl.Callback], steps: int, ckpt: bool = False) -> pl.Trainer:
+        return pl.Trainer(strategy=strategy, callbacks=callbacks, max_steps=steps, logger=False,
+                          enable_checkpointing=ckpt, enable_progress_bar=False, enable_model_summary=False)
+
+    s_full, cb_full = parts()
+    trainer(s_full, [cb_full], 8).fit(Linear(), _data(200))
+    s_part, cb_part = parts()
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+
+    class Interrupt(pl.Callback):  # the same 8-step plan, cut after step 3 (as a crash would)
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            trainer.should_stop = trainer.global_step >= 3
+
+    trainer(s_part, [cb_part, saver, Interrupt()], 8, ckpt=True).fit(Linear(), _data(200))
+    ckpt = next(tmp_path.glob("*step=3.ckpt"))
+    s_res, cb_res = parts()
+    trainer(s_res, [cb_res], 8).fit(Linear(), _data(200), ckpt_path=str(ckpt))
+    assert s_res.accountant.steps == 8
+    assert s_res.epsilon() == pytest.approx(s_full.epsilon(), rel=1e-9)
+    assert s_res.effective_noise_multiplier == pytest.approx(s_full.effective_noise_multiplier, rel=1e-9)
+    for g, c in s_full.clip_thresholds.items():
+        assert s_res.clip_thresholds[g] == pytest.approx(c, rel=1e-9), g
+    if which == "quantile":
+        assert s_full.clip_thresholds != {g: 10.0 / math.sqrt(2) for g in s_full.clip_thresholds}  # they moved

@@ -242,3 +242,20 @@ def test_clear_errors() -> None:
     frozen.fc.requires_grad_(False)
     with pytest.raises(DPLightningError, match="no trainable parameters"):
         _trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(frozen, DataLoader(_data(16), batch_size=4))
+
+
+def test_each_epoch_draws_fresh_poisson_batches() -> None:
+    """Lightning must advance the Poisson sampler's epoch: replaying epoch 0's batches would void the
+    subsampling amplification the accountant assumes."""
+    seen: list[torch.Tensor] = []
+
+    class Batches(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+            seen.append(batch[0].sum())
+
+    data = _data(40)
+    _trainer(DPSGDStrategy(noise_multiplier=1.0, seed=3), [Batches()], max_steps=10).fit(
+        Linear(), DataLoader(data, batch_size=8)
+    )  # 5 logical batches per epoch: steps 5..9 are epoch 1
+    assert len(seen) == 10
+    assert not all(torch.equal(a, b) for a, b in zip(seen[:5], seen[5:]))

@@ -62,13 +62,22 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.start_batch = 0  # logical batches of the current epoch already consumed (set on resume)
 
+    @property
+    def sampler(self) -> PoissonBatchSampler:
+        """Itself. Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``;
+        without this every epoch would replay epoch 0's batches, and reused batches void the Poisson-sampling
+        amplification the accountant assumes."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start_batch = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (self.num_batches - self.start_batch) * self.micro_batches
+        # The full epoch, also when resuming mid-epoch: Lightning counts the batches already done itself (its
+        # batch index continues from the checkpoint), so reporting only the remainder would end the epoch early.
+        return self.num_batches * self.micro_batches
 
     def logical_batch(self, index: int) -> np.ndarray:
         """This rank's indices of logical batch ``index`` of the current epoch (all ranks: ``Binomial(N, q)``)."""
