@@ -592,7 +592,11 @@ class DPZOStrategy(DPSGDStrategy):
             return True
         if self._safe_region is not None:
             sigma_min, q_max, steps = self._safe_region
-            if min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
+            # LMO: ε is not proven monotone in the multiplier, so only the exact planned multiplier is covered
+            exact = getattr(self, "noise", "gaussian") != "lmo" or (
+                sigma == sigma_min and self._min_sigma_used in (math.inf, sigma_min)
+            )
+            if exact and min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
                 return True
         if sigma <= 0:
             return False
