@@ -226,6 +226,14 @@ def summarise(record: dict[str, Any]) -> str:
             clear += abs(m_l - m_g) > 2 * max(s_l, s_g)  # separated by more than two standard deviations
         out.append(f"- {kind.upper()}: LMO had the lower mean held-out perplexity at {wins} of "
                    f"{len(record['settings']['epsilons'])} ε values; the two differ by more than 2 sd at {clear}.")
+        for e in record["settings"]["epsilons"]:
+            pairs = {}
+            for r in record["runs"]:
+                if r["epsilon_target"] == e and r["method"].startswith(kind):
+                    pairs.setdefault(r.get("seed", 0), {})[r["method"]] = r["val_perplexity"]
+            diffs = [v[f"{kind}_lmo"] - v[f"{kind}_gaussian"] for v in pairs.values() if len(v) == 2]
+            out.append(f"  - ε={e:g}: per-seed perplexity LMO − Gaussian (same seed: init, batches): "
+                       + ", ".join(f"{d:+.2f}" for d in diffs))
     return "\n".join(out)
 
 
@@ -247,7 +255,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed per (ε, method)")
     parser.add_argument("--no-train", action="store_true", help="noise table only")
     parser.add_argument("--out", type=Path, default=RESULTS / "lmo_vs_gaussian")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md (and summary) from the .json")
     args = parser.parse_args()
+    if args.report_only:
+        record = json.loads(args.out.with_suffix(".json").read_text())
+        record["summary"] = summarise(record)
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(record))
+        print(markdown(record))
+        return
     quiet()
     import torch
 
