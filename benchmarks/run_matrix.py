@@ -52,6 +52,9 @@ FULL_TASK: dict[str, Any] = {
     "val_every": 5,
     "val_batches": 2,
     "test_batches": 4,
+    "mia_examples": 128,
+    "canaries": 16,
+    "canary_references": 200,
 }
 QUICK_TASK: dict[str, Any] = {
     "model": "tiny-llama",
@@ -63,8 +66,11 @@ QUICK_TASK: dict[str, Any] = {
     "val_every": 3,
     "val_batches": 1,
     "test_batches": 1,
+    "mia_examples": 16,
+    "canaries": 4,
+    "canary_references": 20,
 }
-QUICK_METHODS = ("nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "rldp", "dpzo_gaussian", "dpzo_laplace")
+QUICK_METHODS = ("nonprivate", "dpsgd_flat", "rldp", "dpzo_laplace")
 
 
 def _dpsgd(clipping: str, epsilon: float) -> dict[str, Any]:
@@ -119,35 +125,34 @@ def _method(strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], op
     return {"strategy": strategy, "callbacks": callbacks, "optim": optim}
 
 
-# method name -> ε -> {strategy, callbacks, optim}. ``None`` strategy: Lightning's default (non-private).
-METHODS: dict[str, Callable[[float], dict[str, Any]]] = {
-    "nonprivate": lambda e: _method(None, [], ADAMW),
-    "dpsgd_flat": lambda e: _method(_dpsgd("flat", e), [BUDGET], ADAMW),
-    "dpsgd_per_adapter": lambda e: _method(_dpsgd("per_adapter", e), [BUDGET], ADAMW),
-    "quantile_clipping": lambda e: _method(
+def _rldp_controller(steps: int) -> dict[str, Any]:
+    """RLDP's controller for a ``steps``-step run: DP-SGD warm-up for the first third, then ~6 decisions."""
+    return {
+        "class_path": "dplightning.callbacks.RLDPController",
+        "init_args": {"rl_interval": max(1, steps // 6), "warmup_steps": steps // 3, "action_scope": "per_adapter",
+                      "public_batches": 1},
+    }
+
+
+# method name -> (ε, planned steps) -> {strategy, callbacks, optim}. ``None`` strategy: Lightning's default (non-private).
+METHODS: dict[str, Callable[[float, int], dict[str, Any]]] = {
+    "nonprivate": lambda e, t: _method(None, [], ADAMW),
+    "dpsgd_flat": lambda e, t: _method(_dpsgd("flat", e), [BUDGET], ADAMW),
+    "dpsgd_per_adapter": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET], ADAMW),
+    "quantile_clipping": lambda e, t: _method(
         _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.QuantileClipping"}], ADAMW
     ),
-    "automatic_clipping": lambda e: _method(
+    "automatic_clipping": lambda e, t: _method(
         _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.AutomaticClipping"}], ADAMW
     ),
-    "noise_schedule": lambda e: _method(
+    "noise_schedule": lambda e, t: _method(
         _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.NoiseSchedule"}], ADAMW
     ),
-    "rldp": lambda e: _method(
-        _dpsgd("per_adapter", e),
-        [
-            BUDGET,
-            {
-                "class_path": "dplightning.callbacks.RLDPController",
-                "init_args": {"rl_interval": 5, "warmup_steps": 10, "action_scope": "per_adapter", "public_batches": 1},
-            },
-        ],
-        ADAMW,
-    ),
-    "dpzo_gaussian": lambda e: _method(_dpzo("gaussian", e, DELTA), [BUDGET], ZO_SGD),
-    "dpzo_laplace": lambda e: _method(_dpzo("laplace", e, 0.0), [BUDGET], ZO_SGD),
-    "lmo_dpzo": lambda e: _method(_dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD),
-    "lmo_dpsgd": lambda e: _method(_lmo_dpsgd(e), [BUDGET], ADAMW),
+    "rldp": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET, _rldp_controller(t)], ADAMW),
+    "dpzo_gaussian": lambda e, t: _method(_dpzo("gaussian", e, DELTA), [BUDGET], ZO_SGD),
+    "dpzo_laplace": lambda e, t: _method(_dpzo("laplace", e, 0.0), [BUDGET], ZO_SGD),
+    "lmo_dpzo": lambda e, t: _method(_dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD),
+    "lmo_dpsgd": lambda e, t: _method(_lmo_dpsgd(e), [BUDGET], ADAMW),
 }
 
 
@@ -155,7 +160,7 @@ def method_available(name: str) -> str | None:
     """``None`` if every class the method names imports in this checkout, else why not."""
     import importlib
 
-    spec = METHODS[name](2.0)
+    spec = METHODS[name](2.0, 30)
     for entry in [spec["strategy"], *spec["callbacks"]]:
         if entry is None:
             continue
@@ -169,7 +174,7 @@ def method_available(name: str) -> str | None:
 
 def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, Any], logdir: Path) -> dict[str, Any]:
     """The LightningCLI config of one cell (what ``dplightning fit --config`` would read)."""
-    spec = METHODS[method](epsilon if epsilon is not None else 0.0)
+    spec = METHODS[method](epsilon if epsilon is not None else 0.0, task["steps"])
     trainer: dict[str, Any] = {
         "accelerator": "cpu",
         "max_steps": task["steps"],
@@ -186,7 +191,7 @@ def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, A
             "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
             "init_args": {"save_dir": str(logdir), "name": "", "version": ""},
         },
-        "callbacks": copy.deepcopy(spec["callbacks"]),
+        "callbacks": copy.deepcopy(spec["callbacks"]) + audit_callbacks(task),
     }
     if spec["strategy"] is not None:
         trainer["strategy"] = copy.deepcopy(spec["strategy"])
@@ -228,13 +233,35 @@ def _scalars(logdir: Path, prefixes: tuple[str, ...]) -> dict[str, list[tuple[in
     return out
 
 
-def _audits(trainer: Any, model: Any, datamodule: Any) -> dict[str, Any]:
-    """Membership-inference and canary audit figures if the audit modules exist in this checkout, else {}."""
-    try:
-        from dplightning.auditing import run_audits  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    return dict(run_audits(trainer, model, datamodule))
+def audit_callbacks(task: dict[str, Any]) -> list[dict[str, Any]]:
+    """The audits every cell runs at the end of fit (sized by the task: they cost forwards on the model)."""
+    return [
+        {"class_path": "dplightning.callbacks.MembershipInferenceAudit",
+         "init_args": {"max_examples": task["mia_examples"], "batch_size": task["eval_batch_size"]}},
+        {"class_path": "dplightning.callbacks.CanaryAudit",
+         "init_args": {"num_canaries": task["canaries"], "repeats": [1, 4],
+                       "reference_samples": task["canary_references"]}},
+    ]
+
+
+AUDIT_KEYS = {
+    "audit/mia/loss/auc": "mia_auc",
+    "audit/mia/reference/auc": "mia_reference_auc",
+    "audit/mia/loss/tpr@0.01fpr": "mia_tpr_at_1pct_fpr",
+    "audit/canary/r1/exposure": "canary_exposure",
+    "audit/canary/r4/exposure": "canary_exposure_r4",
+    "audit/canary/r1/jaccard": "canary_jaccard",
+    "audit/canary/r4/jaccard": "canary_jaccard_r4",
+    "audit/epsilon_lower_bound": "empirical_epsilon_lower_bound",
+}
+
+
+def _audits(trainer: Any) -> dict[str, Any]:
+    """The audit callbacks' figures, under the matrix's column names."""
+    metrics: dict[str, float] = {}
+    for callback in trainer.callbacks:
+        metrics.update(getattr(callback, "metrics", None) or {})
+    return {name: float(metrics[key]) for key, name in AUDIT_KEYS.items() if key in metrics}
 
 
 def run_cell(config_path: Path) -> dict[str, Any]:
@@ -285,7 +312,7 @@ def run_cell(config_path: Path) -> dict[str, Any]:
         "test_perplexity": float(test["test/perplexity"]),
         "wall_time_s": wall,
         "trajectories": _scalars(logdir, ("privacy/noise_multiplier", "privacy/clip", "rldp/")),
-        **_audits(trainer, model, data),
+        **_audits(trainer),
     }
 
 

@@ -36,11 +36,13 @@ def test_quick_matrix_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.Ca
         curve_steps = [s for s, _ in row["val_curve"]]
         assert curve_steps[0] == 0 and curve_steps[-1] == steps, curve_steps
         assert all(p > 1 for _, p in row["val_curve"])
+        assert 0.0 <= row["mia_auc"] <= 1.0 and row["canary_exposure"] >= 0.0  # the audits ran in every cell
         if row["method"] == "nonprivate":
             assert row["epsilon_spent"] is None
         else:  # the budget holds in every private cell
             assert 0 < row["epsilon_spent"] <= row["epsilon"] + 1e-9
             assert row["trajectories"]["privacy/noise_multiplier"]
+            assert row["empirical_epsilon_lower_bound"] <= row["epsilon_spent"]
     by_method = {r["method"]: r for r in rows}
     # without noise the LoRA weights move: held-out perplexity drops over the run
     curve = by_method["nonprivate"]["val_curve"]

@@ -586,22 +586,6 @@ class DPZOStrategy(DPSGDStrategy):
         """ε spent so far at ``delta`` (default ``target_delta``; ignored for pure ε-DP)."""
         return self.accountant.epsilon(self.target_delta if delta is None else delta)
 
-    def within_budget(self, sigma: float, q: float) -> bool:
-        """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap inside the proven-safe region."""
-        if self.max_epsilon is None:
-            return True
-        if self._safe_region is not None:
-            sigma_min, q_max, steps = self._safe_region
-            # LMO: ε is not proven monotone in the multiplier, so only the exact planned multiplier is covered
-            exact = getattr(self, "noise", "gaussian") != "lmo" or (
-                sigma == sigma_min and self._min_sigma_used in (math.inf, sigma_min)
-            )
-            if exact and min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
-                return True
-        if sigma <= 0:
-            return False
-        return self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, q), 1)]) <= self.max_epsilon
-
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer) -> None:
         super(DPSGDMixin, self).setup(trainer)  # Lightning's setup only: no per-example-gradient hooks
