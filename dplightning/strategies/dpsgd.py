@@ -341,16 +341,19 @@ class DPSGDMixin:
             worker_init_fn=dataloader.worker_init_fn,
         )
 
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        trainer = self.lightning_module.trainer
+    def _plan_steps(self) -> int:
+        """Set ``planned_steps`` from the trainer's plan; returns the planned steps not yet taken."""
         if self.sample_rate is None:
-            raise DPLightningError("DPSGDStrategy could not find the training dataloader to set the sample rate")
-        steps = trainer.estimated_stepping_batches
+            raise DPLightningError(f"{type(self).__name__} could not find the training dataloader to set the sample rate")
+        steps = self.lightning_module.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
         self.planned_steps = int(steps)
-        remaining = max(self.planned_steps - self.accountant.steps, 0)
+        return max(self.planned_steps - self.accountant.steps, 0)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        remaining = self._plan_steps()
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None
             sigma = noise_for_target(

@@ -648,14 +648,7 @@ class DPZOStrategy(DPSGDStrategy):
 
     def on_train_start(self) -> None:
         super(DPSGDMixin, self).on_train_start()
-        trainer = self.lightning_module.trainer
-        if self.sample_rate is None:
-            raise DPLightningError("DPZOStrategy could not find the training dataloader to set the sample rate")
-        steps = trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
-        self.planned_steps = int(steps)
-        remaining = max(self.planned_steps - self.accountant.steps, 0)
+        remaining = self._plan_steps()
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None
             self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
