@@ -86,7 +86,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("test_perplexity", "Test perplexity (lower is better)", "{:.3f}"),
     ("epsilon_spent", "ε spent (accountant)", "{:.3f}"),
     ("steps_to_reference", f"Steps to reach {REFERENCE}'s final val perplexity, fraction of its steps", "{:.2f}"),
-    ("wall_time_s", "Fit wall time, s", "{:.0f}"),
+    ("wall_time_s", "Fit wall time including the end-of-fit audits, s", "{:.0f}"),
     ("peak_rss_mb", "Peak RSS of the cell process, MiB", "{:.0f}"),
     ("mia_auc", "Membership inference ROC AUC (loss attack)", "{:.3f}"),
     ("canary_exposure", "Canary exposure, bits", "{:.2f}"),
