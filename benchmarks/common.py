@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -59,3 +60,12 @@ def machine(threads: int | None = None, packages: tuple[str, ...] = ()) -> dict[
         with contextlib.suppress(Exception):
             info[package] = __import__(package).__version__
     return info
+
+
+def write_results(prefix: str, result: dict[str, Any], markdown: str) -> None:
+    """Write ``<prefix>.json`` (the raw figures) and ``<prefix>.md`` (the report), each whole or not at all."""
+    from dplightning.checkpoint_io import atomic_write
+
+    json_text = json.dumps(result, indent=1, default=str) + "\n"
+    atomic_write(prefix + ".json", lambda fh: fh.write(json_text.encode()))
+    atomic_write(prefix + ".md", lambda fh: fh.write(markdown.encode()))

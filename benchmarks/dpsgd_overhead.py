@@ -49,7 +49,6 @@ import contextlib
 import ctypes
 import datetime as dt
 import gc
-import json
 import math
 import resource
 import shlex
@@ -60,7 +59,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import machine, quiet, status_kb
+from common import machine, quiet, status_kb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -479,9 +478,7 @@ def main() -> None:
     print(md)
     out = args.out or (None if args.quick else str(RESULTS / "dpsgd_overhead"))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        Path(out + ".md").write_text(md)
+        write_results(out, result, md)
         print(f"wrote {out}.json and {out}.md")
 
 

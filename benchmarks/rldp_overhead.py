@@ -51,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import machine, quiet
+from common import machine, quiet, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -372,9 +372,7 @@ def main() -> None:
     print(md)
     out = args.out or (None if args.quick else str(RESULTS / "rldp_overhead"))
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out + ".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-        Path(out + ".md").write_text(md)
+        write_results(out, result, md)
         print(f"wrote {out}.json and {out}.md")
 
 
