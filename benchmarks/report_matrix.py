@@ -19,7 +19,7 @@ import argparse
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,78 @@ def tables(rows: dict[Key, dict[str, Any]]) -> list[str]:
             cells = [mean_std((metric_value(rows, r, metric, e) for r in _cells(rows, m, e)), fmt) for e in epsilons]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def paired(
+    rows: dict[Key, dict[str, Any]], method: str, other: str, eps: float, value: Callable[[dict[str, Any]], float | None]
+) -> list[float]:
+    """``value(method cell) - value(other cell)`` for every seed where both cells ran at ``eps`` (paired by seed)."""
+    out = []
+    for (m, e, seed), row in rows.items():
+        ref = rows.get((other, eps, seed))
+        if m == method and e == eps and ref is not None:
+            a, b = value(row), value(ref)
+            if a is not None and b is not None:
+                out.append(a - b)
+    return out
+
+
+def _relative(rows: dict[Key, dict[str, Any]], method: str, other: str, eps: float) -> list[float]:
+    """Paired per-seed change of test perplexity of ``method`` relative to ``other``, in % of ``other``."""
+    out = []
+    for (m, e, seed), row in rows.items():
+        ref = rows.get((other, eps, seed))
+        if m == method and e == eps and ref is not None:
+            out.append(100.0 * (row["test_perplexity"] - ref["test_perplexity"]) / ref["test_perplexity"])
+    return out
+
+
+def _base_gain(row: dict[str, Any]) -> float | None:
+    """% change of held-out perplexity from the step-0 (base model) validation to the last one."""
+    curve = row.get("val_curve") or []
+    return 100.0 * (curve[-1][1] - curve[0][1]) / curve[0][1] if len(curve) > 1 else None
+
+
+def targets(rows: dict[Key, dict[str, Any]]) -> list[str]:
+    """The issue's targets, computed from the cells (paired by seed; "met" judges the mean only)."""
+    lines = [
+        "### Targets (paired by seed: method minus reference, mean ± std over seeds)",
+        "",
+        "| ε | quantity | target (paper) | measured | met |",
+        "|---|---|---|---|---|",
+    ]
+
+    def add(eps: float, what: str, target: str, vals: list[float], ok: Callable[[float], bool], fmt: str) -> None:
+        if vals:
+            mean = statistics.fmean(vals)
+            lines.append(f"| {eps:g} | {what} | {target} | {mean_std(vals, fmt)} | {'yes' if ok(mean) else 'no'} |")
+
+    for eps in _epsilons(rows):
+        add(eps, "RLDP vs DP-SGD flat, test perplexity change %", "< 0 (−1.3 … −30.5 %)",
+            _relative(rows, "rldp", REFERENCE, eps), lambda v: v < 0, "{:+.1f}")
+        add(eps, "RLDP vs DP-SGD per-adapter (its own base), test perplexity change %", "< 0",
+            _relative(rows, "rldp", "dpsgd_per_adapter", eps), lambda v: v < 0, "{:+.1f}")
+        reach = [steps_to_reference(r, rows.get((REFERENCE, eps, s))) for (m, e, s), r in rows.items()
+                 if m == "rldp" and e == eps]
+        if reach:
+            reached = [v for v in reach if v is not None]
+            lines.append(
+                f"| {eps:g} | RLDP steps to DP-SGD flat's final val perplexity, fraction | ≤ 0.60 (0.13 … 0.43) | "
+                f"reached in {len(reached)}/{len(reach)} seeds" + (f", {mean_std(reached)}" if reached else "")
+                + f" | {'yes' if len(reached) == len(reach) and statistics.fmean(reached) <= 0.6 else 'no'} |"
+            )
+        add(eps, "RLDP − DP-SGD flat, MIA AUC", "≤ 0 (no worse)",
+            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("mia_auc")), lambda v: v <= 0.0, "{:+.3f}")
+        add(eps, "RLDP − DP-SGD flat, canary Jaccard", "≤ 0 (no worse)",
+            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("canary_jaccard")), lambda v: v <= 0.0, "{:+.3f}")
+        add(eps, "DP-ZO Gaussian vs DP-SGD flat, test perplexity change %", "within a few % (≤ +5 %)",
+            _relative(rows, "dpzo_gaussian", REFERENCE, eps), lambda v: v <= 5.0, "{:+.1f}")
+        laplace = [g for (m, e, _), r in rows.items() if m == "dpzo_laplace" and e == eps
+                   if (g := _base_gain(r)) is not None]
+        add(eps, "DP-ZO Laplace (pure ε), val perplexity change from the base model %", "≤ −1 % (non-trivial)",
+            laplace, lambda v: v <= -1.0, "{:+.2f}")
+    lines.append("")
     return lines
 
 
@@ -225,6 +297,7 @@ def report(results: Path) -> Path:
         f"{len(rows)} cells" + (f" ({other} rows of other tasks left out)" if other else "") + ".",
         "Non-private runs do not depend on ε: their single figure is repeated in every ε column.",
         "",
+        *targets(rows),
         *tables(rows),
         *[f"![{p}]({p})" for p in pngs],
         "",

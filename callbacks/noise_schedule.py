@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
+from dplightning.callbacks._requirements import require_gaussian_noise
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -170,6 +171,7 @@ class NoiseSchedule(Callback):
             raise DPLightningError(
                 f"NoiseSchedule drives DPSGDStrategy's σ, got {type(strategy).__name__}; set trainer.strategy to it"
             )
+        require_gaussian_noise(strategy, "NoiseSchedule")
         names = {type(cb).__name__ for cb in trainer.callbacks}
         clash = names & {"QuantileClipping", "RLDPController"}
         if clash:

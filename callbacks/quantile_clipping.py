@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from dplightning.callbacks._requirements import require_gaussian_noise, require_single_device
 from dplightning.envs.rldp_core import ClipCountRelease, split_sigma
 from lightning.pytorch.callbacks import Callback
 
@@ -90,9 +91,8 @@ class QuantileClipping(Callback):
                 f"QuantileClipping adapts DPSGDStrategy's thresholds, got {type(strategy).__name__}; "
                 "set trainer.strategy to DPSGDStrategy"
             )
-        if getattr(strategy, "world_size", 1) > 1:
-            # Each rank sees only its shard's norms: per-rank counts would move the thresholds apart.
-            raise DPLightningError("QuantileClipping supports single-device DPSGDStrategy only; run it without DDP")
+        require_single_device(strategy, "QuantileClipping")
+        require_gaussian_noise(strategy, "QuantileClipping")
         self.strategy = strategy
 
     def initialise(self, strategy: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from dplightning.callbacks._requirements import require_gaussian_noise, require_single_device
 from dplightning.envs.dp_training_env import DPTrainingEnv
 from dplightning.envs.rldp_core import (
     ActionMapper,
@@ -140,6 +141,8 @@ class RLDPController(Callback):
             raise DPLightningError(
                 f"RLDPController drives DPSGDStrategy, got {type(strategy).__name__}; set trainer.strategy to it"
             )
+        require_single_device(strategy, "RLDPController")
+        require_gaussian_noise(strategy, "RLDPController")
         if strategy.target_epsilon is None and strategy.max_epsilon is None:
             raise DPLightningError("RLDPController needs a privacy budget; set the strategy's target_epsilon")
         if not hasattr(pl_module, "per_example_loss"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -254,3 +255,21 @@ def test_resume_continues_the_baseline_exactly(tmp_path: Any, which: str) -> Non
         assert s_res.clip_thresholds[g] == pytest.approx(c, rel=1e-9), g
     if which == "quantile":
         assert s_full.clip_thresholds != {g: 10.0 / math.sqrt(2) for g in s_full.clip_thresholds}  # they moved
+
+
+@pytest.mark.parametrize("callback", [NoiseSchedule, QuantileClipping])
+def test_sigma_controllers_refuse_lmo_noise(callback: type[pl.Callback]) -> None:
+    """σ controllers calibrate Gaussian releases: on an LMO strategy they must refuse at setup, not mid-run."""
+    strategy = _fake_strategy(1.0)
+    strategy.noise = "lmo"
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[], datamodule=None)
+    with pytest.raises(DPLightningError, match="noise='lmo'"):
+        callback().setup(trainer, Linear(), "fit")
+    strategy.noise = "gaussian"
+    callback().setup(trainer, Linear(), "fit")  # the same strategy with Gaussian noise is accepted
+
+
+def test_quantile_clipping_refuses_ddp() -> None:
+    strategy = SimpleNamespace(set_clip_thresholds=None, private_step_norms=None, world_size=2, noise="gaussian")
+    with pytest.raises(DPLightningError, match="without DDP"):
+        QuantileClipping().setup(SimpleNamespace(strategy=strategy, callbacks=[]), Linear(), "fit")

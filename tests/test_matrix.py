@@ -56,6 +56,6 @@ def test_quick_matrix_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.Ca
     assert len((tmp_path / "matrix.jsonl").read_text().splitlines()) == len(rows)
 
     readme = report_matrix.report(tmp_path).read_text()
-    assert "| dpsgd_flat |" in readme and "Test perplexity" in readme
+    assert "| dpsgd_flat |" in readme and "Test perplexity" in readme and "### Targets" in readme
     for png in ("perplexity_vs_epsilon.png", "perplexity_vs_step.png", "rldp_sigma_thresholds.png"):
         assert (tmp_path / png).stat().st_size > 1000

@@ -267,3 +267,20 @@ def test_controller_errors() -> None:
     with pytest.raises(DPLightningError, match="sigma_bounds"):
         RLDPController(sigma_bounds=(1.2, 2.0))
     assert torch.isfinite(torch.tensor(1.0))
+
+
+def test_controller_refuses_lmo_noise_and_ddp() -> None:
+    """Its clip counts are Gaussian releases charged through σ_eff, and per-rank counts would diverge under DDP."""
+    from types import SimpleNamespace
+
+    def trainer(**overrides: object) -> SimpleNamespace:
+        fields = {"set_clip_thresholds": None, "auxiliary_noise_multipliers": {}, "world_size": 1,
+                  "noise": "gaussian", "target_epsilon": 8.0, "max_epsilon": None}
+        return SimpleNamespace(strategy=SimpleNamespace(**{**fields, **overrides}), datamodule=None)
+
+    with pytest.raises(DPLightningError, match="noise='lmo'"):
+        RLDPController().setup(trainer(noise="lmo"), pl.LightningModule(), "fit")
+    with pytest.raises(DPLightningError, match="without DDP"):
+        RLDPController().setup(trainer(world_size=2), pl.LightningModule(), "fit")
+    with pytest.raises(DPLightningError, match="per_example_loss"):  # the valid strategy passes both checks
+        RLDPController().setup(trainer(), pl.LightningModule(), "fit")
