@@ -58,7 +58,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import (
@@ -68,7 +67,6 @@ from dplightning.privacy.accounting import (
     noise_for_target,
     pure_epsilon_laplace,
 )
-from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of
 
@@ -364,42 +362,6 @@ def pure_laplace_multiplier(epsilon: float, sample_rate: float, steps: int) -> f
     return lam
 
 
-# ------------------------------------------------------------------------------------ Poisson sampler
-class _EpochForwarder:
-    """What Lightning finds at ``batch_sampler.sampler``: it calls ``set_epoch`` there (Lightning 2.6 never calls
-    it on the batch sampler itself), and we pass it on."""
-
-    def __init__(self, owner: PoissonBatchSampler) -> None:
-        self._owner = owner
-
-    def set_epoch(self, epoch: int) -> None:
-        self._owner.set_epoch(epoch)
-
-
-class LightningPoissonBatchSampler(PoissonBatchSampler):
-    """:class:`PoissonBatchSampler` as Lightning's fit loop needs it (workaround until the base sampler has it):
-
-    - ``set_epoch`` is reachable through ``.sampler``, so epoch ``e`` draws the batches of ``(seed, e, i)``
-      instead of replaying epoch 0's batches every epoch (which would break the i.i.d. Poisson assumption of
-      the accountant);
-    - ``len`` stays the full epoch after a mid-epoch resume: Lightning keeps counting from the restored batch
-      index while the iterator skips the batches already taken, so a shortened length would end the epoch early.
-    """
-
-    @classmethod
-    def from_sampler(cls, sampler: PoissonBatchSampler) -> LightningPoissonBatchSampler:
-        fixed = cls.__new__(cls)
-        fixed.__dict__.update(sampler.__dict__)
-        return fixed
-
-    @property
-    def sampler(self) -> _EpochForwarder:
-        return _EpochForwarder(self)
-
-    def __len__(self) -> int:
-        return self.num_batches * self.micro_batches
-
-
 # ----------------------------------------------------------------------------------------- strategy
 class DPZOStrategy(DPSGDStrategy):
     """Differentially private zeroth-order fine-tuning (DP-ZO): two forwards per direction, no backward, no
@@ -625,25 +587,6 @@ class DPZOStrategy(DPSGDStrategy):
         rank_zero_info(
             f"[dplightning] DP-ZO over {self._estimator.numel:,} parameters ({self.trainable}), "
             f"{self.num_directions} direction(s)/step, μ={self.mu}, C={self.max_loss_diff}, noise={self.noise}"
-        )
-
-    def process_dataloader(self, dataloader: object) -> object:
-        """DP-SGD's Poisson dataloader, with the sampler swapped for :class:`LightningPoissonBatchSampler`."""
-        out = super().process_dataloader(dataloader)
-        sampler = self._sampler
-        if not isinstance(out, DataLoader) or sampler is None or out.batch_sampler is not sampler:
-            return out
-        if isinstance(sampler, LightningPoissonBatchSampler):
-            return out
-        fixed = LightningPoissonBatchSampler.from_sampler(sampler)
-        self._sampler = fixed
-        return DataLoader(
-            out.dataset,
-            batch_sampler=fixed,
-            collate_fn=out.collate_fn,
-            num_workers=out.num_workers,
-            pin_memory=out.pin_memory,
-            worker_init_fn=out.worker_init_fn,
         )
 
     def on_train_start(self) -> None:
