@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from common import status_kb
+from common import status_kb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -330,8 +330,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "meta": meta, "rows": rows, "summary": summary}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(command, rows, summary, meta))
+    write_results(str(args.out.with_suffix("")), payload, markdown(command, rows, summary, meta))
     print(json.dumps(summary, indent=2))
 
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, quiet
+from common import machine, quiet, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -260,8 +260,7 @@ def main() -> None:
     if args.report_only:
         record = json.loads(args.out.with_suffix(".json").read_text())
         record["summary"] = summarise(record)
-        args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(record))
+        write_results(str(args.out.with_suffix("")), record, markdown(record))
         print(markdown(record))
         return
     quiet()
@@ -300,8 +299,7 @@ def main() -> None:
                     print(json.dumps(run), flush=True)
     record["summary"] = summarise(record)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(record))
+    write_results(str(args.out.with_suffix("")), record, markdown(record))
     print(markdown(record))
 
 
