@@ -43,21 +43,22 @@ DELTA = 1e-5
 
 # The task every method is measured on: SmolLM2-135M LoRA (r=8 on q_proj/v_proj), seeded pseudo-clinical notes,
 # fixed train/val/test/public split (the public 5 % is used only by RLDP's reward; the others ignore it).
-# Sized for 2 CPU cores: a SmolLM2 forward+backward costs ~5 ms per token there, so one cell (20 steps of 8 notes
-# cut to 48 tokens, 6 validations, test, audits) takes ~2 minutes and the 93 cells a few hours.
+# Sized for 2 CPU cores, where a SmolLM2 forward+backward costs ~5 ms per token (~10 ms on one contended thread):
+# one cell (20 steps of 8 notes cut to 32 tokens, 6 validations, test, audits) takes ~2 minutes on one thread,
+# and the 93 cells, two at a time (--jobs 2 --threads 1), about 1.7 hours.
 FULL_TASK: dict[str, Any] = {
     "model": "smollm2-135m",
     "num_records": 2000,
-    "max_length": 48,
+    "max_length": 32,
     "batch_size": 8,
     "eval_batch_size": 16,
     "steps": 20,
     "val_every": 4,
     "val_batches": 1,
-    "test_batches": 4,
-    "mia_examples": 32,
-    "canaries": 8,
-    "canary_references": 50,
+    "test_batches": 2,
+    "mia_examples": 24,
+    "canaries": 4,
+    "canary_references": 20,
 }
 QUICK_TASK: dict[str, Any] = {
     "model": "tiny-llama",
