@@ -79,7 +79,7 @@ def make_batches(model_name: str, batch_size: int, seq_len: int, device: Any) ->
     need = NUM_BATCHES * batch_size * seq_len
     records = 100
     while True:
-        dm = TextDataModule(tokenizer=model_name, num_records=records, max_length=seq_len, batch_size=batch_size, seed=0)
+        dm = TextDataModule(tokenizer=model_name, num_records=records, max_length=seq_len, batch_size=batch_size, data_seed=0)
         dm.setup()
         stream = [tok for item in dm.train_dataset for tok in item["input_ids"]]  # type: ignore[union-attr]
         if len(stream) >= need:

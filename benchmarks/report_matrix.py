@@ -26,8 +26,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = "dpsgd_flat"
+NO_EPSILON = ("pretrained", "nonprivate")  # shown in every ε column
 ORDER = (
-    "nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "quantile_clipping", "automatic_clipping", "noise_schedule",
+    "pretrained", "nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "quantile_clipping", "automatic_clipping", "noise_schedule",
     "rldp", "dpzo_gaussian", "dpzo_laplace", "lmo_dpzo", "lmo_dpsgd",
 )
 
@@ -78,7 +79,7 @@ def _epsilons(rows: dict[Key, dict[str, Any]]) -> list[float]:
 
 
 def _cells(rows: dict[Key, dict[str, Any]], method: str, eps: float | None) -> list[dict[str, Any]]:
-    e = None if method == "nonprivate" else eps
+    e = None if method in NO_EPSILON else eps
     return [r for (m, ep, _), r in sorted(rows.items(), key=lambda kv: kv[0][2]) if m == method and ep == e]
 
 
@@ -217,8 +218,8 @@ def plots(rows: dict[Key, dict[str, Any]], out: Path) -> list[str]:
                 xs.append(e)
                 ys.append(statistics.fmean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
-        if m == "nonprivate" and ys:
-            ax.axhline(ys[0], color="k", ls="--", lw=1, label="non-private")
+        if m in NO_EPSILON and ys:
+            ax.axhline(ys[0], color="k", ls="--" if m == "nonprivate" else ":", lw=1, label=m)
         elif xs:
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
     ax.set_xscale("log")
@@ -295,7 +296,8 @@ def report(results: Path) -> Path:
         f"Task: `{json.dumps(task, sort_keys=True)}`; methods: {', '.join(_methods(rows))}; "
         f"ε: {', '.join(f'{e:g}' for e in _epsilons(rows))}; seeds: {', '.join(map(str, seeds))}; "
         f"{len(rows)} cells" + (f" ({other} rows of other tasks left out)" if other else "") + ".",
-        "Non-private runs do not depend on ε: their single figure is repeated in every ε column.",
+        "Runs without a budget (`pretrained`: the base model, not trained; `nonprivate`) do not depend on ε: their "
+        "figure is repeated in every ε column.",
         "",
         *targets(rows),
         *tables(rows),

@@ -75,6 +75,8 @@ QUICK_TASK: dict[str, Any] = {
     "canary_references": 20,
 }
 QUICK_METHODS = ("nonprivate", "dpsgd_flat", "rldp", "dpzo_laplace")
+NO_EPSILON = ("pretrained", "nonprivate")  # cells without a privacy budget: one per seed, not per ε
+SEED_FREE = ("pretrained",)  # untrained: identical for every seed (LoRA B starts at 0), so run once
 
 
 def _dpsgd(clipping: str, epsilon: float) -> dict[str, Any]:
@@ -140,6 +142,7 @@ def _rldp_controller(steps: int) -> dict[str, Any]:
 
 # method name -> (ε, planned steps) -> {strategy, callbacks, optim}. ``None`` strategy: Lightning's default (non-private).
 METHODS: dict[str, Callable[[float, int], dict[str, Any]]] = {
+    "pretrained": lambda e, t: _method(None, [], ADAMW),  # not trained (0 steps): the base model's figures
     "nonprivate": lambda e, t: _method(None, [], ADAMW),
     "dpsgd_flat": lambda e, t: _method(_dpsgd("flat", e), [BUDGET], ADAMW),
     "dpsgd_per_adapter": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET], ADAMW),
@@ -181,7 +184,7 @@ def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, A
     spec = METHODS[method](epsilon if epsilon is not None else 0.0, task["steps"])
     trainer: dict[str, Any] = {
         "accelerator": "cpu",
-        "max_steps": task["steps"],
+        "max_steps": 0 if method == "pretrained" else task["steps"],
         "val_check_interval": task["val_every"],
         "check_val_every_n_epoch": None,
         "limit_val_batches": task["val_batches"],
@@ -209,7 +212,7 @@ def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, A
             "batch_size": task["batch_size"],
             "eval_batch_size": task["eval_batch_size"],
             "public_fraction": 0.05,
-            "seed": 0,  # the split is fixed across seeds; the seed varies sampling, noise, init and the agent
+            "data_seed": 0,  # the split is fixed across seeds; the seed varies sampling, noise, init and the agent
         },
         "trainer": trainer,
     }
@@ -414,8 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     done = load_done(jsonl)
     command = shlex.join(["python", "benchmarks/run_matrix.py", *(argv if argv is not None else sys.argv[1:])])
     # ε-major in the order given, then seed, then method: an interrupted grid has whole ε rows first
-    cells = [(m, None if m == "nonprivate" else e, s) for e in epsilons for s in seeds for m in methods]
-    cells = list(dict.fromkeys(cells))  # the non-private run does not depend on ε: once per seed
+    cells = [
+        (m, None if m in NO_EPSILON else e, seeds[0] if m in SEED_FREE else s)
+        for e in epsilons for s in seeds for m in methods
+    ]
+    cells = list(dict.fromkeys(cells))  # runs that do not depend on ε (or the seed) once
     todo: list[tuple[str, str, str, float | None, int, dict[str, Any], str]] = []
     for i, (method, epsilon, seed) in enumerate(cells, 1):
         name = f"{method}_eps{epsilon if epsilon is not None else 'inf'}_seed{seed}"

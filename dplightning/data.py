@@ -614,7 +614,8 @@ class TextDataModule(pl.LightningDataModule):
         test_fraction: share held out for testing (also the non-members of membership-inference audits).
         public_fraction: share held out as *public* (non-private) data, disjoint from train/val/test, served
             by :meth:`public_dataloader`.
-        seed: seed of the synthetic data, the note phrasing and the splits.
+        data_seed: seed of the synthetic data, the note phrasing and the splits (named apart from the model's
+            ``seed`` so both can be set in one LightningCLI config).
         num_workers: dataloader worker processes.
     """
 
@@ -629,7 +630,7 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         public_fraction: float = 0.0,
-        seed: int = 0,
+        data_seed: int = 0,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -663,14 +664,14 @@ class TextDataModule(pl.LightningDataModule):
         hp = self.hparams
         name = str(hp.dataset)
         if name.strip().lower().replace("-", "_") == PSEUDO_CLINICAL:
-            records = generate_records(max(int(hp.num_records), 0), hp.seed)
-            rng = random.Random(hp.seed * 1_000_003 + 17)
+            records = generate_records(max(int(hp.num_records), 0), hp.data_seed)
+            rng = random.Random(hp.data_seed * 1_000_003 + 17)
             return [render_note(r, rng) for r in records]
         path = Path(name).expanduser()
         suffix = path.suffix.lower()
         if suffix == ".csv":
             records = load_diabetes_csv(path)
-            rng = random.Random(hp.seed * 1_000_003 + 17)
+            rng = random.Random(hp.data_seed * 1_000_003 + 17)
             texts = [render_note(r, rng) for r in records]
         elif suffix in (".txt", ".jsonl"):
             texts = read_text_file(path)
@@ -683,7 +684,7 @@ class TextDataModule(pl.LightningDataModule):
             raise DPLightningError(f"data.dataset '{name}' has an unsupported type; pass a .csv, .txt or .jsonl file")
         if 0 < int(hp.num_records) < len(texts):
             logger.info("using %d of the %d examples in %s (data.num_records)", hp.num_records, len(texts), path)
-            keep = sorted(random.Random(hp.seed).sample(range(len(texts)), int(hp.num_records)))
+            keep = sorted(random.Random(hp.data_seed).sample(range(len(texts)), int(hp.num_records)))
             texts = [texts[i] for i in keep]
         return texts
 
@@ -694,7 +695,7 @@ class TextDataModule(pl.LightningDataModule):
         texts = self._load_texts()
         n = len(texts)
         order = list(range(n))
-        random.Random(hp.seed).shuffle(order)
+        random.Random(hp.data_seed).shuffle(order)
         n_test, n_val, n_public = (round(f * n) for f in (hp.test_fraction, hp.val_fraction, hp.public_fraction))
         if hp.public_fraction > 0 and n_public == 0:
             n_public = 1

@@ -242,9 +242,9 @@ def _lines_file(tmp_path: Path, n: int = 200) -> Path:
 
 def test_splits_are_deterministic_and_disjoint(tmp_path: Path) -> None:
     path = str(_lines_file(tmp_path))
-    a = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, seed=1)
-    b = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, seed=1)
-    c = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, seed=2)
+    a = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, data_seed=1)
+    b = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, data_seed=1)
+    c = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.2, data_seed=2)
     for dm in (a, b, c):
         dm.setup("fit")
     assert (a.train_texts, a.val_texts, a.test_texts) == (b.train_texts, b.val_texts, b.test_texts)
@@ -258,11 +258,11 @@ def test_splits_are_deterministic_and_disjoint(tmp_path: Path) -> None:
 
 
 def test_pseudo_clinical_splits_are_deterministic() -> None:
-    a = TextDataModule(tokenizer=TINY, num_records=300, seed=5)
-    b = TextDataModule(tokenizer=TINY, num_records=300, seed=5)
+    a = TextDataModule(tokenizer=TINY, num_records=300, data_seed=5)
+    b = TextDataModule(tokenizer=TINY, num_records=300, data_seed=5)
     assert a.train_texts == b.train_texts and a.val_texts == b.val_texts
     assert len(a.train_texts) == 240 and len(a.val_texts) == 30 and len(a.test_texts) == 30
-    assert TextDataModule(tokenizer=TINY, num_records=300, seed=6).train_texts != a.train_texts
+    assert TextDataModule(tokenizer=TINY, num_records=300, data_seed=6).train_texts != a.train_texts
 
 
 def test_num_records_subsamples_files(tmp_path: Path) -> None:
