@@ -109,3 +109,16 @@ def test_dataloader_with_empty_batch_is_accepted() -> None:
     assert isinstance(loader, DataLoader)
     empty = loader.collate_fn([])
     assert empty["input_ids"].shape[0] == 0
+
+
+def test_model_and_data_seeds_differ_with_a_logger(tmp_path: Path) -> None:
+    """A model seed and a data seed in one run (the matrix's seeds 1, 2 with a fixed split): Lightning merges both
+    modules' hparams for the logger and fails on a shared key with different values, so the names must differ."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=1)
+    data = TextDataModule(tokenizer="tiny-llama", num_records=60, max_length=16, batch_size=4, data_seed=0)
+    trainer = pl.Trainer(max_steps=1, logger=TensorBoardLogger(str(tmp_path)), limit_val_batches=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 1
