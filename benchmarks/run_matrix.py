@@ -132,10 +132,11 @@ def _method(strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], op
 
 
 def _rldp_controller(steps: int) -> dict[str, Any]:
-    """RLDP's controller for a ``steps``-step run: DP-SGD warm-up for the first third, then ~6 decisions."""
+    """RLDP's controller for a ``steps``-step run: DP-SGD warm-up for the first third, then a decision every
+    ``steps // 6`` steps (5 decisions in 20 steps), at most every 5 steps in longer runs (more to learn from)."""
     return {
         "class_path": "dplightning.callbacks.RLDPController",
-        "init_args": {"rl_interval": max(1, steps // 6), "warmup_steps": steps // 3, "action_scope": "per_adapter",
+        "init_args": {"rl_interval": max(1, min(steps // 6, 5)), "warmup_steps": steps // 3, "action_scope": "per_adapter",
                       "public_batches": 1},
     }
 
