@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", nargs="+", type=float, help=f"default: {EPSILONS} ({{2}} with --quick)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {SEEDS} ({{0}} with --quick)")
     parser.add_argument("--steps", type=int, help="override the step budget of every cell")
+    parser.add_argument("--val-every", type=int, help="override the validation interval (steps) of every cell")
     parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results, or a temp dir with --quick)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell")
     parser.add_argument(
@@ -405,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     task = dict(QUICK_TASK if args.quick else FULL_TASK)
     if args.steps:
         task["steps"] = args.steps
+    if args.val_every:
+        task["val_every"] = args.val_every
     out = args.out or (Path(tempfile.mkdtemp(prefix="dplightning-matrix-")) if args.quick else RESULTS)
     methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
     epsilons = args.epsilons or ([2.0] if args.quick else list(EPSILONS))
