@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -440,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         label, name, method, epsilon, seed, config, chash = item
         config_path = out / "configs" / f"{name}.yaml"
         config_path.parent.mkdir(parents=True, exist_ok=True)
+        # a rerun (failed or interrupted cell) must not read back the σ/threshold scalars of an earlier attempt
+        shutil.rmtree(out / "tb" / name, ignore_errors=True)
         config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
         started = time.perf_counter()
         metrics, error, peak_mb = run_subprocess(config_path, args.threads, args.cell_timeout)
