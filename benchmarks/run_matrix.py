@@ -46,7 +46,7 @@ DELTA = 1e-5
 # fixed train/val/test/public split (the public 5 % is used only by RLDP's reward; the others ignore it).
 # Sized for 2 CPU cores, where a SmolLM2 forward+backward costs ~5 ms per token (~10 ms on one contended thread):
 # one cell (20 steps of 8 notes cut to 32 tokens, 6 validations, test, audits) takes ~2 minutes on one thread,
-# and the 93 cells, two at a time (--jobs 2 --threads 1), about 1.7 hours.
+# and the 94 cells, two at a time (--jobs 2 --threads 1), under 2 hours.
 FULL_TASK: dict[str, Any] = {
     "model": "smollm2-135m",
     "num_records": 2000,
