@@ -156,7 +156,7 @@ def _fit(private: bool, tmp_path: Path, steps: int, callbacks: list[pl.Callback]
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=8, learning_rate=0.05, seed=0)
     data = TextDataModule(tokenizer="tiny-llama", num_records=48, max_length=40, batch_size=8, test_fraction=0.25,
-                          val_fraction=0.0, seed=0)
+                          val_fraction=0.0, data_seed=0)
     kw: dict[str, Any] = {"accelerator": "cpu"}
     if private:
         kw = {"strategy": DPSGDStrategy(target_epsilon=1.0, target_delta=1e-3, max_grad_norm=1.0, device="cpu")}

@@ -179,7 +179,7 @@ def _tiny_parts(seed: int = 0):
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=2, learning_rate=0.01, seed=seed)
     data = TextDataModule(tokenizer="tiny-llama", num_records=160, max_length=32, batch_size=8, public_fraction=0.1,
-                          seed=seed)
+                          data_seed=seed)
     return model, data
 
 
