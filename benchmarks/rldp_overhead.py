@@ -176,7 +176,7 @@ def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespac
     total = args.warmup + args.steps
     rec = Recorder(total)
     dm = TextDataModule(dataset=str(data_path), tokenizer=model_name, num_records=0, max_length=args.seq_len,
-                        batch_size=args.batch_size, eval_batch_size=args.batch_size, public_fraction=0.05, seed=0)
+                        batch_size=args.batch_size, eval_batch_size=args.batch_size, public_fraction=0.05, data_seed=0)
     module = DPLoRAModule(model_name=model_name, lora_rank=8, lora_alpha=16, learning_rate=2e-3, seed=0)
     strategy = DPSGDStrategy(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0, clipping="per_adapter",
                              accountant=args.accountant, device="cpu", seed=0)
