@@ -121,27 +121,27 @@ def tables(rows: dict[Key, dict[str, Any]], metrics: tuple[tuple[str, str, str],
 
 
 def paired(
-    rows: dict[Key, dict[str, Any]], method: str, other: str, eps: float, value: Callable[[dict[str, Any]], float | None]
+    rows: dict[Key, dict[str, Any]],
+    method: str,
+    other: str,
+    eps: float,
+    value: Callable[[dict[str, Any]], float | None],
+    combine: Callable[[float, float], float] = lambda a, b: a - b,
 ) -> list[float]:
-    """``value(method cell) - value(other cell)`` for every seed where both cells ran at ``eps`` (paired by seed)."""
+    """``combine(value(method cell), value(other cell))`` for every seed where both ran at ``eps`` (paired by seed)."""
     out = []
     for (m, e, seed), row in rows.items():
         ref = rows.get((other, eps, seed))
         if m == method and e == eps and ref is not None:
             a, b = value(row), value(ref)
             if a is not None and b is not None:
-                out.append(a - b)
+                out.append(combine(a, b))
     return out
 
 
 def _relative(rows: dict[Key, dict[str, Any]], method: str, other: str, eps: float) -> list[float]:
     """Paired per-seed change of test perplexity of ``method`` relative to ``other``, in % of ``other``."""
-    out = []
-    for (m, e, seed), row in rows.items():
-        ref = rows.get((other, eps, seed))
-        if m == method and e == eps and ref is not None:
-            out.append(100.0 * (row["test_perplexity"] - ref["test_perplexity"]) / ref["test_perplexity"])
-    return out
+    return paired(rows, method, other, eps, lambda r: r["test_perplexity"], lambda a, b: 100.0 * (a - b) / b)
 
 
 def _base_gain(row: dict[str, Any]) -> float | None:
