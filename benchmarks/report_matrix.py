@@ -23,10 +23,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from run_matrix import NO_EPSILON  # cells without a budget: shown in every ε column
+
+from dplightning.checkpoint_io import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = "dpsgd_flat"
-NO_EPSILON = ("pretrained", "nonprivate")  # shown in every ε column
 ORDER = (
     "pretrained", "nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "quantile_clipping", "automatic_clipping", "noise_schedule",
     "rldp", "dpzo_gaussian", "dpzo_laplace", "lmo_dpzo", "lmo_dpsgd",
@@ -164,8 +167,8 @@ def targets(rows: dict[Key, dict[str, Any]]) -> list[str]:
             mean = statistics.fmean(vals)
             lines.append(f"| {eps:g} | {what} | {target} | {mean_std(vals, fmt)} | {'yes' if ok(mean) else 'no'} |")
 
-    m = int(next(iter(rows.values()))["task"].get("mia_examples") or 1)
-    se = math.sqrt((2 * m + 1) / (12 * m * m))  # AUC standard error under no leakage, m members vs m non-members
+    n_mia = int(next(iter(rows.values()))["task"].get("mia_examples") or 1)
+    se = math.sqrt((2 * n_mia + 1) / (12 * n_mia * n_mia))  # AUC standard error under no leakage, n vs n examples
     for eps in _epsilons(rows):
         add(eps, "RLDP vs DP-SGD flat, test perplexity change %", "< 0 (−1.3 … −30.5 %)",
             _relative(rows, "rldp", REFERENCE, eps), lambda v: v < 0, "{:+.1f}")
@@ -206,9 +209,7 @@ def plots(rows: dict[Key, dict[str, Any]], out: Path) -> list[str]:
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(out / name)
+        atomic_write(out / name, lambda fh: fig.savefig(fh, dpi=110, format="png"))
         plt.close(fig)
         written.append(name)
 
@@ -308,9 +309,8 @@ def report(results: Path) -> Path:
         "",
     ]
     path = results / "README.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    text = "\n".join(lines)
+    atomic_write(path, lambda fh: fh.write(text.encode()))
     return path
 
 
@@ -342,9 +342,8 @@ def update_readme(readme: Path, results: Path) -> None:
     ]
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(head + "\n".join(block) + tail)
-    tmp.replace(readme)
+    new_text = head + "\n".join(block) + tail
+    atomic_write(readme, lambda fh: fh.write(new_text.encode()))
 
 
 def main(argv: list[str] | None = None) -> int:
