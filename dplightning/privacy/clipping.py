@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dplightning.privacy.discretization import CLIP_MARGIN, l1_grid, l2_grid, to_grid
+
 ClippingMode = Literal["flat", "per_layer", "per_adapter", "flat_l1"]
 CLIPPING_MODES: tuple[str, ...] = ("flat", "per_layer", "per_adapter", "flat_l1")
 
@@ -82,4 +84,48 @@ def clip_and_sum(
         factors = clip_factors(norms[group], thresholds[group], stability)
         for n in names:
             summed[n] = torch.einsum("b,b...->...", factors.to(grads[n].dtype), grads[n])
+    return summed, norms
+
+
+def group_grids(
+    groups: Mapping[str, Sequence[str]], sizes: Mapping[str, int], thresholds: Mapping[str, float], p: float = 2.0
+) -> dict[str, float]:
+    """Grid ``γ_g`` of each group (``sizes``: elements per parameter) for its threshold and dimension."""
+    grid = l1_grid if p == 1.0 else l2_grid
+    return {g: grid(thresholds[g], sum(sizes[n] for n in names)) for g, names in groups.items()}
+
+
+def clip_to_grid_and_sum(
+    grads: Mapping[str, Tensor],
+    groups: Mapping[str, Sequence[str]],
+    thresholds: Mapping[str, float],
+    grids: Mapping[str, float],
+    p: float = 2.0,
+    stability: float | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Exact clipped sums for a private release, in grid units.
+
+    Each example's group gradient is taken to float64 (whatever precision it was computed in), clipped (or, with
+    ``stability``, normalised) to ``C_g(1 − η)``, rounded to integer multiples of ``γ_g`` (norm still ≤ ``C_g``,
+    see :func:`~dplightning.privacy.discretization.l2_grid`) and summed as int64, so the sum is exact and one
+    example moves it by at most ``C_g / γ_g`` grid units. An example whose group norm is not finite (an inf or
+    NaN anywhere in its gradient) contributes zero to that group, silently: masking with ``torch.where`` (0·NaN
+    would be NaN) keeps one bad record from poisoning the release, and nothing is raised or logged about it.
+
+    Returns:
+        ``({param: int64 summed units [*shape]}, {group: per-example pre-clip norms [B] float64})``.
+    """
+    wide = {n: g.detach().double() for n, g in grads.items()}
+    norms = per_example_norms(wide, groups, p)
+    summed: dict[str, Tensor] = {}
+    for group, names in groups.items():
+        norm = norms[group]
+        finite = torch.isfinite(norm)
+        factors = clip_factors(norm.nan_to_num(0.0), thresholds[group] * (1.0 - CLIP_MARGIN), stability)
+        factors = torch.where(finite, factors, torch.zeros_like(factors))
+        for n in names:
+            g = wide[n]
+            keep = finite.view(-1, *([1] * (g.dim() - 1)))
+            contribution = torch.where(keep, g, torch.zeros_like(g)) * factors.view_as(keep)
+            summed[n] = to_grid(contribution, grids[group]).sum(0)
     return summed, norms

@@ -289,14 +289,11 @@ class LMOMechanism:
         return math.sqrt(self.variance())
 
     # ---------------------------------------------------------------------------------------- sampling
-    def from_uniforms(self, u: Tensor) -> Tensor:
-        """Noise from uniforms ``u`` ``[4, n]`` in (0, 1) (float64): ``[n]`` float64 draws of n.
+    def mixing_variable(self, v: np.ndarray) -> np.ndarray:
+        """The mixing variable ``U`` (``n | U ~ Laplace(0, 1/U)``) from uniforms ``v`` ``[3, n]`` in (0, 1).
 
-        Rows: Gamma (inverse regularised incomplete gamma), Exponential, Uniform, Laplace (inverse CDF).
+        Rows: Gamma (inverse regularised incomplete gamma), Exponential, Uniform.
         """
-        import torch
-
-        v = u.detach().double().cpu().numpy()
         big_u = np.zeros(v.shape[1])
         if self.a1 > 0:
             big_u += self.a1 * self.gamma_scale * special.gammaincinv(self.gamma_shape, v[0])
@@ -305,7 +302,17 @@ class LMOMechanism:
         if self.a4 > 0:
             big_u += self.a4 * (self.uniform_low + (self.uniform_high - self.uniform_low) * v[2])
         # U = 0 has probability 0; a float underflow to 0 must not give an infinite draw.
-        big_u = np.maximum(big_u, np.finfo(np.float64).tiny)
+        return np.maximum(big_u, np.finfo(np.float64).tiny)
+
+    def from_uniforms(self, u: Tensor) -> Tensor:
+        """Noise from uniforms ``u`` ``[4, n]`` in (0, 1) (float64): ``[n]`` float64 draws of n.
+
+        Rows 0-2 give the mixing variable (:meth:`mixing_variable`), row 3 the Laplace draw (inverse CDF).
+        """
+        import torch
+
+        v = u.detach().double().cpu().numpy()
+        big_u = self.mixing_variable(v[:3])
         centred = v[3] - 0.5
         lap = -np.sign(centred) * np.log1p(-2.0 * np.abs(centred)) / big_u
         return torch.from_numpy(lap)

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.optim import Optimizer
@@ -35,7 +35,14 @@ from dplightning.checkpoint_io import AtomicCheckpointIO
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
-from dplightning.privacy.clipping import CLIPPING_MODES, ClippingMode, clip_and_sum, make_groups
+from dplightning.privacy.clipping import (
+    CLIPPING_MODES,
+    ClippingMode,
+    clip_to_grid_and_sum,
+    group_grids,
+    make_groups,
+)
+from dplightning.privacy.discretization import from_grid
 from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import LossReduction, PerExampleGradients
@@ -73,6 +80,23 @@ class EmptySafeCollate:
         return apply_to_collection(template, Tensor, lambda t: t[:0])
 
 
+_warned_seeded = False
+
+
+def warn_if_seeded(secure_rng: bool) -> None:
+    """Once per process: seeded noise and batches are only private while the seed stays secret."""
+    global _warned_seeded
+    if secure_rng or _warned_seeded:
+        return
+    _warned_seeded = True
+    rank_zero_warn(
+        "secure_rng=False: the noise and the Poisson batches follow the strategy's seed, so the privacy guarantee "
+        "holds only while that seed is secret (anyone with the config can replay the noise). Set secure_rng=True "
+        "(OS CSPRNG, not reproducible) for a model or logs that leave your control.",
+        category=UserWarning,
+    )
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -104,7 +128,9 @@ class DPSGDMixin:
         accountant: ``"pld"`` (tight, default) or ``"rdp"``.
         poisson_sampling: replace the training sampler by Poisson sampling with ``q = batch_size·accumulate / N``
             (what the accounting assumes). ``False`` keeps shuffled fixed-size batches (accounting then approximate).
-        secure_rng: draw noise and batches from the OS CSPRNG (not reproducible).
+        secure_rng: draw noise and batches from the OS CSPRNG (not reproducible; a resumed secure run stays
+            secure). With ``False`` (default) noise and batches follow ``seed``, fast and reproducible, and the
+            guarantee assumes the seed is secret: a warning says so once per process.
         seed: seed of the noise generator and the Poisson sampler.
         loss_reduction: how ``training_step``'s loss reduces per-example losses (``"mean"`` or ``"sum"``).
         device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
@@ -296,6 +322,7 @@ class DPSGDMixin:
         if self._pending_state is not None:
             self._apply_dp_state(self._pending_state)
             self._pending_state = None
+        warn_if_seeded(self.secure_rng)
 
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -341,10 +368,31 @@ class DPSGDMixin:
             worker_init_fn=dataloader.worker_init_fn,
         )
 
+    def _check_training_batches(self) -> None:
+        """Refuse loop settings under which a step would not release exactly one complete Poisson batch."""
+        trainer = self.lightning_module.trainer
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        if combined is not None and len(combined.flattened) > 1:
+            # Each loader would get its own sampler and sample rate, and a short one is replayed within the epoch.
+            raise DPLightningError(
+                f"{type(self).__name__} supports one training dataloader, got {len(combined.flattened)}; "
+                "concatenate the datasets into one (torch.utils.data.ConcatDataset)"
+            )
+        accumulate = trainer.accumulate_grad_batches
+        batches = trainer.num_training_batches
+        if self.poisson_sampling and math.isfinite(batches) and batches % accumulate:
+            # Lightning steps on an unfinished accumulation at the end of the epoch: part of a Poisson batch.
+            raise DPLightningError(
+                f"{int(batches)} training batches per epoch is not a multiple of accumulate_grad_batches="
+                f"{accumulate}: the last step of each epoch would release part of a Poisson batch; set "
+                f"limit_train_batches to a multiple of {accumulate} (or remove it)"
+            )
+
     def _plan_steps(self) -> int:
         """Set ``planned_steps`` from the trainer's plan; returns the planned steps not yet taken."""
         if self.sample_rate is None:
             raise DPLightningError(f"{type(self).__name__} could not find the training dataloader to set the sample rate")
+        self._check_training_batches()
         steps = self.lightning_module.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
@@ -384,9 +432,14 @@ class DPSGDMixin:
     # ------------------------------------------------------------------------------------- one step
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
-        if batch_size_of(batch) == 0:
+        size = batch_size_of(batch)
+        if size == 0:
             # An empty Poisson batch is still a step: the release is pure noise. Skip the model entirely.
             return torch.zeros((), device=self.root_device, requires_grad=True)
+        if self._engine is not None:
+            # Every hooked layer must see exactly this many examples in its leading dimension; a layer fed
+            # flattened tokens would otherwise be clipped per token.
+            self._engine.expected_batch_size = size
         return super().training_step(*args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
@@ -394,8 +447,8 @@ class DPSGDMixin:
         assert self._engine is not None
         grads = self._engine.pop()
         if grads:
-            summed, norms = clip_and_sum(
-                grads, self.groups, self.clip_thresholds, p=1.0 if self.clipping == "flat_l1" else 2.0,
+            summed, norms = clip_to_grid_and_sum(
+                grads, self.groups, self.clip_thresholds, self.grids(), p=self._norm_order,
                 stability=self.normalization_stability,
             )
             for name, value in summed.items():
@@ -418,6 +471,16 @@ class DPSGDMixin:
             return result
 
         return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+
+    @property
+    def _norm_order(self) -> float:
+        return 1.0 if self.clipping == "flat_l1" else 2.0
+
+    def grids(self) -> dict[str, float]:
+        """Grid ``γ_g`` of each group at the current thresholds: clipped sums and releases are integers times it
+        (:mod:`dplightning.privacy.discretization`)."""
+        sizes = {n: self._params[n].numel() for names in self.groups.values() for n in names}
+        return group_grids(self.groups, sizes, self.clip_thresholds, self._norm_order)
 
     def within_budget(self, sigma: float, q: float) -> bool:
         """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap when inside the proven-safe region."""
@@ -446,20 +509,28 @@ class DPSGDMixin:
             for p in self._params.values():
                 p.grad = None
             self._summed.clear()
+            self._last_norms.clear()
+            self.private_step_norms = {}
             self.budget_exhausted = True
             self.lightning_module.trainer.should_stop = True
             rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
             return
-        sums = {name: self._summed.get(name, torch.zeros_like(p)) for name, p in self._params.items() if name in self._trainable}
+        sums = {
+            name: self._summed.get(name, torch.zeros(p.shape, dtype=torch.int64, device=p.device))
+            for name, p in self._params.items()
+            if name in self._trainable
+        }
         sums = self._reduce_sums(sums)
-        for group, names in self.groups.items():
-            std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group]
+        for group, grid in self.grids().items():
+            names = self.groups[group]
+            # Noise std in grid units: σ_g · (sensitivity C_g/γ_g). The release is the integer sum + noise.
+            std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group] / grid
             for name in names:
                 p = self._params[name]
-                total = sums[name]
+                units = sums[name]
                 if std > 0:
-                    total = total + self._draw_noise(p.shape, std, p.device).to(p.dtype)
-                p.grad = total / self.expected_batch_size
+                    units = units + self._draw_noise(p.shape, std, p.device)
+                p.grad = (from_grid(units, grid) / self.expected_batch_size).to(p.dtype)
             self.last_noisy_grad_norms[group] = math.sqrt(sum(float(self._params[n].grad.pow(2).sum()) for n in names))
         self._summed.clear()
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
@@ -477,11 +548,11 @@ class DPSGDMixin:
         return sums
 
     def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
-        """Noise for one tensor; identical on every rank so it is added once in total."""
+        """Integer noise (grid units) for one tensor; identical on every rank so it is added once in total."""
         if getattr(self, "noise", "gaussian") == "lmo":
             assert self.lmo is not None
-            return self.noise_source.lmo(shape, self.lmo, std, device)  # i.i.d. LMO, scale σ·C per coordinate
-        return self.noise_source.gaussian(shape, std, device)
+            return self.noise_source.discrete_lmo(shape, self.lmo, std).to(device)  # i.i.d., factor σ·C/γ
+        return self.noise_source.discrete_gaussian(shape, std).to(device)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
@@ -498,6 +569,10 @@ class DPSGDMixin:
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
         self.noise_source.load_state_dict(state["noise"])
+        # A secure run stays secure (and a secure checkpoint's successor too): batches follow the noise source.
+        self.secure_rng = self.noise_source.secure
+        if self._sampler is not None:
+            self._sampler.secure_rng = self.secure_rng
         self.clip_thresholds = dict(state["clip_thresholds"])
         self.noise_multipliers = dict(state["noise_multipliers"])
         self.noise_multiplier = state["noise_multiplier"]
@@ -618,7 +693,7 @@ class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
         return out
 
     def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
-        noise = self.noise_source.gaussian(shape, std, device)
+        noise = super()._draw_noise(shape, std, device)
         if self.secure_rng:  # CSPRNG draws differ per rank: use rank 0's
             torch.distributed.broadcast(noise, src=0)
         return noise

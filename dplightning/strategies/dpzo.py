@@ -67,8 +67,9 @@ from dplightning.privacy.accounting import (
     noise_for_target,
     pure_epsilon_laplace,
 )
+from dplightning.privacy.discretization import from_grid, scalar_grid, to_grid
 from dplightning.privacy.mechanisms import LMOMechanism
-from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of
+from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of, warn_if_seeded
 
 NoiseKind = Literal["gaussian", "laplace", "lmo"]
 Trainable = Literal["lora", "all"]
@@ -369,7 +370,8 @@ class DPZOStrategy(DPSGDStrategy):
 
     Reuses :class:`DPSGDStrategy`'s Poisson batches, σ calibration, budget guard and checkpoint state; the
     per-example-gradient engine is not installed. The module must define ``per_example_loss(batch) -> [B]``;
-    its ``training_step`` is not called (the strategy logs ``train/loss`` = mean of (L⁺ + L⁻)/2 itself).
+    its ``training_step`` is not called (the strategy logs ``train/loss`` = mean of (L⁺ + L⁻)/2 itself, only if the
+    module has ``log_private_loss = True``: it is computed from the private batch and not covered by ε).
 
     Args:
         mu: perturbation scale μ (MeZO: 1e-3 full, 1e-2 LoRA).
@@ -480,7 +482,7 @@ class DPZOStrategy(DPSGDStrategy):
         if noise_multiplier is not None:
             self.set_noise_multiplier(noise_multiplier)
         self._estimator: ZerothOrderEstimator | None = None
-        self._zo_sums: Tensor | None = None  # [n] clipped sums of the current logical step (private until noised)
+        self._zo_sums: Tensor | None = None  # [n] int64 clipped sums in grid units (private until noised)
         self.last_projected_grads: Tensor | None = None  # [n] released g of the last step (public)
 
     # --------------------------------------------------------------------------------- mechanism hooks
@@ -516,22 +518,32 @@ class DPZOStrategy(DPSGDStrategy):
         sigma, c, n = self.effective_noise_multiplier, self.max_loss_diff, self.num_directions
         return sigma * c * (n if self.noise in ("laplace", "lmo") else math.sqrt(n))
 
+    @property
+    def grid(self) -> float:
+        """Grid ``γ = C / 2^40`` of the per-example scalars and of every release (see
+        :mod:`dplightning.privacy.discretization`): clipped scalars are integers in ``[-2^40, 2^40]``."""
+        return scalar_grid(self.max_loss_diff)
+
     def scalar_noise(self, num: int) -> Tensor:
-        """Noise for one release of ``num`` scalars, ``[num]`` float64 on CPU. Every scalar release goes through
-        here (issue 7's LMO noise overrides this and :attr:`mechanism`)."""
-        scale = self.noise_scale()
+        """Noise for one release of ``num`` scalars in grid units, ``[num]`` int64: discrete Gaussian of std
+        ``σ C √n / γ``, discrete Laplace of scale ``λ n C / γ`` or discrete LMO of factor ``s n C / γ``. Every
+        scalar release goes through here."""
+        scale = self.noise_scale() / self.grid
         if scale <= 0:
-            return torch.zeros(num, dtype=torch.float64)
+            return torch.zeros(num, dtype=torch.int64)
         if self.noise == "laplace":
-            return self.noise_source.laplace((num,), scale).double()
+            return self.noise_source.discrete_laplace((num,), scale)
         if self.noise == "lmo":
             assert self.lmo is not None
-            return self.noise_source.lmo((num,), self.lmo, scale)
-        return self.noise_source.gaussian((num,), scale).double()
+            return self.noise_source.discrete_lmo((num,), self.lmo, scale)
+        return self.noise_source.discrete_gaussian((num,), scale)
 
     def privatize(self, sums: Tensor) -> Tensor:
-        """Release ``sums`` ``[n]`` (clipped per-example scalars summed over the batch) with noise."""
-        return sums.double().cpu() + self.scalar_noise(sums.numel())
+        """Release ``sums`` ``[n]`` (clipped per-example scalars summed over the batch) with noise: an int64 tensor
+        is taken as grid units (what training accumulates), a float one is first rounded to the grid. Returns
+        ``γ · (units + noise)`` in float64: every release is an integer multiple of :attr:`grid`."""
+        units = sums.cpu() if sums.dtype == torch.int64 else to_grid(sums.cpu(), self.grid)
+        return from_grid(units + self.scalar_noise(units.numel()), self.grid)
 
     def calibrate(self, target_epsilon: float, steps: int) -> float:
         """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
@@ -584,6 +596,7 @@ class DPZOStrategy(DPSGDStrategy):
         if self._pending_state is not None:
             self._apply_dp_state(self._pending_state)
             self._pending_state = None
+        warn_if_seeded(self.secure_rng)
         rank_zero_info(
             f"[dplightning] DP-ZO over {self._estimator.numel:,} parameters ({self.trainable}), "
             f"{self.num_directions} direction(s)/step, μ={self.mu}, C={self.max_loss_diff}, noise={self.noise}"
@@ -641,8 +654,8 @@ class DPZOStrategy(DPSGDStrategy):
         module = self.lightning_module
         assert self._estimator is not None
         n = self.num_directions
-        c = self.max_loss_diff
-        sums = torch.zeros(n, dtype=torch.float64)
+        c, grid = self.max_loss_diff, self.grid
+        sums = torch.zeros(n, dtype=torch.int64)  # grid units: exact integer sums
         if batch_size_of(batch) == 0:
             # An empty Poisson batch is still a step: the release is noise only. The model is not run.
             self._accumulate(sums)
@@ -651,14 +664,18 @@ class DPZOStrategy(DPSGDStrategy):
         with self.precision_plugin.train_step_context(), torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
                 diffs, mid = self._estimator.directional_derivatives(lambda: module.per_example_loss(batch), seed)
-                clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B]
-                sums[k] = clipped.sum().cpu()
+                # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
+                # nothing is raised or logged because of it.
+                clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B] float64
+                sums[k] = to_grid(clipped, grid).sum().cpu()  # |unit| ≤ C/γ = 2^40 per example
                 if center is None:
                     center = mid
         self._accumulate(sums)
         assert center is not None
-        loss = center.mean().float()
-        module.log("train/loss", loss, prog_bar=True, batch_size=center.numel())
+        finite = center[torch.isfinite(center)]
+        loss = finite.mean().float() if finite.numel() else torch.zeros(())
+        if getattr(module, "log_private_loss", False):  # not covered by ε: only when the user opts in
+            module.log("train/loss", loss, prog_bar=True, batch_size=center.numel())
         return loss
 
     def _accumulate(self, sums: Tensor) -> None:
@@ -688,7 +705,7 @@ class DPZOStrategy(DPSGDStrategy):
         """Privatise the step's clipped sums, charge the accountant, update θ along the step's directions."""
         assert self.sample_rate is not None and self.expected_batch_size is not None and self._estimator is not None
         sigma, q = self.effective_noise_multiplier, self.sample_rate
-        sums = self._zo_sums if self._zo_sums is not None else torch.zeros(self.num_directions, dtype=torch.float64)
+        sums = self._zo_sums if self._zo_sums is not None else torch.zeros(self.num_directions, dtype=torch.int64)
         self._zo_sums = None
         if not self.within_budget(sigma, q):
             self.budget_exhausted = True
