@@ -23,7 +23,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None  # type: ignore[assignment,misc]
 
 LossReduction = Literal["mean", "sum"]
-_GradRule = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
+# Rules get the short names of the parameters that need a gradient, so a frozen weight costs no matmul.
+_GradRule = Callable[[nn.Module, Tensor, Tensor, frozenset[str]], dict[str, Tensor]]
 
 
 def _flat(a: Tensor) -> Tensor:
@@ -31,20 +32,27 @@ def _flat(a: Tensor) -> Tensor:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def _linear_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def _linear_rule(module: nn.Module, a: Tensor, g: Tensor, wanted: frozenset[str]) -> dict[str, Tensor]:
     a3, g3 = _flat(a).to(g.dtype), _flat(g)
-    out = {"weight": torch.bmm(g3.transpose(1, 2), a3)}  # [B, out, in]
-    if getattr(module, "bias", None) is not None:
+    out: dict[str, Tensor] = {}
+    if "weight" in wanted:
+        out["weight"] = torch.bmm(g3.transpose(1, 2), a3)  # [B, out, in]
+    if "bias" in wanted:
         out["bias"] = g3.sum(1)
     return out
 
 
-def _conv1d_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def _conv1d_rule(module: nn.Module, a: Tensor, g: Tensor, wanted: frozenset[str]) -> dict[str, Tensor]:
     a3, g3 = _flat(a).to(g.dtype), _flat(g)
-    return {"weight": torch.bmm(a3.transpose(1, 2), g3), "bias": g3.sum(1)}  # weight [B, in, out]
+    out: dict[str, Tensor] = {}
+    if "weight" in wanted:
+        out["weight"] = torch.bmm(a3.transpose(1, 2), g3)  # [B, in, out]: Conv1D stores W transposed
+    if "bias" in wanted:
+        out["bias"] = g3.sum(1)
+    return out
 
 
-def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor) -> dict[str, Tensor]:
+def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor, wanted: frozenset[str]) -> dict[str, Tensor]:
     assert isinstance(module, nn.Embedding)
     g3 = _flat(g)
     idx = ids.reshape(ids.shape[0], -1, 1).expand(-1, -1, g3.shape[-1])
@@ -52,11 +60,13 @@ def _embedding_rule(module: nn.Module, ids: Tensor, g: Tensor) -> dict[str, Tens
     return {"weight": grad.scatter_add_(1, idx, g3)}
 
 
-def _layernorm_rule(module: nn.Module, a: Tensor, g: Tensor) -> dict[str, Tensor]:
+def _layernorm_rule(module: nn.Module, a: Tensor, g: Tensor, wanted: frozenset[str]) -> dict[str, Tensor]:
     assert isinstance(module, nn.LayerNorm)
-    normed = F.layer_norm(a, module.normalized_shape, eps=module.eps)
-    out = {"weight": _flat(g * normed).sum(1)}
-    if module.bias is not None:
+    out: dict[str, Tensor] = {}
+    if "weight" in wanted:
+        normed = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+        out["weight"] = _flat(g * normed).sum(1)
+    if "bias" in wanted:
         out["bias"] = _flat(g).sum(1)
     return out
 
@@ -76,71 +86,91 @@ def _rule_for(module: nn.Module) -> _GradRule | None:
 class PerExampleGradients:
     """Hooks every layer that owns trainable parameters and collects per-example gradients.
 
-    Usage per micro-batch: run forward + backward with grad enabled, then :meth:`pop` returns
-    ``{param_name: Tensor[B, *param.shape]}``. With ``loss_reduction="mean"`` the loss is taken to be the mean
-    of per-example losses over the realised batch, so hooks rescale by ``B`` to recover each example's own
-    gradient.
+    Usage per micro-batch: set :attr:`expected_batch_size`, run forward + backward with grad enabled, then
+    :meth:`pop` returns ``{param_name: Tensor[B, *param.shape]}``. With ``loss_reduction="mean"`` the loss is
+    taken to be the mean of per-example losses over the realised batch, so hooks rescale by ``B`` to recover each
+    example's own gradient.
+
+    Names are those of ``model.named_parameters()``: a parameter shared by several modules (tied embedding and
+    output head) appears once, under its first name, and its per-example gradient sums every module's share.
+    Only parameters with ``requires_grad`` get gradients, so a layer may train its weight and freeze its bias.
+
+    Attributes:
+        expected_batch_size: the realised number of examples in the coming micro-batch (not the expected
+            ``qN`` of Poisson sampling). When set, every hooked layer must see exactly that many rows; when
+            ``None``, layers need only agree with each other.
 
     Raises:
         DPLightningError: a trainable parameter lives in a layer type without a per-example rule, a module has
-            batch norm (which mixes examples), or nothing is trainable.
+            batch norm (which mixes examples), nothing is trainable, or a layer's leading dimension is not the
+            batch.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
         self.loss_reduction = loss_reduction
         # Extra factor undone on every backprop; Lightning divides the loss by accumulate_grad_batches.
         self.loss_scale = 1.0
-        self.param_names: list[str] = []
+        # Layers agreeing with each other is not enough: a model that flattens [B, S, d] to [B*S, d] before a
+        # layer makes every token an "example", and one real example would then be clipped several times.
+        self.expected_batch_size: int | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._grads: dict[str, Tensor] = {}
         self._batch_size: int | None = None
+        # named_parameters() lists a tied parameter once, under its first name; callers key by these names.
+        canonical = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         for mod_name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                raise DPLightningError(
-                    f"module '{mod_name}' is batch norm, which mixes examples and breaks per-example privacy; "
-                    "replace it with GroupNorm or LayerNorm"
-                )
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            if not own:
-                continue
-            rule = _rule_for(module)
-            if rule is None:
-                raise DPLightningError(
-                    f"trainable parameters of '{mod_name}' ({type(module).__name__}) have no per-example gradient "
-                    "rule; freeze them or use Linear/Embedding/LayerNorm layers"
-                )
-            full = {n: f"{mod_name}.{n}" if mod_name else n for n in own}
-            self.param_names.extend(full.values())
-            self._handles.append(module.register_forward_hook(self._make_hook(rule, full)))
+            _reject_batch_norm(mod_name, module)
+            full = {n: canonical[id(p)] for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if full:
+                rule = _checked_rule(mod_name, module)
+                self._handles.append(module.register_forward_hook(self._make_hook(mod_name, rule, full)))
+        self.param_names: list[str] = list(canonical.values())
         if not self.param_names:
-            raise DPLightningError("the model has no trainable parameters; unfreeze some (e.g. add LoRA adapters)")
+            raise DPLightningError(
+                "the model has no trainable parameters; unfreeze some (e.g. add LoRA adapters)"
+            )
 
-    def _make_hook(self, rule: _GradRule, full: dict[str, str]) -> Callable[..., None]:
+    def _make_hook(self, mod_name: str, rule: _GradRule, full: dict[str, str]) -> Callable[..., None]:
+        wanted = frozenset(full)
+
         def forward_hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
                 return
             activation = inputs[0].detach()
+            # Read once: the backward of this call must be checked against the batch it was run on.
+            expected = self.expected_batch_size
+            if expected is not None:
+                _check_expected(mod_name, "input", activation.shape[0], expected)
 
             def backward_hook(grad: Tensor) -> None:
                 batch = grad.shape[0]
-                if self._batch_size is None:
-                    self._batch_size = batch
-                elif self._batch_size != batch:
-                    raise DPLightningError(
-                        f"layer outputs disagree on the batch dimension ({self._batch_size} vs {batch}); "
-                        "per-example privacy needs the batch as the first dimension of every layer input"
-                    )
+                if expected is not None:
+                    _check_expected(mod_name, "output gradient", batch, expected)
+                else:
+                    self._check_consistent(batch)
                 factor = self.loss_scale * (batch if self.loss_reduction == "mean" else 1)
                 if factor != 1:
                     grad = grad * factor
-                for short, value in rule(module, activation, grad).items():
-                    name = full[short]
-                    prev = self._grads.get(name)
-                    self._grads[name] = value if prev is None else prev + value  # module called twice
+                for short, value in rule(module, activation, grad, wanted).items():
+                    self._add(full[short], value)
 
             output.register_hook(backward_hook)
 
         return forward_hook
+
+    def _check_consistent(self, batch: int) -> None:
+        if self._batch_size is None:
+            self._batch_size = batch
+        elif self._batch_size != batch:
+            raise DPLightningError(
+                f"layer outputs disagree on the batch dimension ({self._batch_size} vs {batch}); "
+                "per-example privacy needs the batch as the first dimension of every layer input"
+            )
+
+    def _add(self, name: str, value: Tensor) -> None:
+        # Summing covers a module called twice and a parameter tied across modules alike.
+        prev = self._grads.get(name)
+        self._grads[name] = value if prev is None else prev + value
 
     def pop(self) -> dict[str, Tensor]:
         """Per-example gradients of the last backward, ``{name: [B, *shape]}``; resets the store."""
@@ -153,3 +183,30 @@ class PerExampleGradients:
             handle.remove()
         self._handles.clear()
         self._grads.clear()
+
+
+def _reject_batch_norm(mod_name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        raise DPLightningError(
+            f"module '{mod_name}' is batch norm, which mixes examples and breaks per-example privacy; "
+            "replace it with GroupNorm or LayerNorm"
+        )
+
+
+def _checked_rule(mod_name: str, module: nn.Module) -> _GradRule:
+    rule = _rule_for(module)
+    if rule is None:
+        raise DPLightningError(
+            f"trainable parameters of '{mod_name}' ({type(module).__name__}) have no per-example gradient "
+            "rule; freeze them or use Linear/Embedding/LayerNorm layers"
+        )
+    return rule
+
+
+def _check_expected(mod_name: str, what: str, rows: int, expected: int) -> None:
+    if rows != expected:
+        raise DPLightningError(
+            f"layer '{mod_name or '<model>'}' has {rows} rows in its {what} but the micro-batch has {expected} "
+            "examples; per-example gradients need the batch as the first dimension of every layer input, so "
+            "keep inputs as [B, ..., d] instead of flattening the batch into other dimensions (e.g. [B*S, d])"
+        )
