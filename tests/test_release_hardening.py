@@ -1,0 +1,368 @@
+"""Regression tests for attacks on the release itself: floating-point low bits, mixed-precision sums, a
+non-finite record, predictable randomness, and loop settings that release part of a Poisson batch."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dplightning.strategies.dpsgd as dpsgd_module
+from dplightning.errors import DPLightningError
+from dplightning.privacy.clipping import clip_and_sum, clip_to_grid_and_sum, group_grids
+from dplightning.privacy.discretization import from_grid, l2_grid, to_grid
+from dplightning.privacy.noise_addition import NoiseSource
+from dplightning.privacy.per_example_grads import PerExampleGradients
+from dplightning.strategies import DPSGDStrategy, DPZOStrategy
+
+
+# --------------------------------------------------------------------------------------- low-bit attack
+def _float32_residual(x: float) -> float:
+    """Distance of a float64 from the nearest float32: ~0 when x is float32 noise, up to half its ulp if not."""
+    return abs(x - float(np.float32(x)))
+
+
+def _grid_residual(x: float, grid: float) -> float:
+    return abs(x / grid - round(x / grid))
+
+
+def low_bit_guess(release: float, without: float, with_: float, grid: float | None = None) -> int:
+    """Guess whether the release was computed from the sum ``with_`` (1) or ``without`` (0), from the low bits:
+    the true sum leaves a remainder that looks like the noise's own representation (float32, or the grid). On a
+    tie (nothing in the low bits), fall back to the likelihood: the nearer sum."""
+    r0, r1 = _float32_residual(release - without), _float32_residual(release - with_)
+    if grid is not None:
+        r0 += _grid_residual(release - without, grid)
+        r1 += _grid_residual(release - with_, grid)
+    if r0 == r1:
+        return int(abs(release - with_) < abs(release - without))
+    return int(r1 < r0)
+
+
+def _float_noise_release(total: float, std: float, gen: torch.Generator) -> float:
+    """The release as it was: a float64 sum plus float32-precision Gaussian noise."""
+    return total + float((torch.randn(1, generator=gen) * std).double())
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "laplace"])
+def test_low_bit_distinguisher_is_at_chance_on_the_dpzo_release(noise: str) -> None:
+    c, sigma, trials = 1.0, 20.0, 1000
+    strategy = DPZOStrategy(noise=noise, noise_multiplier=sigma, max_loss_diff=c, device="cpu")
+    strategy.noise_source.generator.manual_seed(1)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    old_correct = new_correct = 0
+    for _ in range(trials):
+        scalars = torch.from_numpy(rng.uniform(-c, c, 9))  # 8 others + the target example
+        member = int(rng.integers(2))
+        # The float mechanism: the distinguisher must work on it, or this test could not fail.
+        without, with_ = float(scalars[:8].sum()), float(scalars.sum())
+        old = _float_noise_release(with_ if member else without, sigma * c, gen)
+        old_correct += low_bit_guess(old, without, with_) == member
+        # The grid mechanism: the attacker knows both candidate sums exactly, in grid units.
+        u0, u1 = to_grid(scalars[:8], strategy.grid).sum(), to_grid(scalars, strategy.grid).sum()
+        release = float(strategy.privatize((u1 if member else u0).reshape(1))[0])
+        assert _grid_residual(release, strategy.grid) == 0.0  # every release is a multiple of the grid
+        g0, g1 = float(u0) * strategy.grid, float(u1) * strategy.grid
+        new_correct += low_bit_guess(release, g0, g1, strategy.grid) == member
+    assert old_correct / trials >= 0.75
+    assert new_correct / trials <= 0.56
+
+
+def test_lmo_release_is_on_the_grid() -> None:
+    from dplightning.privacy.mechanisms import LMOMechanism
+
+    strategy = DPZOStrategy(noise="lmo", lmo=LMOMechanism.laplace(1.0), noise_multiplier=2.0, device="cpu")
+    releases = torch.cat([strategy.privatize(torch.tensor([0.123456789])) for _ in range(200)])
+    units = releases / strategy.grid
+    assert torch.equal(units, torch.round(units))
+
+
+@pytest.mark.parametrize("sigma", [0.4, 300.0, 1e6])
+def test_discrete_gaussian_has_the_continuous_law(sigma: float) -> None:
+    draws = NoiseSource(seed=0).discrete_gaussian((20000,), sigma)
+    assert draws.dtype == torch.int64
+    x = draws.double().numpy()
+    if sigma < 1:  # far from continuous: compare with the exact probability masses
+        k = np.arange(-6, 7)
+        pmf = np.exp(-(k**2) / (2 * sigma**2))
+        pmf /= pmf.sum()
+        observed = np.array([(x == v).sum() for v in k])
+        keep = pmf * len(x) > 5
+        expected = pmf[keep] / pmf[keep].sum() * observed[keep].sum()
+        assert stats.chisquare(observed[keep], expected).pvalue > 1e-3
+        return
+    assert x.std() == pytest.approx(sigma, rel=0.03)
+    assert stats.kstest(x / sigma, "norm").pvalue > 1e-3
+    assert stats.kstest(x / (1.1 * sigma), "norm").pvalue < 1e-3  # the test can tell the scale
+
+
+def test_discrete_laplace_has_the_continuous_law() -> None:
+    draws = NoiseSource(seed=0).discrete_laplace((20000,), 1e5).double().numpy()
+    assert stats.kstest(draws / 1e5, "laplace").pvalue > 1e-3
+    assert abs(draws).mean() == pytest.approx(1e5, rel=0.03)
+
+
+@pytest.mark.parametrize(("sigma", "q", "units"), [(1.0, 0.01, 16), (0.8, 0.1, 8)])
+def test_discrete_gaussian_pld_matches_the_accounted_gaussian(sigma: float, q: float, units: int) -> None:
+    """The accountant charges the continuous Gaussian of multiplier σ; the release is the discrete Gaussian of
+    std σ·(C/γ) with integer sensitivity C/γ. dp_accounting's own discrete-Gaussian PLD agrees (to its
+    discretisation): a wrong unit conversion (σ vs σ·C/γ) would not."""
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
+    interval = 1e-4
+    ours = pld.from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=interval,
+                                       use_connect_dots=False).self_compose(50).get_epsilon_for_delta(1e-5)
+    discrete = pld.from_discrete_gaussian_mechanism(sigma * units, sensitivity=units, sampling_prob=q,
+                                                    value_discretization_interval=interval)
+    eps = discrete.self_compose(50).get_epsilon_for_delta(1e-5)
+    assert eps <= ours + 5e-4
+    assert eps == pytest.approx(ours, rel=2e-3)
+
+
+# -------------------------------------------------------------------------------- sensitivity, any precision
+class _Aligned(nn.Module):
+    """Every example's gradient points the same way: the worst case for summation error."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).sum(-1)
+
+
+def _clipped_sum(model: _Aligned, x: torch.Tensor, dtype: torch.dtype | None, exact: bool, c: float) -> torch.Tensor:
+    engine = PerExampleGradients(model, "sum")
+    try:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            loss = model(x).sum()
+        loss.backward()
+        grads = engine.pop()
+    finally:
+        engine.remove()
+    groups = {"all": ["fc.weight"]}
+    if exact:
+        grids = group_grids(groups, {"fc.weight": model.fc.weight.numel()}, {"all": c})
+        units, _ = clip_to_grid_and_sum(grads, groups, {"all": c}, grids)
+        return from_grid(units["fc.weight"], grids["all"])
+    summed, _ = clip_and_sum(grads, groups, {"all": c})
+    return summed["fc.weight"].double()
+
+
+@pytest.mark.parametrize("precision", [torch.bfloat16, None])
+def test_removing_one_of_1024_aligned_examples_moves_the_sum_by_at_most_c(precision: torch.dtype | None) -> None:
+    torch.manual_seed(0)
+    model, c = _Aligned(), 1.0
+    x = torch.randn(1, 64).expand(1024, 64).clone() * 3.0 + 0.01 * torch.randn(1024, 64)
+    full = _clipped_sum(model, x, precision, True, c)
+    model.zero_grad()
+    without = _clipped_sum(model, x[1:], precision, True, c)
+    assert float((full - without).norm()) <= c * (1 + 1e-9)
+    assert float(full.norm()) <= 1024 * c * (1 + 1e-9)
+
+
+def test_float_clip_and_sum_in_bf16_breaks_the_bound() -> None:
+    """The float path this replaces: in bf16 the same pair of sums differs by far more than C."""
+    torch.manual_seed(0)
+    model, c = _Aligned(), 1.0
+    x = torch.randn(1, 64).expand(1024, 64).clone() * 3.0 + 0.01 * torch.randn(1024, 64)
+    full = _clipped_sum(model, x, torch.bfloat16, False, c)
+    model.zero_grad()
+    without = _clipped_sum(model, x[1:], torch.bfloat16, False, c)
+    assert float((full - without).norm()) > c * (1 + 1e-3)
+
+
+def test_grid_rounding_keeps_the_norm_within_c() -> None:
+    gen = torch.Generator().manual_seed(0)
+    d, c = 4096, 0.7
+    grid = l2_grid(c, d)
+    grads = {"w": torch.randn(256, d, generator=gen, dtype=torch.float64) * 5}
+    units, _ = clip_to_grid_and_sum(grads, {"all": ["w"]}, {"all": c}, {"all": grid})
+    for i in range(0, 256, 17):  # each example alone
+        one, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid})
+        assert float(from_grid(one["w"], grid).norm()) <= c
+    assert units["w"].dtype == torch.int64
+
+
+# -------------------------------------------------------------------------------------- non-finite record
+class _Linear(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.fc(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _GradRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def _fit(strategy: Any, data: TensorDataset, batch_size: int, callbacks: list[pl.Callback] | None = None, **kw: Any) -> pl.Trainer:
+    kw.setdefault("max_steps", 1)
+    model = kw.pop("model", None) or _Linear()
+    trainer = pl.Trainer(
+        strategy=strategy, callbacks=callbacks or [], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=batch_size))
+    return trainer
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_one_non_finite_record_contributes_nothing_and_raises_nothing(bad: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen)
+    poisoned = x.clone()
+    poisoned[3] = bad
+    grads = {}
+    for name, inputs in (("clean", x), ("poisoned", poisoned)):
+        recorder = _GradRecorder()
+        strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu")  # q = 1: every example
+        _fit(strategy, TensorDataset(inputs, y), 16, [recorder])
+        grads[name] = recorder.grads[0]
+    for n, g in grads["poisoned"].items():
+        assert torch.isfinite(g).all(), n
+    # Without the record: the clean sum minus its clipped contribution (recomputed alone).
+    recorder = _GradRecorder()
+    _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu"), TensorDataset(x[3:4], y[3:4]), 1, [recorder])
+    for n in grads["clean"]:
+        expected = grads["clean"][n] * 16 - recorder.grads[0][n]
+        torch.testing.assert_close(grads["poisoned"][n] * 16, expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- grid on DP-SGD releases
+def test_dpsgd_release_is_an_integer_number_of_grid_steps() -> None:
+    model = _Linear().double()
+    data = TensorDataset(torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 2, (32,)))
+    recorder = _GradRecorder()
+    strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device="cpu")
+    trainer = pl.Trainer(
+        strategy=strategy, callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, max_steps=2,
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    (grid,) = strategy.grids().values()
+    for step in recorder.grads:
+        for g in step.values():
+            units = g * strategy.expected_batch_size / grid
+            assert torch.allclose(units, torch.round(units), rtol=0, atol=1e-3)
+            assert (units.abs() > 1e3).all()  # noise of σ·C/γ grid units: not trivially integral
+
+
+# ----------------------------------------------------------------------------------- predictable randomness
+def test_seeded_noise_warns_once_that_the_seed_must_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dpsgd_module, "_warned_seeded", False)
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    with pytest.warns(UserWarning, match="seed is secret"):
+        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8)
+    monkeypatch.setattr(dpsgd_module, "_warned_seeded", False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(DPSGDStrategy(noise_multiplier=1.0, secure_rng=True, device="cpu"), data, 8)
+    assert not [w for w in caught if "seed is secret" in str(w.message)]
+
+
+def test_secure_noise_is_not_downgraded_by_a_seeded_checkpoint() -> None:
+    seeded = DPSGDStrategy(noise_multiplier=1.0, seed=3, device="cpu")
+    secure = DPSGDStrategy(noise_multiplier=1.0, secure_rng=True, device="cpu")
+    secure._apply_dp_state(seeded.dp_state_dict())
+    assert secure.secure_rng and secure.noise_source.secure
+    a = secure.noise_source.discrete_gaussian((64,), 1e6)
+    b = NoiseSource(seed=3).discrete_gaussian((64,), 1e6)
+    assert not torch.equal(a, b)
+
+
+def test_secure_noise_source_ignores_the_seed() -> None:
+    a = NoiseSource(seed=0, secure=True).discrete_gaussian((32,), 1e3)
+    b = NoiseSource(seed=0, secure=True).discrete_gaussian((32,), 1e3)
+    assert not torch.equal(a, b)
+    c = NoiseSource(seed=0).discrete_gaussian((32,), 1e3)
+    assert torch.equal(c, NoiseSource(seed=0).discrete_gaussian((32,), 1e3))
+
+
+def test_poisson_masks_follow_secure_rng() -> None:
+    from dplightning.privacy.batch_selection import PoissonBatchSampler
+
+    seeded = [PoissonBatchSampler(1000, 0.1, seed=0).logical_batch(0) for _ in range(2)]
+    assert np.array_equal(*seeded)
+    secure = [PoissonBatchSampler(1000, 0.1, seed=0, secure_rng=True).logical_batch(0) for _ in range(2)]
+    assert not np.array_equal(*secure)
+
+
+# --------------------------------------------------------------------------------------- loop settings
+def test_partial_accumulation_is_refused() -> None:
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    with pytest.raises(DPLightningError, match="multiple of 2"):
+        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, accumulate_grad_batches=2,
+             limit_train_batches=3, max_steps=4)
+
+
+def test_partial_accumulation_is_refused_for_dpzo() -> None:
+    class Quadratic(_Linear):
+        def per_example_loss(self, batch: Any) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
+
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    with pytest.raises(DPLightningError, match="multiple of 2"):
+        _fit(DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu"), data, 4, accumulate_grad_batches=2,
+             limit_train_batches=3, max_steps=4, model=Quadratic())
+
+
+def test_several_training_dataloaders_are_refused() -> None:
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    trainer = pl.Trainer(
+        strategy=DPSGDStrategy(noise_multiplier=1.0, device="cpu"), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+    )
+    with pytest.raises(DPLightningError, match="one training dataloader"):
+        trainer.fit(_Linear(), [DataLoader(data, batch_size=8), DataLoader(data, batch_size=4)])
+
+
+def test_a_refused_step_clears_the_stored_per_example_norms() -> None:
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    probe = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    from dplightning.privacy.accounting import StepEvent
+
+    probe.accountant.record(StepEvent(1.0, 8 / 64))
+    strategy.max_epsilon = probe.epsilon() * 1.001  # one step fits, the second does not
+    trainer = _fit(strategy, data, 8, max_steps=3)
+    assert strategy.budget_exhausted and strategy.accountant.steps == 1
+    assert strategy.private_step_norms == {}
+    assert trainer.global_step <= 2
+
+
+# ----------------------------------------------------------------------------------- per-token clipping
+class _FlattensTokens(_Linear):
+    """Feeds ``[B·S, d]`` to its layer: per-row gradients would be per token, not per example."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        tokens = x.reshape(-1, 2, 4).reshape(-1, 4)  # each example is two "tokens"
+        return nn.functional.cross_entropy(self.fc(tokens), y.repeat_interleave(2))
+
+
+def test_a_model_that_flattens_examples_is_refused() -> None:
+    data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
+    with pytest.raises(DPLightningError, match="first dimension"):
+        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8, model=_FlattensTokens())
