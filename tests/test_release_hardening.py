@@ -366,3 +366,16 @@ def test_a_model_that_flattens_examples_is_refused() -> None:
     data = TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
     with pytest.raises(DPLightningError, match="first dimension"):
         _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8, model=_FlattensTokens())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_dpsgd_trains_under_either_precision_with_grid_releases(precision: str) -> None:
+    model = _Linear()
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    recorder = _GradRecorder()
+    strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.1, device="cpu")
+    _fit(strategy, data, 64, [recorder], precision=precision, model=model)
+    grad = recorder.grads[0]["fc.weight"]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # every example is clipped (C is small): the sum of 64 clipped gradients has norm ≤ 64·C
+    assert float(grad.norm()) * 64 <= 64 * 0.1 * (1 + 1e-6)
