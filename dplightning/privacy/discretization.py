@@ -11,11 +11,16 @@ allows (Mironov 2012; Jin et al. 2022). dplightning therefore releases integers 
    Laplace (Canonne, Kamath, Steinke 2020), so the release ``γ · (sum + noise)`` is an integer times ``γ``.
 
 Nothing about the data survives in low bits, and the arithmetic is exact whatever precision the model computes
-in. The discrete Gaussian with integer shifts has exactly the Rényi divergences (and so the zCDP and the
-Poisson-subsampled RDP at integer orders) of the continuous Gaussian with the same σ; its privacy-loss
-distribution matches the continuous one to the accountant's discretisation (checked against dp_accounting's
-discrete-Gaussian PLD in the tests). The discrete Laplace with integer sensitivity ``Δ`` and scale ``t`` is
-exactly ``Δ/t``-DP, as the continuous one.
+in. Accounting is unchanged, for these reasons:
+
+- The discrete Gaussian with integer shifts has exactly the Rényi divergences (so the zCDP and the
+  Poisson-subsampled RDP at integer orders) of the continuous Gaussian with the same σ relative to the
+  sensitivity.
+- The grids are fine: a sensitivity is ``C/γ ≥ 2^20`` grid units, so the noise spans millions of grid points
+  and every sum over the lattice that the privacy-loss distribution is made of equals the continuous integral
+  far below the accountant's discretisation (checked against dp_accounting's discrete-Gaussian PLD in the
+  tests, where a unit mix-up would show). The same holds for the discrete Laplace and the discrete LMO noise
+  (a discrete Laplace given the mixing variable), whose pure-ε bound ``Δ/t`` is even exact.
 """
 
 from __future__ import annotations
