@@ -23,7 +23,8 @@ class PrivacyBudget(Callback):
 
     Args:
         target_epsilon: budget; ``None`` keeps the strategy's own ``target_epsilon``.
-        target_delta: δ at which ε is reported; ``None`` uses the strategy's ``target_delta``.
+        target_delta: δ at which ε is reported. The strategy enforces its budget at its own ``target_delta``, so
+            a different δ here is refused at setup (set it on the strategy instead); ``None`` takes the strategy's.
         log_every_n_steps: compute and log ε every n optimizer steps (ε queries cost a PLD composition).
         log_group_thresholds: also log each group's clip threshold.
     """
@@ -36,7 +37,9 @@ class PrivacyBudget(Callback):
         log_group_thresholds: bool = True,
     ) -> None:
         if target_epsilon is not None and target_epsilon <= 0:
-            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget")
+            raise PrivacyBudgetError(
+                f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget"
+            )
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
         self.log_every_n_steps = max(1, log_every_n_steps)
@@ -56,12 +59,28 @@ class PrivacyBudget(Callback):
                 f"PrivacyBudget needs a private strategy, got {type(strategy).__name__}; "
                 "set Trainer(strategy=DPSGDStrategy(...)) or DPZOStrategy(...)"
             )
+        self._check_delta(strategy)
         self._strategy = strategy
         if self.target_epsilon is not None:
             current = strategy.max_epsilon
-            strategy.max_epsilon = self.target_epsilon if current is None else min(current, self.target_epsilon)
+            strategy.max_epsilon = (
+                self.target_epsilon if current is None else min(current, self.target_epsilon)
+            )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def _check_delta(self, strategy: Any) -> None:
+        # The strategy's guard and σ calibration work at its own δ. A budget reported at another δ would either
+        # claim a guarantee nothing enforces (smaller δ) or stop at a reported ε below the budget (larger δ).
+        if self.target_delta is None or float(self.target_delta) == float(strategy.target_delta):
+            return
+        raise DPLightningError(
+            f"PrivacyBudget(target_delta={self.target_delta:g}) differs from the strategy's target_delta="
+            f"{strategy.target_delta:g}, the δ at which the budget is enforced; set the strategy's target_delta to "
+            f"{self.target_delta:g} and drop PrivacyBudget's target_delta"
+        )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # Checked here, not at the end of the previous batch: controllers (RLDPController, QuantileClipping) set
         # the next σ in their own on_train_batch_end, which may run after this callback's. A σ changed later in
         # this same hook is still covered: the strategy re-checks at release and skips a step that would not fit.
@@ -97,13 +116,11 @@ class PrivacyBudget(Callback):
             pl_module.log("privacy/epsilon", metrics.pop("privacy/epsilon"), prog_bar=True)
             pl_module.log_dict(metrics)
 
+    # The accountant is checkpointed by the strategy alone (checkpoint["dplightning"]): a second copy here could
+    # disagree with it and, restored later, silently replace the history the guard relies on.
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"stopped_on_budget": self.stopped_on_budget, "target_epsilon": self.target_epsilon}
-        if self._strategy is not None:
-            state["accountant"] = self._strategy.accountant.state_dict()
-        return state
+        return {"stopped_on_budget": self.stopped_on_budget, "target_epsilon": self.target_epsilon}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Older checkpoints also hold an "accountant" entry here; it is ignored on purpose (see above).
         self.stopped_on_budget = bool(state_dict.get("stopped_on_budget", False))
-        if self._strategy is not None and "accountant" in state_dict:
-            self._strategy.accountant.load_state_dict(state_dict["accountant"])
