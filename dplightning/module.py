@@ -1,7 +1,8 @@
 """`DPLoRAModule`: a Hugging Face causal LM with peft LoRA adapters that exposes per-example losses.
 
 Every privacy plugin (DP-SGD, DP-ZO, RLDP) works from :meth:`DPLoRAModule.per_example_loss`, so the module
-itself knows nothing about privacy. Only LoRA parameters are trainable; checkpoints hold only them.
+itself knows nothing about privacy. Only LoRA parameters are trainable; checkpoints hold only them. The training
+loss of the private batches is logged only with ``log_private_loss=True``: it is not covered by ε.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def _check_targets(model: nn.Module, targets: list[str], model_name: str) -> Non
     missing = [t for t in targets if t not in leaf_names]
     if missing:
         candidates = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or "Conv1D" in type(m).__name__}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) or "Conv1D" in type(m).__name__
+            }
         )
         raise DPLightningError(
             f"model '{model_name}' has no module named {missing} to put LoRA adapters on; "
@@ -54,6 +59,9 @@ class DPLoRAModule(pl.LightningModule):
         optimizer: ``"adamw"`` or ``"sgd"``.
         weight_decay: AdamW weight decay.
         seed: seed for the random initialisation of tiny models and LoRA ``A`` matrices.
+        log_private_loss: log ``train/loss``, the mean loss of each private training batch. It is computed
+            from private examples and is NOT covered by the (ε, δ) guarantee, so it is off by default; when on,
+            examples with a non-finite loss are left out of the logged mean.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class DPLoRAModule(pl.LightningModule):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         weight_decay: float = 0.0,
         seed: int = 0,
+        log_private_loss: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -121,9 +130,22 @@ class DPLoRAModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.per_example_loss(batch)
-        loss = losses.mean()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=losses.numel())
-        return loss
+        if self.hparams.log_private_loss:
+            # Opt-in only: this value is a raw function of the private batch, outside the (ε, δ) guarantee.
+            self.log(
+                "train/loss", self.finite_mean(losses.detach()), prog_bar=True, batch_size=losses.numel()
+            )
+        return losses.mean()
+
+    @staticmethod
+    def finite_mean(losses: Tensor) -> Tensor:
+        """Mean of the finite entries of ``losses`` (0 when none is finite).
+
+        One inf/NaN example would otherwise make the logged value inf/NaN and single out that record. No count
+        or flag goes with it, so the log does not say whether an example was left out.
+        """
+        finite = torch.isfinite(losses)
+        return torch.where(finite, losses, 0.0).sum() / finite.sum().clamp(min=1)
 
     def _eval_step(self, batch: Batch, metric: MeanMetric, prefix: str) -> None:
         logits = self(batch["input_ids"], batch.get("attention_mask"))
@@ -163,7 +185,9 @@ class DPLoRAModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.hparams.learning_rate)
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, Tensor]:

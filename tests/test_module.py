@@ -54,8 +54,15 @@ def test_lora_weights_change_after_a_private_step(tmp_path: Path) -> None:
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     data = TextDataModule(tokenizer="tiny-llama", num_records=64, max_length=32, batch_size=8)
     strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, clipping="per_adapter", device="cpu")
-    trainer = pl.Trainer(max_steps=2, strategy=strategy, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, datamodule=data)
     after = dict(model.named_parameters())
     changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
@@ -118,7 +125,79 @@ def test_model_and_data_seeds_differ_with_a_logger(tmp_path: Path) -> None:
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=1)
     data = TextDataModule(tokenizer="tiny-llama", num_records=60, max_length=16, batch_size=4, data_seed=0)
-    trainer = pl.Trainer(max_steps=1, logger=TensorBoardLogger(str(tmp_path)), limit_val_batches=0,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=TensorBoardLogger(str(tmp_path)),
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 1
+
+
+class _OneInfLoss(DPLoRAModule):
+    """Makes the first example's loss inf (a record the model cannot fit) and keeps the true per-example losses."""
+
+    def per_example_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = super().per_example_loss(batch)
+        self.seen = losses.detach().clone()
+        return losses + torch.where(torch.arange(losses.numel()) == 0, float("inf"), 0.0)
+
+
+def _fit_one_step(model: DPLoRAModule, tmp_path: Path, strategy: DPSGDStrategy | None = None) -> pl.Trainer:
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = TextDataModule(tokenizer="tiny-llama", num_records=64, max_length=16, batch_size=8)
+    # A real logger: without one Lightning leaves logged_metrics empty and the check would be vacuous.
+    trainer = pl.Trainer(
+        max_steps=1,
+        strategy=strategy or "auto",
+        logger=CSVLogger(str(tmp_path)),
+        log_every_n_steps=1,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def test_private_training_loss_is_not_logged_by_default(tmp_path: Path) -> None:
+    model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=0)
+    # Fixed-size batches: an empty Poisson batch skips training_step and would make this check vacuous.
+    strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device="cpu", poisson_sampling=False)
+    trainer = _fit_one_step(model, tmp_path, strategy)
+    assert trainer.global_step == 1
+    assert "train/loss" not in trainer.logged_metrics
+    assert "train/loss" not in trainer.callback_metrics
+
+
+def test_opted_in_training_loss_leaves_out_a_non_finite_example(tmp_path: Path) -> None:
+    model = _OneInfLoss(model_name="tiny-llama", lora_rank=4, seed=0, log_private_loss=True)
+    trainer = _fit_one_step(model, tmp_path)
+    logged = trainer.logged_metrics["train/loss"]
+    assert torch.isfinite(logged)
+    torch.testing.assert_close(logged, model.seen[1:].mean())
+    assert trainer.callback_metrics["train/loss"] == logged
+
+
+def test_finite_mean_of_no_finite_loss_is_zero() -> None:
+    assert DPLoRAModule.finite_mean(torch.tensor([float("nan"), float("inf")])) == 0.0
+    assert DPLoRAModule.finite_mean(torch.tensor([1.0, float("-inf"), 3.0])) == 2.0
+
+
+def test_log_private_loss_is_a_yaml_model_option(tmp_path: Path) -> None:
+    from dplightning.cli import _lightning_cli_class
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "model:\n  model_name: tiny-llama\n  lora_rank: 4\n  log_private_loss: true\n"
+        "data:\n  num_records: 16\ntrainer:\n  logger: false\n"
+    )
+    cli = _lightning_cli_class()(
+        DPLoRAModule, TextDataModule, run=False, args=["--config", str(cfg)], auto_configure_optimizers=False
+    )
+    assert cli.model.hparams.log_private_loss is True
