@@ -1,4 +1,4 @@
-"""Train a small classifier with DP-SGD on 1 process or 2 gloo processes and save the final weights.
+"""Train a small classifier with DP-SGD on 1 process or 2 gloo processes; save the initial and final weights.
 
 Run by tests/test_ddp.py:  python tests/scripts/ddp_run.py OUT.pt --devices 2 --noise 0.0
 """
@@ -54,9 +54,11 @@ def main() -> None:
         enable_model_summary=False,
     )
     model = Net()
+    initial = {f"initial.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     trainer.fit(model, DataLoader(data, batch_size=16))
     if trainer.is_global_zero:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state.update(initial)
         state["epsilon"] = torch.tensor(trainer.strategy.epsilon())
         torch.save(state, args.out)
 
