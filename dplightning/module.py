@@ -127,10 +127,15 @@ class DPLoRAModule(pl.LightningModule):
         nll_sum, count = self.token_nll(logits, batch["labels"])
         return nll_sum / count.clamp(min=1)
 
+    @property
+    def log_private_loss(self) -> bool:
+        """Whether the raw private-batch loss is logged (read by the strategies that log it themselves)."""
+        return bool(self.hparams.get("log_private_loss", False))
+
     # ------------------------------------------------------------------------------------------ steps
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         losses = self.per_example_loss(batch)
-        if self.hparams.log_private_loss:
+        if self.log_private_loss:
             # Opt-in only: this value is a raw function of the private batch, outside the (ε, δ) guarantee.
             self.log(
                 "train/loss", self.finite_mean(losses.detach()), prog_bar=True, batch_size=losses.numel()

@@ -379,3 +379,25 @@ def test_dpsgd_trains_under_either_precision_with_grid_releases(precision: str) 
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     # every example is clipped (C is small): the sum of 64 clipped gradients has norm ≤ 64·C
     assert float(grad.norm()) * 64 <= 64 * 0.1 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_dpzo_logs_the_private_loss_only_when_opted_in(opt_in: bool) -> None:
+    from dplightning.module import DPLoRAModule
+
+    model = DPLoRAModule(model_name="tiny-llama", log_private_loss=opt_in)
+    ids = torch.randint(0, 100, (32, 8))
+
+    class Listed(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": ids[i], "attention_mask": torch.ones(8)}
+
+    trainer = pl.Trainer(
+        strategy=DPZOStrategy(noise_multiplier=1.0, mu=1e-2, device="cpu"), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+    )
+    trainer.fit(model, DataLoader(Listed(), batch_size=8))
+    assert ("train/loss" in trainer.callback_metrics) == opt_in
