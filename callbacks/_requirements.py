@@ -5,6 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from dplightning.errors import DPLightningError
+from dplightning.strategies.dpsgd import DPSGDMixin
+from dplightning.strategies.dpzo import DPZOStrategy
+
+
+def require_dpsgd(strategy: Any, callback: str) -> None:
+    """Refuse anything but DP-SGD (per-example gradients, clip thresholds, a noised gradient sum).
+
+    DP-ZO releases one clipped scalar per direction: per-example gradient norms do not exist there, so a
+    clip-count release would be pure noise, per-example normalisation would be ignored and threshold updates
+    would act on the scalar's clip. DP-ZO is refused by class first because ``DPZOStrategy`` subclasses
+    ``DPSGDStrategy`` today; the positive DP-SGD check keeps refusing it (and look-alikes) if that changes.
+    """
+    if isinstance(strategy, DPZOStrategy):
+        raise DPLightningError(
+            f"{callback} adapts DP-SGD's per-example gradient clipping, but DPZOStrategy releases one "
+            "clipped scalar per step and has no per-example gradients; drop the callback or use DPSGDStrategy"
+        )
+    if not isinstance(strategy, DPSGDMixin):
+        raise DPLightningError(
+            f"{callback} drives DPSGDStrategy (per-example gradients), got {type(strategy).__name__}; "
+            "set trainer.strategy to DPSGDStrategy"
+        )
 
 
 def require_gaussian_noise(strategy: Any, callback: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from dplightning.callbacks._requirements import require_dpsgd
 from lightning.pytorch.callbacks import Callback
 
 from dplightning.errors import DPLightningError
@@ -37,11 +38,7 @@ class AutomaticClipping(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not hasattr(strategy, "normalization_stability"):
-            raise DPLightningError(
-                f"AutomaticClipping needs DPSGDStrategy (per-example gradients), got {type(strategy).__name__}; "
-                "set trainer.strategy to DPSGDStrategy"
-            )
+        require_dpsgd(strategy, "AutomaticClipping")  # DP-ZO has no per-example gradients to normalise
         strategy.normalization_stability = self.stability
         self._strategy = strategy
 

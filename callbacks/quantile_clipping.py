@@ -21,8 +21,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from dplightning.callbacks._requirements import require_gaussian_noise, require_single_device
-from dplightning.envs.rldp_core import ClipCountRelease, split_sigma
+from dplightning.callbacks._requirements import require_dpsgd, require_gaussian_noise, require_single_device
+from dplightning.envs.rldp_core import ClipCountRelease, count_noise_source, count_noise_state, split_sigma
 from lightning.pytorch.callbacks import Callback
 
 from dplightning.errors import DPLightningError
@@ -42,7 +42,7 @@ class QuantileClipping(Callback):
         count_budget_fraction: share of each step's privacy (in σ^-2 units) spent on the counts when
             ``count_noise_std`` is ``None``.
         min_threshold, max_threshold: bounds on every C_g (keeps the noise scale sane).
-        seed: seed of the count noise.
+        seed: seed of the count noise; with the strategy's ``secure_rng`` the noise comes from the OS CSPRNG.
     """
 
     def __init__(
@@ -79,18 +79,14 @@ class QuantileClipping(Callback):
         self.sigma_count = 0.0  # multiplier of the count channel relative to its sensitivity (= 2σ_b)
         self.last_unclipped_fraction: dict[str, float] = {}
         self._last_step = -1
-        self._generator_state: torch.Tensor | None = None
+        self._noise_state: dict[str, Any] | None = None  # count-noise stream saved by the run being resumed
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not hasattr(strategy, "set_clip_thresholds") or not hasattr(strategy, "private_step_norms"):
-            raise DPLightningError(
-                f"QuantileClipping adapts DPSGDStrategy's thresholds, got {type(strategy).__name__}; "
-                "set trainer.strategy to DPSGDStrategy"
-            )
+        require_dpsgd(strategy, "QuantileClipping")  # on DP-ZO the counts would be pure noise
         require_single_device(strategy, "QuantileClipping")
         require_gaussian_noise(strategy, "QuantileClipping")
         self.strategy = strategy
@@ -102,10 +98,10 @@ class QuantileClipping(Callback):
             self.sigma = float(strategy.effective_noise_multiplier)
         self._apply_split()
         groups = [[g] for g in strategy.group_names]
-        gen = torch.Generator().manual_seed(self.seed + 104729)
-        if self._generator_state is not None:  # resume: continue the count noise stream
-            gen.set_state(self._generator_state)
-        self.release = ClipCountRelease(groups, strategy.expected_batch_size, gen, centered=True)
+        # A resumed run continues the saved stream: re-seeding would draw steps 1…k's noise again.
+        steps_done = max(self._last_step, 0)
+        noise = count_noise_source(self.seed + 104729, strategy.secure_rng, self._noise_state, steps_done)
+        self.release = ClipCountRelease(groups, strategy.expected_batch_size, noise, centered=True)
 
     def count_fraction(self, sigma: float, num_groups: int) -> float:
         """Share of the step's σ^-2 spent on the counts. With σ_b per count and k counts, the centred count vector
@@ -179,12 +175,14 @@ class QuantileClipping(Callback):
 
     # ---------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"sigma": self.sigma, "last_step": self._last_step}
-        if self.release is not None:
-            state["generator"] = self.release.generator.get_state()
-        return state
+        # Before the first batch (e.g. saved right after a resume) the loaded stream is passed on unchanged.
+        noise = count_noise_state(self.release.noise) if self.release is not None else self._noise_state
+        return {"sigma": self.sigma, "last_step": self._last_step, "count_noise": noise}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sigma = state_dict.get("sigma")
         self._last_step = state_dict.get("last_step", -1)
-        self._generator_state = state_dict.get("generator")
+        self._noise_state = state_dict.get("count_noise")
+        # Checkpoints of earlier versions kept the bare generator state.
+        if self._noise_state is None and state_dict.get("generator") is not None:
+            self._noise_state = {"secure": False, "generator": state_dict["generator"]}

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from dplightning.callbacks._requirements import require_gaussian_noise, require_single_device
+from dplightning.callbacks._requirements import require_dpsgd, require_gaussian_noise, require_single_device
 from dplightning.envs.dp_training_env import DPTrainingEnv
 from dplightning.envs.rldp_core import (
     ActionMapper,
@@ -26,6 +26,8 @@ from dplightning.envs.rldp_core import (
     ClipCountRelease,
     action_groups,
     build_observation,
+    count_noise_source,
+    count_noise_state,
     reward,
     split_sigma,
 )
@@ -34,6 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from dplightning.checkpoint_io import atomic_write
 from dplightning.errors import DPLightningError
+from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.dpsgd import short_group_name
 
 COUNT_CHANNEL = "rldp_clip_counts"
@@ -58,7 +61,8 @@ class RLDPController(Callback):
         policy_path: load a pre-trained SAC policy (zip) instead of starting from scratch.
         save_policy_to: write the policy here (atomically) at the end and on every checkpoint.
         deterministic: act with the policy's mean (evaluation / transfer) and do not train the agent.
-        seed: seed of the agent and of the clip-count noise.
+        seed: seed of the agent and of the clip-count noise; with the strategy's ``secure_rng`` the count
+            noise comes from the OS CSPRNG instead.
     """
 
     def __init__(
@@ -137,10 +141,7 @@ class RLDPController(Callback):
         if stage != "fit":
             return
         strategy = trainer.strategy
-        if not hasattr(strategy, "set_clip_thresholds") or not hasattr(strategy, "auxiliary_noise_multipliers"):
-            raise DPLightningError(
-                f"RLDPController drives DPSGDStrategy, got {type(strategy).__name__}; set trainer.strategy to it"
-            )
+        require_dpsgd(strategy, "RLDPController")  # DP-ZO has no per-example norms to count
         require_single_device(strategy, "RLDPController")
         require_gaussian_noise(strategy, "RLDPController")
         if strategy.target_epsilon is None and strategy.max_epsilon is None:
@@ -172,8 +173,7 @@ class RLDPController(Callback):
             strategy.accountant, target, strategy.target_delta, strategy.sample_rate, strategy.planned_steps,
             self.mapper.sigma_max,
         )
-        gen = torch.Generator().manual_seed(self.seed + 7919)
-        self.counts = ClipCountRelease(groups, strategy.expected_batch_size, gen)
+        self.counts = ClipCountRelease(groups, strategy.expected_batch_size, self._count_noise(strategy))
         self._apply_sigma(base_sigma)
         env = DPTrainingEnv(mode="live", num_groups=len(groups))
         if self.policy_path is not None:
@@ -192,6 +192,13 @@ class RLDPController(Callback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
+
+    def _count_noise(self, strategy: Any) -> NoiseSource:
+        """The count-noise source; a resumed run continues the saved stream, since re-seeding would draw the
+        noise of steps 1…k again and differencing the two releases of those counts removes it."""
+        saved = self._pending_state or {}
+        steps_done = max(saved.get("last_step", -1), 0)
+        return count_noise_source(self.seed + 7919, strategy.secure_rng, saved.get("count_noise"), steps_done)
 
     def _apply_sigma(self, sigma: float) -> None:
         """Split σ between the gradient and the clip counts so the step costs exactly σ."""
@@ -325,8 +332,8 @@ class RLDPController(Callback):
         return atomic_write(path, lambda fh: fh.write(data))
 
     def state_dict(self) -> dict[str, Any]:
-        if self.agent is None:
-            return {}
+        if self.agent is None:  # not started yet (e.g. saved right after a resume): pass the loaded state on
+            return dict(self._pending_state or {})
         replay = io.BytesIO()
         self.agent.save_replay_buffer(replay)
         return {
@@ -339,6 +346,7 @@ class RLDPController(Callback):
             "base_sigma": self.mapper.base_sigma if self.mapper else None,
             "base_clips": dict(self.mapper.base_clips) if self.mapper else None,
             "sigma_count": self.sigma_count,
+            "count_noise": count_noise_state(self.counts.noise) if self.counts is not None else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

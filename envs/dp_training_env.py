@@ -164,7 +164,7 @@ class DPTrainingEnv(gym.Env):
         self.guard = BudgetGuard(
             self.accountant, self.target_epsilon, self.delta, self.q, self.total_steps, self.mapper.sigma_max
         )
-        self.counts = ClipCountRelease(self.mapper.groups, self.batch_size, torch.Generator().manual_seed(run_seed + 1))
+        self.counts = ClipCountRelease(self.mapper.groups, self.batch_size, NoiseSource(seed=run_seed + 1))
         self.sigma, self.clips = self.base_sigma, dict(base_clips)
         self.initial_loss = self.prev_loss = self.task.public_loss()
         self.t = 0
@@ -184,9 +184,16 @@ class DPTrainingEnv(gym.Env):
             [self.last_norms[g] / self.clips[g] for g in self.groups],
         )
 
+    def _next_batch(self) -> np.ndarray:
+        """The Poisson batch of the next step. Past one epoch the sampler moves on to the next epoch's fresh
+        masks, as the strategy's loader does: replaying an epoch's batches would void the subsampling
+        amplification the accountant charges for."""
+        epoch, index = divmod(self.accountant.steps, self.sampler.num_batches)
+        self.sampler.set_epoch(epoch)
+        return self.sampler.logical_batch(index)
+
     def _private_step(self, sigma_grad: float, sigma_count: float) -> None:
-        index = self.accountant.steps % self.sampler.num_batches
-        batch = self.sampler.logical_batch(index)
+        batch = self._next_batch()
         sums = {n: torch.zeros_like(p) for n, p in self.params.items()}
         norms: dict[str, torch.Tensor] = {}
         if len(batch):

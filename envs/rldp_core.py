@@ -3,7 +3,8 @@
 - :func:`action_groups` — which clipping groups one action coordinate moves.
 - :class:`ActionMapper` — action in ``[-1, 1]^(k+1)`` → per-group clip thresholds and a target σ.
 - :func:`split_sigma` — the gradient / clip-count noise split whose combination costs exactly σ.
-- :class:`ClipCountRelease` — privatised clip fractions (Gaussian noise on counts; charged via the split).
+- :class:`ClipCountRelease` — privatised clip fractions (Gaussian noise on counts; charged via the split),
+  drawing from :func:`count_noise_source` (seeded and checkpointed, or the OS CSPRNG).
 - :class:`BudgetGuard` — smallest σ ≥ the proposed one that keeps ε ≤ target even if every remaining step
   ran at σ_max; ``None`` when nothing does.
 - :func:`build_observation` — the fixed-size, normalised observation vector (layout in ``OBS_FIELDS``).
@@ -15,9 +16,11 @@ noisy gradient), or separately privatised and charged (clip fractions).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import PrivacyAccountant, StepEvent
+from dplightning.privacy.noise_addition import NoiseSource
 
 ActionScope = str  # "per_adapter" | "per_layer_group" | "global"
 ACTION_SCOPES = ("per_adapter", "per_layer_group", "global")
@@ -108,6 +112,39 @@ def split_sigma(sigma: float, count_budget_fraction: float) -> tuple[float, floa
     return pad * sigma / math.sqrt(1.0 - f), pad * sigma / math.sqrt(f)
 
 
+def count_noise_source(
+    seed: int, secure: bool, state: Mapping[str, Any] | None = None, steps_done: int = 0
+) -> NoiseSource:
+    """The noise source of a clip-count release.
+
+    ``secure`` (the strategy's ``secure_rng``) or a ``state`` saved by a secure run gives the OS CSPRNG:
+    nothing is restored, and a resumed secure run never falls back to a seeded stream. Otherwise the stream
+    is seeded and continues from ``state`` (see :func:`count_noise_state`): a resumed run must draw what the
+    uninterrupted run would have drawn, because re-drawing the noise of steps 1…k lets anyone difference two
+    releases of the same counts. A run resumed after ``steps_done`` releases without a saved stream gets a
+    stream keyed to the resume point instead of the start's.
+    """
+    state = state or {}
+    if secure or state.get("secure"):
+        return NoiseSource(seed=seed, secure=True)
+    if state.get("generator") is not None:
+        source = NoiseSource(seed=seed)
+        source.generator.set_state(state["generator"])
+        return source
+    if steps_done > 0:
+        digest = hashlib.sha256(f"dplightning-count-noise:{seed}:{steps_done}".encode()).digest()
+        return NoiseSource(seed=int.from_bytes(digest[:8], "little"))
+    return NoiseSource(seed=seed)
+
+
+def count_noise_state(source: NoiseSource) -> dict[str, Any]:
+    """What a checkpoint keeps of a count-noise source: the seeded stream's position, or only the fact that
+    the CSPRNG was used (there is nothing to restore, and nothing that could replay)."""
+    if source.secure:
+        return {"secure": True}
+    return {"secure": False, "generator": source.generator.get_state()}
+
+
 class ClipCountRelease:
     """Releases, per action group ``j``, the noisy count ``Σ_i mean_{g∈j} 1[||g_i|| > C_g] + N(0, s²)``.
 
@@ -117,17 +154,27 @@ class ClipCountRelease:
     ``centered=True`` (Andrew et al. 2021) releases ``Σ_i (1[clipped] − ½)`` instead: each example moves each
     count by at most ½, so the sensitivity halves to ``√k/2`` and the same ``σ_count`` needs half the noise
     std. The fraction is then ``noisy centred sum / m + ½`` with ``m`` the expected batch size.
+
+    ``noise`` is seeded or the OS CSPRNG (:func:`count_noise_source`).
     """
 
     def __init__(
-        self, groups: list[list[str]], expected_batch_size: float, generator: torch.Generator, centered: bool = False
+        self, groups: list[list[str]], expected_batch_size: float, noise: NoiseSource, centered: bool = False
     ) -> None:
         self.groups = groups
         self.expected_batch_size = expected_batch_size
-        self.generator = generator
+        self.noise = noise
         self.centered = centered
         self._sum = np.zeros(len(groups))
         self._n = 0
+
+    def _standard_normal(self, k: int) -> np.ndarray:
+        """``k`` draws of N(0, 1), float64."""
+        if self.noise.secure:
+            return self.noise.gaussian((k,), 1.0).double().numpy()
+        # Seeded runs draw float64 from the generator directly (not NoiseSource.gaussian's float32) so their
+        # count noise, and so every seeded result, stays what it was before the CSPRNG path existed.
+        return torch.randn(k, generator=self.noise.generator, dtype=torch.float64).numpy()
 
     def release(self, norms: Mapping[str, Tensor], thresholds: Mapping[str, float], sigma_count: float) -> np.ndarray:
         """One step's noisy clip fractions ``[k]`` (also accumulated for :meth:`interval_mean`)."""
@@ -139,7 +186,7 @@ class ClipCountRelease:
                 clipped = torch.stack([(norms[g] > thresholds[g]).double() for g in present]).mean(0)
                 counts[j] = float((clipped - 0.5).sum() if self.centered else clipped.sum())
         sensitivity = math.sqrt(k) * (0.5 if self.centered else 1.0)
-        noise = torch.randn(k, generator=self.generator, dtype=torch.float64).numpy() * sigma_count * sensitivity
+        noise = self._standard_normal(k) * sigma_count * sensitivity
         fractions = (counts + noise) / self.expected_batch_size + (0.5 if self.centered else 0.0)
         self._sum += fractions
         self._n += 1

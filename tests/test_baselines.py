@@ -270,6 +270,7 @@ def test_sigma_controllers_refuse_lmo_noise(callback: type[pl.Callback]) -> None
 
 
 def test_quantile_clipping_refuses_ddp() -> None:
-    strategy = SimpleNamespace(set_clip_thresholds=None, private_step_norms=None, world_size=2, noise="gaussian")
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    strategy.world_size = 2  # what a DDP strategy reports
     with pytest.raises(DPLightningError, match="without DDP"):
         QuantileClipping().setup(SimpleNamespace(strategy=strategy, callbacks=[]), Linear(), "fit")

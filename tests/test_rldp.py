@@ -17,6 +17,7 @@ from gymnasium.utils.env_checker import check_env
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import noise_for_target
+from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies import DPSGDStrategy
 
 
@@ -153,7 +154,7 @@ def test_clip_count_release_has_stated_noise() -> None:
     from dplightning.envs.rldp_core import ClipCountRelease
 
     groups = [["a"], ["b", "c"]]
-    release = ClipCountRelease(groups, expected_batch_size=10.0, generator=torch.Generator().manual_seed(0))
+    release = ClipCountRelease(groups, expected_batch_size=10.0, noise=NoiseSource(seed=0))
     norms = {"a": torch.tensor([0.5, 2.0, 3.0]), "b": torch.tensor([2.0, 0.1, 0.1]), "c": torch.tensor([2.0, 2.0, 0.1])}
     thresholds = {"a": 1.0, "b": 1.0, "c": 1.0}
     draws = np.stack([release.release(norms, thresholds, sigma_count=0.8) for _ in range(4000)])
@@ -274,9 +275,10 @@ def test_controller_refuses_lmo_noise_and_ddp() -> None:
     from types import SimpleNamespace
 
     def trainer(**overrides: object) -> SimpleNamespace:
-        fields = {"set_clip_thresholds": None, "auxiliary_noise_multipliers": {}, "world_size": 1,
-                  "noise": "gaussian", "target_epsilon": 8.0, "max_epsilon": None}
-        return SimpleNamespace(strategy=SimpleNamespace(**{**fields, **overrides}), datamodule=None)
+        strategy = DPSGDStrategy(target_epsilon=8.0, device="cpu")
+        for name, value in overrides.items():  # what an LMO or a DDP strategy would report
+            setattr(strategy, name, value)
+        return SimpleNamespace(strategy=strategy, datamodule=None)
 
     with pytest.raises(DPLightningError, match="noise='lmo'"):
         RLDPController().setup(trainer(noise="lmo"), pl.LightningModule(), "fit")
