@@ -36,7 +36,8 @@ from torch import nn
 
 from dplightning.privacy.accounting import make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
-from dplightning.privacy.clipping import clip_and_sum
+from dplightning.privacy.clipping import clip_to_grid_and_sum, group_grids
+from dplightning.privacy.discretization import from_grid
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import PerExampleGradients
 
@@ -194,20 +195,24 @@ class DPTrainingEnv(gym.Env):
 
     def _private_step(self, sigma_grad: float, sigma_count: float) -> None:
         batch = self._next_batch()
-        sums = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        sums = {n: torch.zeros(p.shape, dtype=torch.int64) for n, p in self.params.items()}
         norms: dict[str, torch.Tensor] = {}
+        grids = group_grids(self.groups, {n: p.numel() for n, p in self.params.items()}, self.clips)
         if len(batch):
             idx = torch.as_tensor(batch)
             self.task.model.zero_grad()
+            self.engine.expected_batch_size = len(batch)
             self.task.loss(self.task.x[idx], self.task.y[idx]).backward()
-            summed, norms = clip_and_sum(self.engine.pop(), self.groups, self.clips)
+            summed, norms = clip_to_grid_and_sum(self.engine.pop(), self.groups, self.clips, grids)
             sums.update(summed)
         c_total = math.sqrt(sum(c * c for c in self.clips.values()))
         with torch.no_grad():
             for g, names in self.groups.items():
                 sq = 0.0
+                std_units = sigma_grad * c_total / grids[g]  # same integer-grid release as DPSGDStrategy
                 for n in names:
-                    noisy = (sums[n] + self.noise.gaussian(sums[n].shape, sigma_grad * c_total)) / self.batch_size
+                    units = sums[n] + self.noise.discrete_gaussian(sums[n].shape, std_units)
+                    noisy = (from_grid(units, grids[g]) / self.batch_size).to(self.params[n].dtype)
                     sq += float(noisy.pow(2).sum())
                     self.params[n].sub_(self.learning_rate * noisy)
                 self.last_norms[g] = math.sqrt(sq) * self.batch_size

@@ -28,7 +28,10 @@ from torch import Tensor
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import PrivacyAccountant, StepEvent
+from dplightning.privacy.discretization import from_grid, to_grid
 from dplightning.privacy.noise_addition import NoiseSource
+
+COUNT_GRID = 2.0**-20  # grid of released clip counts: an example's value in [0, 1] spans 2^20 grid steps
 
 ActionScope = str  # "per_adapter" | "per_layer_group" | "global"
 ACTION_SCOPES = ("per_adapter", "per_layer_group", "global")
@@ -146,7 +149,7 @@ def count_noise_state(source: NoiseSource) -> dict[str, Any]:
 
 
 class ClipCountRelease:
-    """Releases, per action group ``j``, the noisy count ``Σ_i mean_{g∈j} 1[||g_i|| > C_g] + N(0, s²)``.
+    """Releases, per action group ``j``, the noisy count ``Σ_i mean_{g∈j} 1[||g_i|| > C_g]`` plus noise of std ``s``.
 
     Each example adds at most 1 to each of the ``k`` counts, so the count vector has L2 sensitivity ``√k`` and
     the noise std is ``s = σ_count·√k``. Fractions are averaged over the decision interval (less noise).
@@ -168,26 +171,24 @@ class ClipCountRelease:
         self._sum = np.zeros(len(groups))
         self._n = 0
 
-    def _standard_normal(self, k: int) -> np.ndarray:
-        """``k`` draws of N(0, 1), float64."""
-        if self.noise.secure:
-            return self.noise.gaussian((k,), 1.0).double().numpy()
-        # Seeded runs draw float64 from the generator directly (not NoiseSource.gaussian's float32) so their
-        # count noise, and so every seeded result, stays what it was before the CSPRNG path existed.
-        return torch.randn(k, generator=self.noise.generator, dtype=torch.float64).numpy()
-
     def release(self, norms: Mapping[str, Tensor], thresholds: Mapping[str, float], sigma_count: float) -> np.ndarray:
-        """One step's noisy clip fractions ``[k]`` (also accumulated for :meth:`interval_mean`)."""
+        """One step's noisy clip fractions ``[k]`` (also accumulated for :meth:`interval_mean`).
+
+        The counts are released on the grid ``γ = 2^-20`` (an integer sum plus discrete Gaussian noise, see
+        :mod:`dplightning.privacy.discretization`), so no low bit of the exact count survives in the release.
+        """
         k = len(self.groups)
-        counts = np.zeros(k)
+        units = torch.zeros(k, dtype=torch.int64)
         for j, members in enumerate(self.groups):
             present = [g for g in members if g in norms]
             if present:
                 clipped = torch.stack([(norms[g] > thresholds[g]).double() for g in present]).mean(0)
-                counts[j] = float((clipped - 0.5).sum() if self.centered else clipped.sum())
+                # Each example adds a value in [0, 1] (centred: [-1/2, 1/2]), still within it on the grid.
+                units[j] = to_grid(clipped - 0.5 if self.centered else clipped, COUNT_GRID).sum()
         sensitivity = math.sqrt(k) * (0.5 if self.centered else 1.0)
-        noise = self._standard_normal(k) * sigma_count * sensitivity
-        fractions = (counts + noise) / self.expected_batch_size + (0.5 if self.centered else 0.0)
+        noise = self.noise.discrete_gaussian((k,), sigma_count * sensitivity / COUNT_GRID)
+        counts = from_grid(units + noise, COUNT_GRID).numpy()
+        fractions = counts / self.expected_batch_size + (0.5 if self.centered else 0.0)
         self._sum += fractions
         self._n += 1
         return fractions

@@ -219,3 +219,17 @@ def test_noise_schedule_is_meaningful_on_gaussian_dpzo() -> None:
                enable_model_summary=False).fit(_Mean(), DataLoader(points, batch_size=8))
     assert used[0] > used[-1] and used[-1] == pytest.approx(used[0] * 0.5, rel=0.1)  # charged σ decayed
     assert strategy.epsilon() <= 3.0
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_clip_count_releases_are_on_the_count_grid(centered: bool) -> None:
+    from dplightning.envs.rldp_core import COUNT_GRID, ClipCountRelease
+    from dplightning.privacy.noise_addition import NoiseSource
+
+    release = ClipCountRelease([["a"], ["b", "c"]], 16.0, NoiseSource(seed=0), centered=centered)
+    gen = torch.Generator().manual_seed(0)
+    norms = {g: torch.rand(13, generator=gen, dtype=torch.float64) * 2 for g in "abc"}
+    for _ in range(20):
+        fractions = release.release(norms, {"a": 1.0, "b": 0.7, "c": 1.3}, sigma_count=3.0)
+        units = (fractions - (0.5 if centered else 0.0)) * 16.0 / COUNT_GRID
+        assert np.allclose(units, np.round(units), rtol=0, atol=1e-3)
