@@ -1,0 +1,49 @@
+"""Tokenised examples as a torch dataset, and their padding into causal-LM batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+class TokenizedDataset(Dataset):
+    """Token id sequences; item ``i`` is ``{"input_ids": list[int]}``."""
+
+    def __init__(self, input_ids: Sequence[Sequence[int]]) -> None:
+        self.input_ids = [list(ids) for ids in input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids[index]}
+
+
+class CausalLMCollator:
+    """Pads a list of ``{"input_ids": ...}`` items into a causal-LM batch.
+
+    Returns ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]`` (long) with ``T`` the longest item
+    (at most ``max_length``, longer items are truncated), padding on the right with ``pad_token_id`` and
+    labels ``-100`` on padding. An empty list gives three ``(0, 0)`` tensors. Picklable (worker processes).
+    """
+
+    def __init__(self, pad_token_id: int, max_length: int) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.max_length = int(max_length)
+
+    def __call__(self, items: Sequence[Mapping[str, Sequence[int] | Tensor]]) -> dict[str, Tensor]:
+        if len(items) == 0:
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
+        seqs = [torch.as_tensor(item["input_ids"], dtype=torch.long).reshape(-1)[: self.max_length] for item in items]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
