@@ -31,6 +31,26 @@ and 0.6 % for 10^5 steps at q = 0.001 (it grows roughly like steps × interval²
 or ε ≈ 40; an ``epsilon()`` after a step (recomposing the changed subtrees) ~90 ms for 10^4 steps at one σ,
 ~120 ms with 50 distinct σ. ``dp_accounting``'s default interval of 1e-4 is ~5x slower; 1e-3 is ~2x faster
 but 2 % off at 10^5 steps.
+
+**Tiny noise.** A PLD array spans the whole privacy-loss range at that resolution, about 1/σ² nats for the
+Gaussian: σ = 1e-6 asked ``dp_accounting`` for petabytes, σ = 0.01 ran for minutes. So before building
+anything the PLD accountant sizes each ``count × event`` it composes: one release's loss range from
+``dp_accounting``'s connect-the-dots bounds, and for a self-composition the window ``dp_accounting`` will
+allocate (its Chernoff bound, which is set in nats and so is measured on a cheap 2048-point probe PLD). Where
+an array would exceed :data:`PLD_MAX_POINTS` the whole query (PLDs compose only on one grid) moves to the grid
+``interval · 2^k`` that fits, and a composition that still outgrows the limit restarts one grid coarser. The
+pessimistic discretisation is an upper bound on any grid, and where this happens ε is in the hundreds or more,
+so the coarse grid costs little (σ = 0.05, q = 0.01, 300 steps: ε = 2525.66 on a grid of 0.032 in 0.18 s,
+2525.64 on 5e-4 in 13 s; see ``benchmarks/results/accountant_small_sigma.md``). Settings with ε ≲ 40 never
+reach the limit and give the same ε, bit for bit, as before. Past the coarsest usable grid (e^interval must
+stay far from overflow), and for Laplace / LMO releases whose worst-case loss exceeds 700 nats
+(``dp_accounting`` and :mod:`~dplightning.privacy.lmo_accounting` hold e^loss in float64), ε comes from RDP
+instead: ``dp_accounting``'s for the Gaussian and the full-batch Laplace mechanism, otherwise the pure-DP
+bound ε₀ = log(1 + q(e^L − 1)) of the release (L = 1/scale, or K/multiplier for LMO) as the RDP curve
+min(ε₀, αε₀²/2). RDP is the last resort because it is much looser there (σ = 0.01, q = 0.01, 300 steps: 1.63e6
+against the coarse PLD's 6.48e4) while both answer within a fraction of a second. The RDP accountant needs no
+such guard; its LMO curve uses the same pure-DP bound past 700 nats (the numerical one overflowed there, even
+to 0).
 """
 
 from __future__ import annotations
@@ -47,7 +67,9 @@ from typing import Any, ClassVar, Literal, get_args
 import dp_accounting
 import numpy as np
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
+from dp_accounting.pld import privacy_loss_mechanism as pld_mechanism
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
+from scipy import special
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy import lmo_accounting
@@ -57,6 +79,7 @@ __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_VALUE_DISCRETIZATION",
     "MECHANISMS",
+    "PLD_MAX_POINTS",
     "SIGMA_GRID_PER_DECADE",
     "SIGMA_SEARCH_RANGE",
     "AccountantKind",
@@ -91,6 +114,17 @@ DEFAULT_VALUE_DISCRETIZATION = 5e-4
 
 SIGMA_SEARCH_RANGE = (0.1, 1e4)
 """Interval searched by :func:`noise_for_target`. Below 0.1, ε is in the hundreds for any realistic run."""
+
+PLD_MAX_POINTS = 2**18
+"""Most points of one PLD probability array before :class:`PLDAccountant` coarsens its loss grid (tiny noise,
+see the module docstring). Read when a query is first answered, so change it only in a fresh process."""
+
+# coarsest PLD loss grid: dp_accounting needs e^interval far from float64 overflow (e^709)
+_PLD_MAX_INTERVAL = 300.0
+# Laplace / LMO releases with a larger worst-case loss overflow e^loss in dp_accounting / lmo_accounting
+_MAX_RELEASE_LOSS = 700.0
+_PROBE_POINTS = 2048  # resolution of the probe PLD that sizes dp_accounting's self-composition window
+_TAIL_MASS = 1e-15  # dp_accounting's default tail_mass_truncation of compose / self_compose
 
 _STATE_VERSION = 1
 _EventCounts = list[tuple["StepEvent", int]]
@@ -130,7 +164,9 @@ class StepEvent:
                 f"sample_rate must be in (0, 1], got {self.sample_rate!r}; use expected batch size / dataset size"
             )
         if self.mechanism not in MECHANISMS:
-            raise DPLightningError(f"unknown mechanism {self.mechanism!r}; use 'gaussian', 'laplace' or 'lmo'")
+            raise DPLightningError(
+                f"unknown mechanism {self.mechanism!r}; use 'gaussian', 'laplace' or 'lmo'"
+            )
         if self.release not in RELEASES:
             raise DPLightningError(f"unknown release {self.release!r}; use 'scalar' or 'vector'")
         if self.mechanism == "lmo":
@@ -149,7 +185,9 @@ class StepEvent:
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
         if self.mechanism == "lmo":
-            raise DPLightningError("dp_accounting has no event for LMO noise; account it with PLDAccountant/RDPAccountant")
+            raise DPLightningError(
+                "dp_accounting has no event for LMO noise; account it with PLDAccountant/RDPAccountant"
+            )
         inner: dp_accounting.DpEvent
         if self.mechanism == "gaussian":
             inner = dp_accounting.GaussianDpEvent(self.noise_multiplier)
@@ -257,7 +295,9 @@ class PrivacyAccountant(abc.ABC):
         """Record ``num_steps`` releases of ``event``."""
         count = _as_count(num_steps)
         if not isinstance(event, StepEvent):
-            raise DPLightningError(f"record() needs a StepEvent, got {type(event).__name__}; wrap it in StepEvent")
+            raise DPLightningError(
+                f"record() needs a StepEvent, got {type(event).__name__}; wrap it in StepEvent"
+            )
         event = self._canonical(event)
         if count == 0:
             return
@@ -433,8 +473,7 @@ class PrivacyAccountant(abc.ABC):
 # --------------------------------------------------------------------------------------------------- PLD
 
 
-@lru_cache(maxsize=128)
-def _base_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribution:
+def _single_release_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribution:
     """PLD of a single release of ``event`` (what ``dp_accounting.pld.PLDAccountant`` builds for it)."""
     if event.mechanism == "gaussian":
         return pld_lib.from_gaussian_mechanism(
@@ -450,6 +489,12 @@ def _base_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribut
         sampling_prob=event.sample_rate,
         value_discretization_interval=interval,
     )
+
+
+@lru_cache(maxsize=128)
+def _base_pld(event: StepEvent, interval: float) -> pld_lib.PrivacyLossDistribution:
+    """:func:`_single_release_pld`, cached."""
+    return _single_release_pld(event, interval)
 
 
 @lru_cache(maxsize=8)
@@ -471,11 +516,170 @@ def _priority(event: StepEvent) -> int:
     return int.from_bytes(digest, "big")
 
 
+# ----------------------------------------------------------------------------------- PLD size (tiny noise)
+
+
+class _Oversized(Exception):
+    """A composed PLD came out larger than :data:`PLD_MAX_POINTS`: the query restarts on a coarser grid."""
+
+    def __init__(self, points: int) -> None:
+        super().__init__(points)
+        self.points = points
+
+
+def _pmfs(pld: pld_lib.PrivacyLossDistribution) -> tuple[Any, ...]:
+    # dp_accounting has no public accessor for a PLD's size or probabilities; its two PMFs (remove / add
+    # adjacency, the same object when symmetric) are the attributes below in every release since 0.4.
+    return (pld._pmf_remove,) if pld._symmetric else (pld._pmf_remove, pld._pmf_add)
+
+
+def _checked(pld: pld_lib.PrivacyLossDistribution) -> pld_lib.PrivacyLossDistribution:
+    """``pld``, unless one of its arrays exceeds :data:`PLD_MAX_POINTS` (then :class:`_Oversized`)."""
+    points = max(pmf.size for pmf in _pmfs(pld))
+    if points > PLD_MAX_POINTS:
+        raise _Oversized(points)
+    return pld
+
+
+def _release_loss_bound(event: StepEvent) -> float:
+    """Worst-case loss of one unsampled Laplace (1/scale) or LMO (K/multiplier) release; 0 for Gaussian."""
+    if event.mechanism == "gaussian":
+        return 0.0
+    lipschitz = 1.0 if event.lmo is None else event.lmo.log_lipschitz
+    return lipschitz / event.noise_multiplier  # inf, not an error, if it overflows
+
+
+@lru_cache(maxsize=1024)
+def _loss_range(event: StepEvent) -> float:
+    """Width (nats) of the loss support the PLD of one release of ``event`` spans; ``inf`` if it overflows."""
+    if event.mechanism == "lmo":
+        return 2.0 * _release_loss_bound(event)  # |log r| ≤ K·Δ; subsampling only shrinks the loss
+    loss_class = (
+        pld_mechanism.GaussianPrivacyLoss
+        if event.mechanism == "gaussian"
+        else pld_mechanism.LaplacePrivacyLoss
+    )
+    adjacencies = [pld_mechanism.AdjacencyType.REMOVE]
+    if event.sample_rate < 1.0:
+        adjacencies.append(pld_mechanism.AdjacencyType.ADD)
+    width = 0.0
+    try:
+        with np.errstate(all="ignore"):
+            for adjacency in adjacencies:
+                loss = loss_class(
+                    event.noise_multiplier, sampling_prob=event.sample_rate, adjacency_type=adjacency
+                )
+                bounds = loss.connect_dots_bounds()
+                width = max(width, float(bounds.epsilon_upper - bounds.epsilon_lower))
+    except (ArithmeticError, ValueError):  # σ so small that 1/σ² overflows
+        return math.inf
+    return width if math.isfinite(width) else math.inf
+
+
+@lru_cache(maxsize=64)
+def _probe_pld(event: StepEvent) -> tuple[float, pld_lib.PrivacyLossDistribution]:
+    """``(interval, PLD)`` of one release on a grid of about :data:`_PROBE_POINTS` points (cheap at any σ)."""
+    interval = min(_loss_range(event) / _PROBE_POINTS, _PLD_MAX_INTERVAL)
+    return interval, _single_release_pld(event, interval)
+
+
+@lru_cache(maxsize=1024)
+def _self_composed_width(event: StepEvent, count: int) -> float:
+    """Span (nats) of the window that ``self_compose(count)`` allocates: ``dp_accounting``'s Chernoff bound.
+
+    Its orders are set relative to the loss range, so the window in nats barely depends on the grid: it is
+    measured on the probe PLD, where it is cheap, instead of on the (possibly huge) real one.
+    """
+    interval, probe = _probe_pld(event)
+    return interval * max(_self_convolve_points(pmf.to_dense_pmf()._probs, count) for pmf in _pmfs(probe))
+
+
+def _self_convolve_points(probs: np.ndarray, count: int) -> int:
+    """Length of the window ``dp_accounting.pld.common.self_convolve`` allocates for ``count`` × ``probs``.
+
+    The same Chernoff bound as its ``compute_self_convolve_bounds`` (same orders, same rounding), evaluated
+    for all orders in one vectorised call instead of forty: this runs on every step of a training run.
+    """
+    size = len(probs)
+    orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / size
+    log_mgfs = special.logsumexp(np.outer(orders, np.arange(size)), b=probs, axis=1)
+    with np.errstate(all="ignore"):
+        bounds = (count * log_mgfs + math.log(2 / _TAIL_MASS)) / orders
+    usable = np.isfinite(bounds)
+    upper = min([(size - 1) * count, *np.ceil(bounds[usable & (orders > 0)]).astype(np.int64).tolist()])
+    lower = max([0, *np.floor(bounds[usable & (orders < 0)]).astype(np.int64).tolist()])
+    return upper - lower + 1
+
+
+def _leaf_width(event: StepEvent, count: int, interval: float) -> float:
+    """Span (nats) of the largest array built for ``count × event`` on ``interval`` (``inf``: no PLD)."""
+    if _release_loss_bound(event) > _MAX_RELEASE_LOSS:
+        return math.inf
+    if event.mechanism == "gaussian" and event.sample_rate == 1.0:  # one Gaussian of std σ/√count
+        return _loss_range(StepEvent(event.noise_multiplier / math.sqrt(count), 1.0))
+    width = _loss_range(event)
+    if count == 1 or count * width / interval <= PLD_MAX_POINTS:  # the window is at most count × the base
+        return width
+    if width / _PLD_MAX_INTERVAL > PLD_MAX_POINTS:  # not even one release fits: no probe needed
+        return math.inf
+    return max(width, _self_composed_width(event, count))
+
+
+def _grid_for(interval: float, width: float) -> float:
+    """``interval · 2^k`` for the smallest k ≥ 0 with ``width / (interval · 2^k) ≤ PLD_MAX_POINTS``.
+
+    Doubling keeps the grids of different queries nested and few (so caches hit); ``inf`` past
+    :data:`_PLD_MAX_INTERVAL` (the caller then falls back to RDP).
+    """
+    if not math.isfinite(width):
+        return math.inf
+    if width / interval <= PLD_MAX_POINTS:
+        return interval
+    coarse = interval * 2.0 ** math.ceil(math.log2(width / (interval * PLD_MAX_POINTS)))
+    return coarse if coarse <= _PLD_MAX_INTERVAL else math.inf
+
+
+@lru_cache(maxsize=4096)
+def _leaf_interval(event: StepEvent, count: int, interval: float) -> float:
+    """Grid on which ``count × event`` fits :data:`PLD_MAX_POINTS`, from ``interval`` up (``inf``: none)."""
+    return _grid_for(interval, _leaf_width(event, count, interval))
+
+
+def _coarser(interval: float, points: int) -> float:
+    """Grid for a composition that came out with ``points`` (> :data:`PLD_MAX_POINTS`) on ``interval``."""
+    return _grid_for(interval, points * interval)
+
+
+def _fallback_rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of one release for the PLD accountant's fallback (also Poisson-subsampled Laplace, via pure DP)."""
+    if event.mechanism == "laplace" and event.sample_rate < 1.0:
+        return _pure_rdp_curve(_pure_step_epsilon(_release_loss_bound(event), event.sample_rate), orders)
+    return _rdp_curve(event, orders)
+
+
+def _rdp_fallback_epsilon(pairs: _EventCounts, delta: float) -> float:
+    """ε of ``(event, count)`` pairs by RDP at ``dp_accounting``'s default orders: sound, looser than PLD."""
+    orders = tuple(float(a) for a in rdp_lib.DEFAULT_RDP_ORDERS)
+    total = np.zeros(len(orders))
+    for event, count in sorted(pairs, key=lambda kv: _sort_key(kv[0])):
+        total += count * _fallback_rdp_curve(event, orders)
+    eps, _ = rdp_lib.compute_epsilon(np.array(orders), total, delta)
+    return float(eps)
+
+
+# ------------------------------------------------------------------------------------------ PLD accountant
+
+_Tree = tuple[
+    dict[bytes, pld_lib.PrivacyLossDistribution], dict[StepEvent, tuple[int, pld_lib.PrivacyLossDistribution]]
+]
+
+
 class PLDAccountant(PrivacyAccountant):
     """Privacy-loss-distribution accounting (``dp_accounting.pld``): tight ε, composed per grid σ along a treap.
 
     Args:
         value_discretization_interval: PLD loss grid; smaller is more accurate and slower (error ~ interval²).
+            Queries whose arrays would exceed :data:`PLD_MAX_POINTS` use a coarser one (module docstring).
     """
 
     kind: ClassVar[AccountantKind] = "pld"
@@ -483,10 +687,9 @@ class PLDAccountant(PrivacyAccountant):
     def __init__(self, value_discretization_interval: float = DEFAULT_VALUE_DISCRETIZATION) -> None:
         super().__init__()
         self._interval = self._check_interval(value_discretization_interval)
-        self._nodes: dict[bytes, pld_lib.PrivacyLossDistribution] = {}
-        self._leaves: dict[StepEvent, tuple[int, pld_lib.PrivacyLossDistribution]] = {}
-        self._composed: pld_lib.PrivacyLossDistribution | None = None
-        self._composed_valid = False
+        self._trees: dict[float, _Tree] = {}  # per loss grid: subtree PLDs by digest, leaf PLDs by event
+        self._natural: tuple[float, pld_lib.PrivacyLossDistribution | None] | None = None
+        self._coarse: dict[float, pld_lib.PrivacyLossDistribution] = {}
 
     @staticmethod
     def _check_interval(value: Any) -> float:
@@ -511,7 +714,8 @@ class PLDAccountant(PrivacyAccountant):
         return super()._canonical(event)
 
     def _history_changed(self) -> None:
-        self._composed_valid = False
+        self._natural = None
+        self._coarse = {}
 
     def _settings(self) -> dict[str, Any]:
         return {**super()._settings(), "value_discretization_interval": self._interval}
@@ -519,36 +723,62 @@ class PLDAccountant(PrivacyAccountant):
     def _load_settings(self, state: dict[str, Any]) -> None:
         super()._load_settings(state)
         self._interval = self._check_interval(state.get("value_discretization_interval", self._interval))
-        self._nodes = {}
-        self._leaves = {}
-
-    def _leaf(self, event: StepEvent, count: int) -> pld_lib.PrivacyLossDistribution:
-        """PLD of ``count × event``, kept per event while it is in the history (the tree needs it again)."""
-        cached = self._leaves.get(event)
-        if cached is not None and cached[0] == count:
-            return cached[1]
-        leaf = _self_composed_pld(event, count, self._interval)
-        self._leaves[event] = (count, leaf)
-        return leaf
+        self._trees = {}
 
     def history_pld(self) -> pld_lib.PrivacyLossDistribution | None:
-        """The composed PLD of the history (``None`` if empty or if some step had no noise). Cached."""
-        if not self._composed_valid:
-            self._composed = self._compose_history()
-            self._composed_valid = True
-        return self._composed
+        """The composed PLD of the history, cached; ``None`` if empty, if some step had no noise, or if no
+        grid up to the coarsest fits :data:`PLD_MAX_POINTS` (ε then comes from RDP). Its grid is
+        :attr:`value_discretization_interval` unless the history is too large for it."""
+        return self._history_natural()[1]
 
-    def _compose_history(self) -> pld_lib.PrivacyLossDistribution | None:
-        """Compose the per-event PLDs along a treap keyed by event (priority = hash of the event).
+    def _history_natural(self) -> tuple[float, pld_lib.PrivacyLossDistribution | None]:
+        if self._natural is None:
+            self._natural = self._compose_history()
+        return self._natural
+
+    def _compose_history(self) -> tuple[float, pld_lib.PrivacyLossDistribution | None]:
+        """``(grid, PLD)`` of the history on the finest grid that fits :data:`PLD_MAX_POINTS`: ``(inf, None)``
+        if none does, ``(value_discretization_interval, None)`` if empty or some step had no noise."""
+        if not self._history or any(e.noise_multiplier == 0 for e in self._history):
+            self._trees = {}
+            return self._interval, None
+        interval = max(_leaf_interval(e, c, self._interval) for e, c in self._history.items())
+        while math.isfinite(interval):
+            try:
+                return interval, self._treap(interval)
+            except _Oversized as exc:
+                interval = _coarser(interval, exc.points)
+        return math.inf, None
+
+    def _history_on(self, interval: float) -> pld_lib.PrivacyLossDistribution | None:
+        """The history's PLD on ``interval`` (≥ its own grid); ``None`` if empty. May raise _Oversized."""
+        if not self._history:
+            return None
+        natural, pld = self._history_natural()
+        if interval == natural:
+            return pld
+        if interval not in self._coarse:
+            self._coarse[interval] = self._treap(interval)
+        return self._coarse[interval]
+
+    def _tree(self, interval: float) -> _Tree:
+        """The subtree and leaf caches of ``interval``'s grid; those of the two grids used last are kept."""
+        tree = self._trees.pop(interval, None) or ({}, {})
+        self._trees[interval] = tree
+        while len(self._trees) > 2:
+            del self._trees[next(iter(self._trees))]
+        return tree
+
+    def _treap(self, interval: float) -> pld_lib.PrivacyLossDistribution:
+        """Compose the per-event PLDs on ``interval`` along a treap keyed by event (priority = event hash).
 
         The treap's shape depends only on the set of events, each subtree's PLD is cached under a digest of its
         content, and a step changes one event's count: only the subtrees on that event's path (expected
         O(log k) of them) are recomposed, and the result does not depend on the order of the steps.
+        Raises :class:`_Oversized` if a composition outgrows :data:`PLD_MAX_POINTS`.
         """
         items = sorted(self._history.items(), key=lambda kv: _sort_key(kv[0]))
-        if not items or any(e.noise_multiplier == 0 for e, _ in items):
-            self._nodes, self._leaves = {}, {}
-            return None
+        old_nodes, leaves = self._tree(interval)
         n = len(items)
         priority = [_priority(e) for e, _ in items]
         left, right = [-1] * n, [-1] * n
@@ -580,23 +810,49 @@ class PLDAccountant(PrivacyAccountant):
             h.update(repr((*_sort_key(event), count)).encode())
             h.update(digests[hi] if hi >= 0 else b"-")
             key = h.digest()
-            pld = self._nodes.get(key)
+            pld = old_nodes.get(key)
             if pld is None:
-                pld = self._leaf(event, count)
+                pld = self._leaf(event, count, interval, leaves)
                 if lo >= 0:
-                    pld = values[lo].compose(pld)
+                    pld = _checked(values[lo].compose(pld))
                 if hi >= 0:
-                    pld = pld.compose(values[hi])
+                    pld = _checked(pld.compose(values[hi]))
             nodes[key] = pld
             digests[i], values[i] = key, pld
-        self._nodes = nodes  # keep exactly the current tree's subtrees
+        self._trees[interval] = (nodes, leaves)  # keep exactly the current tree's subtrees
         return values[root]
 
+    @staticmethod
+    def _leaf(
+        event: StepEvent,
+        count: int,
+        interval: float,
+        leaves: dict[StepEvent, tuple[int, pld_lib.PrivacyLossDistribution]],
+    ) -> pld_lib.PrivacyLossDistribution:
+        """PLD of ``count × event``, kept per event while it is in the history (the tree needs it again)."""
+        cached = leaves.get(event)
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        leaf = _self_composed_pld(event, count, interval)
+        leaves[event] = (count, leaf)
+        return leaf
+
     def _epsilon(self, delta: float, extra: _EventCounts) -> float:
-        pld = self.history_pld()
+        # PLDs compose only on one grid: the query's is the coarsest any of its parts needs
+        natural = self._history_natural()[0] if self._history else self._interval
+        interval = max([natural, *(_leaf_interval(e, c, self._interval) for e, c in extra)])
+        while math.isfinite(interval):
+            try:
+                return self._pld_epsilon(delta, extra, interval)
+            except _Oversized as exc:
+                interval = _coarser(interval, exc.points)
+        return _rdp_fallback_epsilon([*self._history.items(), *extra], delta)
+
+    def _pld_epsilon(self, delta: float, extra: _EventCounts, interval: float) -> float:
+        pld = self._history_on(interval)
         for event, count in extra:
-            part = _self_composed_pld(event, count, self._interval)
-            pld = part if pld is None else pld.compose(part)
+            part = _self_composed_pld(event, count, interval)
+            pld = part if pld is None else _checked(pld.compose(part))
         assert pld is not None
         return float(pld.get_epsilon_for_delta(delta))
 
@@ -609,8 +865,19 @@ def _rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
     """RDP of one release of ``event`` at ``orders`` (``dp_accounting.rdp.RdpAccountant``); read-only."""
     if event.mechanism == "lmo":
         assert event.lmo is not None
+        loss = _release_loss_bound(event)
+        if loss > _MAX_RELEASE_LOSS:
+            # lmo_accounting holds e^loss in float64, which overflows here (its bound was garbage, even 0);
+            # the release is pure K/multiplier-DP, for a scalar and for an L1 vector alike: a sound bound.
+            curve = _pure_rdp_curve(_pure_step_epsilon(loss, event.sample_rate), orders)
+            curve.setflags(write=False)
+            return curve
         curve = lmo_accounting.lmo_rdp(
-            event.lmo, 1.0 / event.noise_multiplier, event.sample_rate, orders, vector=event.release == "vector"
+            event.lmo,
+            1.0 / event.noise_multiplier,
+            event.sample_rate,
+            orders,
+            vector=event.release == "vector",
         )
         curve.setflags(write=False)
         return curve
@@ -619,6 +886,13 @@ def _rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
     curve = acc.rdp
     curve.setflags(write=False)
     return curve
+
+
+def _pure_rdp_curve(epsilon: float, orders: tuple[float, ...]) -> np.ndarray:
+    """RDP of a pure ε-DP release: ``min(ε, α ε²/2)`` (D_α ≤ D_∞; Bun & Steinke 2016, Proposition 3.3)."""
+    alphas = np.asarray(orders, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return np.minimum(epsilon, alphas * np.float64(epsilon) * epsilon / 2)
 
 
 class RDPAccountant(PrivacyAccountant):
@@ -800,6 +1074,17 @@ def noise_for_target(
                 break
             lo, jump = hi, jump * 2
 
+    if (
+        kind == "pld"
+        and _leaf_interval(
+            StepEvent(sigma_from_grid_index(lo), sample_rate, mechanism), n, DEFAULT_VALUE_DISCRETIZATION
+        )
+        != DEFAULT_VALUE_DISCRETIZATION
+    ):
+        # dp_accounting's own PLD accountant would build the oversized PLD this module coarsens: search
+        # with our ε directly
+        return sigma_from_grid_index(_bisect_grid(eps_at, target, lo, hi))
+
     if kind == "pld":
 
         def fresh() -> dp_accounting.PrivacyAccountant:
@@ -829,7 +1114,9 @@ def noise_for_target(
     return sigma_from_grid_index(k)
 
 
-def _lmo_noise_for_target(eps_at: Callable[[int], float], target: float, delta: float, q: float, n: int) -> float:
+def _lmo_noise_for_target(
+    eps_at: Callable[[int], float], target: float, delta: float, q: float, n: int
+) -> float:
     """Smallest grid multiplier found by doubling then bisection on the grid index with ``eps_at(k) ≤ target``."""
     k_min, k_max = (sigma_grid_index(s) for s in SIGMA_SEARCH_RANGE)
     jump = round(math.log10(2) * SIGMA_GRID_PER_DECADE)
@@ -846,13 +1133,21 @@ def _lmo_noise_for_target(eps_at: Callable[[int], float], target: float, delta: 
         hi, lo = lo, max(lo - jump, k_min)
     if lo <= k_min and eps_at(k_min) <= target:
         return sigma_from_grid_index(k_min)
+    return sigma_from_grid_index(_bisect_grid(eps_at, target, lo, hi))
+
+
+def _bisect_grid(eps_at: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+    """A grid index k in (lo, hi] with ``eps_at(k) ≤ target < eps_at(k − 1)``.
+
+    Needs ``eps_at(hi) ≤ target < eps_at(lo)``.
+    """
     while hi - lo > 1:  # invariant: eps_at(hi) ≤ target < eps_at(lo)
         mid = (lo + hi) // 2
         if eps_at(mid) <= target:
             hi = mid
         else:
             lo = mid
-    return sigma_from_grid_index(hi)
+    return hi
 
 
 def pure_epsilon_laplace(scale: float, sample_rate: float, steps: int) -> float:
@@ -867,14 +1162,16 @@ def pure_epsilon_laplace(scale: float, sample_rate: float, steps: int) -> float:
         return 0.0
     if event.noise_multiplier == 0:
         return math.inf
-    x, q = 1.0 / event.noise_multiplier, event.sample_rate
+    return n * _pure_step_epsilon(1.0 / event.noise_multiplier, event.sample_rate)
+
+
+def _pure_step_epsilon(x: float, q: float) -> float:
+    """``log(1 + q (e^x − 1))``: one Poisson-subsampled (rate q) release of an x-DP mechanism, no overflow."""
     if q == 1.0:
-        per_step = x
-    elif x > 30:  # log(q e^x + 1 − q) without overflow
-        per_step = x + math.log(q + (1 - q) * math.exp(-x))
-    else:
-        per_step = math.log1p(q * math.expm1(x))
-    return n * per_step
+        return x
+    if x > 30:  # log(q e^x + 1 − q) without overflow
+        return x + math.log(q + (1 - q) * math.exp(-x))
+    return math.log1p(q * math.expm1(x))
 
 
 def laplace_scale_for_pure_epsilon(epsilon: float, sample_rate: float, steps: int) -> float:
