@@ -1,13 +1,29 @@
-"""Lightning callbacks of dplightning (imported as ``dplightning.callbacks``)."""
+"""Lightning callbacks of dplightning (imported as ``dplightning.callbacks``).
 
-from dplightning.callbacks.automatic_clipping import AutomaticClipping
-from dplightning.callbacks.canary_audit import CanaryAudit
-from dplightning.callbacks.membership_inference_audit import MembershipInferenceAudit
-from dplightning.callbacks.noise_schedule import NoiseSchedule
-from dplightning.callbacks.privacy_budget import PrivacyBudget
-from dplightning.callbacks.quantile_clipping import QuantileClipping
-from dplightning.callbacks.rldp_controller import RLDPController
+Each callback is imported on first access (PEP 562 module ``__getattr__``), not when the package is: the
+controllers pull in heavy optional stacks (``RLDPController``: stable-baselines3 and gymnasium) that a run
+using only ``PrivacyBudget`` must not pay for, and ``from dplightning.callbacks import PrivacyBudget`` reads as
+before.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> submodule of this package that defines it.
+_EXPORTS: dict[str, str] = {
+    "AutomaticClipping": "automatic_clipping",
+    "CanaryAudit": "canary_audit",
+    "MembershipInferenceAudit": "membership_inference_audit",
+    "NoiseSchedule": "noise_schedule",
+    "PrivacyBudget": "privacy_budget",
+    "QuantileClipping": "quantile_clipping",
+    "RLDPController": "rldp_controller",
+}
+
+# Spelled out (not derived from _EXPORTS) so that linters and IDEs see the re-exports; a test keeps the two
+# in step.
 __all__ = [
     "AutomaticClipping",
     "CanaryAudit",
@@ -17,3 +33,25 @@ __all__ = [
     "QuantileClipping",
     "RLDPController",
 ]
+
+if TYPE_CHECKING:  # static analysers see the real classes; nothing is imported at run time
+    from dplightning.callbacks.automatic_clipping import AutomaticClipping
+    from dplightning.callbacks.canary_audit import CanaryAudit
+    from dplightning.callbacks.membership_inference_audit import MembershipInferenceAudit
+    from dplightning.callbacks.noise_schedule import NoiseSchedule
+    from dplightning.callbacks.privacy_budget import PrivacyBudget
+    from dplightning.callbacks.quantile_clipping import QuantileClipping
+    from dplightning.callbacks.rldp_controller import RLDPController
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        # AttributeError lets `from dplightning.callbacks import <submodule>` fall back to a submodule import.
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
