@@ -1,4 +1,4 @@
-"""Speed and peak memory of one DP-SGD step vs one non-private LoRA step vs Opacus (issue 4 "Speed").
+"""Speed and peak memory of one DP-SGD step vs one non-private LoRA step vs Opacus (speed and memory).
 
 Every variant trains LoRA (r=8, alpha=16, on ``q_proj``/``v_proj``) of :class:`DPLoRAModule` with AdamW on the
 *same* fixed batches of ``B x T`` tokens: pseudo-clinical notes from :class:`TextDataModule`, tokenised, concatenated
@@ -343,7 +343,7 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 def to_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
-        "# DP-SGD step overhead (issue 4 \"Speed\")",
+        "# DP-SGD step overhead (speed and memory)",
         "",
         f"Command: `{result['command']}`",
         "",

@@ -1,4 +1,4 @@
-"""LMO noise vs Gaussian noise at the same (ε, δ, q, T): noise per coordinate and held-out perplexity (issue 7).
+"""LMO noise vs Gaussian noise at the same (ε, δ, q, T): noise per coordinate and held-out perplexity.
 
 For each target ε in ``--epsilons`` (default 0.5, 1, 2, 3), with the δ, Poisson rate q = batch/N and T = steps of
 the training run:
@@ -152,7 +152,7 @@ def markdown(record: dict[str, Any]) -> str:
     """The results as a Markdown report (command first)."""
     s = record["settings"]
     lines = [
-        "# LMO vs Gaussian noise (issue 7)",
+        "# LMO vs Gaussian noise",
         "",
         f"Command: `{record['command']}`",
         "",

@@ -154,7 +154,7 @@ def _base_gain(row: dict[str, Any]) -> float | None:
 
 
 def targets(rows: dict[Key, dict[str, Any]]) -> list[str]:
-    """The issue's targets, computed from the cells (paired by seed; "met" judges the mean only)."""
+    """The comparison targets, computed from the cells (paired by seed; "met" judges the mean only)."""
     lines = [
         "### Targets (paired by seed: method minus reference, mean ± std over seeds)",
         "",

@@ -1,4 +1,4 @@
-"""Per-step overhead of the RLDP controller over plain DP-SGD (issue 5 "Overhead").
+"""Per-step overhead of the RLDP controller over plain DP-SGD (overhead).
 
 Two kinds of Lightning fit on identical data and seeds, alternated ``--repeats`` times (A, B, A, B):
 
@@ -257,7 +257,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     cfg = result["config"]
     lines = [
-        "# RLDP controller overhead per optimizer step (issue 5 \"Overhead\")",
+        "# RLDP controller overhead per optimizer step (overhead)",
         "",
         f"Command: `{result['command']}`",
         "",

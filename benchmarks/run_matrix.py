@@ -1,4 +1,4 @@
-"""Privacy–utility matrix (issue 9): every method × ε × seed on one fixed task, resumable, one JSON line per cell.
+"""Privacy–utility matrix: every method × ε × seed on one fixed task, resumable, one JSON line per cell.
 
 A *cell* is one private LoRA fine-tune, built exactly like ``dplightning fit --config``: the harness composes a
 config (the shared task below + the method's strategy and callbacks + ε + seed), writes it to
@@ -112,7 +112,7 @@ def _dpzo(noise: str, epsilon: float, delta: float, extra: dict[str, Any] | None
 
 BUDGET = {"class_path": "dplightning.callbacks.PrivacyBudget"}
 ADAMW = {"optimizer": "adamw", "learning_rate": 2e-3}
-ZO_SGD = {"optimizer": "sgd", "learning_rate": 5e-5}  # DESIGN §5: MeZO's LoRA setting
+ZO_SGD = {"optimizer": "sgd", "learning_rate": 5e-5}  # MeZO's LoRA setting
 
 
 def _lmo_params(config: str) -> dict[str, Any]:

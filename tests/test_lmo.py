@@ -1,4 +1,4 @@
-"""LMO-DP (issue 7): mechanism, sampler, sound accounting (PLD / RDP + convexity), search, strategies, configs."""
+"""LMO-DP: mechanism, sampler, sound accounting (PLD / RDP + convexity), search, strategies, configs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The results harness at its ``--quick`` size (issue 9): every quick method trains, rows are sound, reruns skip."""
+"""The results harness at its ``--quick`` size: every quick method trains, rows are sound, reruns skip."""
 
 from __future__ import annotations
 

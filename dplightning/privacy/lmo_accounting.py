@@ -254,7 +254,7 @@ def check_convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: flo
     if not ok.all():
         raise DPLightningError(
             f"the LMO mechanism's 1-D RDP curve is not convex in the shift (row {int(np.argmin(ok))}), "
-            "so the L1-vector accounting (DESIGN §6) does not apply; use a scalar release (PLD) or other mixture "
+            "so the L1-vector accounting (convexity in the shift) does not apply; use a scalar release (PLD) or other mixture "
             "parameters (e.g. from `dplightning privacy lmo-search --release vector`)"
         )
 
