@@ -401,3 +401,36 @@ def test_dpzo_logs_the_private_loss_only_when_opted_in(opt_in: bool) -> None:
     )
     trainer.fit(model, DataLoader(Listed(), batch_size=8))
     assert ("train/loss" in trainer.callback_metrics) == opt_in
+
+
+# ------------------------------------------------------------------------- large noise scales (exact sampler)
+@pytest.mark.parametrize("bits", [52, 54, 55.9])
+def test_large_discrete_noise_keeps_its_low_bits_random(bits: float) -> None:
+    """Float geometric draws at these scales are all even (2^53 and up): a release's parity would be the sum's."""
+    draws = NoiseSource(seed=0).discrete_laplace((20000,), 2.0**bits)
+    assert abs(float((draws % 2 != 0).double().mean()) - 0.5) < 0.02
+    assert abs(float((draws % 4 == 3).double().mean()) - 0.25) < 0.02
+    assert stats.kstest(draws.double().numpy() / 2.0**bits, "laplace").pvalue > 1e-3
+    gauss = NoiseSource(seed=1).discrete_gaussian((20000,), 2.0**bits / 64)
+    assert abs(float((gauss % 2 != 0).double().mean()) - 0.5) < 0.02
+
+
+def test_noise_beyond_int64_is_refused_or_added_exactly() -> None:
+    source = NoiseSource(seed=0)
+    with pytest.raises(ValueError, match="int64"):
+        source.discrete_laplace((4,), 2.0**60)
+    units = torch.full((2000,), 12345, dtype=torch.int64)
+    released = source.add_discrete_laplace(units, 2.0**70)
+    assert torch.isfinite(released).all()
+    # A wrapped cast would give the same extreme value (sum - 2^63) again and again.
+    assert released.unique().numel() == 2000
+    assert stats.kstest(released.numpy() / 2.0**70, "laplace").pvalue > 1e-3
+
+
+def test_lmo_with_a_mixing_variable_near_zero_never_wraps() -> None:
+    from dplightning.privacy.mechanisms import LMOMechanism
+
+    heavy = LMOMechanism(a1=1.0, a3=0.0, a4=0.0, gamma_shape=0.3, gamma_scale=1.0)
+    released = NoiseSource(seed=0).add_discrete_lmo(torch.zeros(20000, dtype=torch.int64), heavy, 2.0**40)
+    assert torch.isfinite(released).all()
+    assert (released.abs() != 2.0**63).all()
