@@ -434,3 +434,16 @@ def test_lmo_with_a_mixing_variable_near_zero_never_wraps() -> None:
     released = NoiseSource(seed=0).add_discrete_lmo(torch.zeros(20000, dtype=torch.int64), heavy, 2.0**40)
     assert torch.isfinite(released).all()
     assert (released.abs() != 2.0**63).all()
+
+
+def test_automatic_clipping_with_underflowing_norms_stays_within_c() -> None:
+    """Squares of float64 gradients near 1e-160 underflow: the computed norm is too small and C/(‖g‖+γ) with a
+    tiny γ over-scales. The integer re-check drops such an example instead of releasing it."""
+    c, grid = 1e-8, l2_grid(1e-8, 64)
+    grads = {"w": torch.full((3, 64), 1e-300, dtype=torch.float64)}
+    grads["w"][1] = torch.randn(64, dtype=torch.float64) * 1e-300
+    units, _ = clip_to_grid_and_sum(grads, {"all": ["w"]}, {"all": c}, {"all": grid}, stability=1e-300)
+    for i in range(3):
+        one, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid},
+                                      stability=1e-300)
+        assert float(from_grid(one["w"], grid).norm()) <= c

@@ -123,9 +123,25 @@ def clip_to_grid_and_sum(
         finite = torch.isfinite(norm)
         factors = clip_factors(norm.nan_to_num(0.0), thresholds[group] * (1.0 - CLIP_MARGIN), stability)
         factors = torch.where(finite, factors, torch.zeros_like(factors))
+        units = {}
         for n in names:
             g = wide[n]
             keep = finite.view(-1, *([1] * (g.dim() - 1)))
             contribution = torch.where(keep, g, torch.zeros_like(g)) * factors.view_as(keep)
-            summed[n] = to_grid(contribution, grids[group]).sum(0)
+            units[n] = to_grid(contribution.nan_to_num(0.0, 0.0, 0.0), grids[group])
+        within = _within_sensitivity(units, thresholds[group] / grids[group], p)
+        for n, u in units.items():
+            summed[n] = torch.where(within.view(-1, *([1] * (u.dim() - 1))), u, torch.zeros_like(u)).sum(0)
     return summed, norms
+
+
+def _within_sensitivity(units: Mapping[str, Tensor], bound: float, p: float) -> Tensor:
+    """Per example: does the rounded contribution keep its norm below ``bound`` grid units? By construction it
+    stays below ``bound·(1 − η/2)``; this re-check on the integers themselves (at ``bound·(1 − η/4)``) is a safety
+    net for float corner cases (norms that underflow, factors that overflow), whose examples then contribute 0."""
+    parts = [u.flatten(1).double() for u in units.values()]
+    if p == 1.0:
+        norm = torch.stack([x.abs().sum(1) for x in parts]).sum(0)
+    else:
+        norm = torch.stack([x.pow(2).sum(1) for x in parts]).sum(0).sqrt()
+    return norm <= bound * (1.0 - CLIP_MARGIN / 4)
