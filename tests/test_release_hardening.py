@@ -447,3 +447,17 @@ def test_automatic_clipping_with_underflowing_norms_stays_within_c() -> None:
         one, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid},
                                       stability=1e-300)
         assert float(from_grid(one["w"], grid).norm()) <= c
+
+
+def test_hooks_between_backward_and_release_never_see_the_raw_batch_gradient() -> None:
+    seen: list[Any] = []
+
+    class Spy(pl.Callback):
+        def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.append(pl_module.fc.weight.grad)
+
+    data = TensorDataset(torch.randn(32, 4) * 100, torch.randint(0, 2, (32,)))
+    recorder = _GradRecorder()
+    _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.1, device="cpu"), data, 32, [Spy(), recorder])
+    assert seen and all(g is None for g in seen)
+    assert float(recorder.grads[0]["fc.weight"].norm()) <= 0.1  # the optimizer still gets the release

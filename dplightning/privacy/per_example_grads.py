@@ -83,6 +83,10 @@ def _rule_for(module: nn.Module) -> _GradRule | None:
     return None
 
 
+def _discard_grad(param: Tensor) -> None:
+    param.grad = None
+
+
 class PerExampleGradients:
     """Hooks every layer that owns trainable parameters and collects per-example gradients.
 
@@ -125,6 +129,11 @@ class PerExampleGradients:
                 rule = _checked_rule(mod_name, module)
                 self._handles.append(module.register_forward_hook(self._make_hook(mod_name, rule, full)))
         self.param_names: list[str] = list(canonical.values())
+        # Autograd would also accumulate the raw batch gradient into p.grad, where Lightning's on_after_backward
+        # hooks, gradient-watching loggers and anything else could read it before the private release replaces
+        # it. Drop it as soon as it is accumulated: the release only uses the per-example gradients above.
+        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+            self._handles.append(p.register_post_accumulate_grad_hook(_discard_grad))
         if not self.param_names:
             raise DPLightningError(
                 "the model has no trainable parameters; unfreeze some (e.g. add LoRA adapters)"
