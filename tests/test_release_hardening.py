@@ -443,6 +443,7 @@ def test_automatic_clipping_with_underflowing_norms_stays_within_c() -> None:
     grads = {"w": torch.full((3, 64), 1e-300, dtype=torch.float64)}
     grads["w"][1] = torch.randn(64, dtype=torch.float64) * 1e-300
     units, _ = clip_to_grid_and_sum(grads, {"all": ["w"]}, {"all": c}, {"all": grid}, stability=1e-300)
+    assert float(from_grid(units["w"], grid).norm()) <= 3 * c
     for i in range(3):
         one, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid},
                                       stability=1e-300)
