@@ -20,7 +20,10 @@ in. Accounting is unchanged, for these reasons:
   and every sum over the lattice that the privacy-loss distribution is made of equals the continuous integral
   far below the accountant's discretisation (checked against dp_accounting's discrete-Gaussian PLD in the
   tests, where a unit mix-up would show). The same holds for the discrete Laplace and the discrete LMO noise
-  (a discrete Laplace given the mixing variable), whose pure-ε bound ``Δ/t`` is even exact.
+  (a discrete Laplace given the mixing variable), whose pure-ε bound ``Δ/t`` carries over as is.
+- The samplers (:class:`~dplightning.privacy.noise_addition.NoiseSource`) draw from 52-bit uniforms: their laws
+  are exact except in tails of probability below ~2^-50 (the geometric is cut at ~36 scales, the discrete
+  Gaussian's acceptance below 2^-53 is never met), which is far below any δ in use.
 """
 
 from __future__ import annotations
