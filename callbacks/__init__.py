@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "AutomaticClipping": "automatic_clipping",
     "CanaryAudit": "canary_audit",
+    "DownstreamAccuracy": "downstream_accuracy",
     "MembershipInferenceAudit": "membership_inference_audit",
     "NoiseSchedule": "noise_schedule",
     "PrivacyBudget": "privacy_budget",
@@ -27,6 +28,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "AutomaticClipping",
     "CanaryAudit",
+    "DownstreamAccuracy",
     "MembershipInferenceAudit",
     "NoiseSchedule",
     "PrivacyBudget",
@@ -37,6 +39,7 @@ __all__ = [
 if TYPE_CHECKING:  # static analysers see the real classes; nothing is imported at run time
     from dplightning.callbacks.automatic_clipping import AutomaticClipping
     from dplightning.callbacks.canary_audit import CanaryAudit
+    from dplightning.callbacks.downstream_accuracy import DownstreamAccuracy
     from dplightning.callbacks.membership_inference_audit import MembershipInferenceAudit
     from dplightning.callbacks.noise_schedule import NoiseSchedule
     from dplightning.callbacks.privacy_budget import PrivacyBudget

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "NoiseSchedule": "dplightning.callbacks",
     "MembershipInferenceAudit": "dplightning.callbacks",
     "CanaryAudit": "dplightning.callbacks",
+    "DownstreamAccuracy": "dplightning.callbacks",
     "DPTrainingEnv": "dplightning.envs",
     "LMOMechanism": "dplightning.privacy",
     "DPLightningError": "dplightning.errors",
@@ -37,8 +38,8 @@ _EXPORTS: dict[str, str] = {
 # Subpackages reachable as attributes after a bare ``import dplightning`` (``dplightning.privacy.compute_epsilon``),
 # also imported on first access only.
 _SUBMODULES = frozenset(
-    {"auditing", "callbacks", "checkpoint_io", "cli", "data", "envs", "errors", "models", "module", "privacy",
-     "strategies"}
+    {"auditing", "callbacks", "checkpoint_io", "cli", "data", "envs", "errors", "evaluation", "models", "module",
+     "privacy", "strategies"}
 )
 
 # Spelled out (not derived from _EXPORTS) so that linters and IDEs see the re-exports; a test keeps the two
@@ -52,6 +53,7 @@ __all__ = [
     "DPSGDStrategy",
     "DPTrainingEnv",
     "DPZOStrategy",
+    "DownstreamAccuracy",
     "LMOMechanism",
     "MembershipInferenceAudit",
     "NoiseSchedule",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects; nothing is 
     from dplightning.callbacks import (
         AutomaticClipping,
         CanaryAudit,
+        DownstreamAccuracy,
         MembershipInferenceAudit,
         NoiseSchedule,
         PrivacyBudget,

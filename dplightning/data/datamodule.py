@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from dplightning.data.collate import CausalLMCollator, TokenizedDataset
 from dplightning.data.generator import generate_records
 from dplightning.data.loaders import load_diabetes_csv, read_text_file
-from dplightning.data.notes import render_note
+from dplightning.data.notes import QA_QUESTIONS, append_qa, render_note
 from dplightning.data.schema import Record
 from dplightning.errors import DPLightningError
 
@@ -29,6 +29,23 @@ def _render_notes(records: list[Record], data_seed: int) -> list[str]:
     # Offset from data_seed so the phrasing stream is not the one that drew the records or the splits.
     rng = random.Random(data_seed * 1_000_003 + 17)
     return [render_note(r, rng) for r in records]
+
+
+def _append_qa_lines(notes: list[str], records: list[Record], qa_fraction: float, data_seed: int) -> list[str]:
+    """``notes`` where a seeded ``qa_fraction`` share gets one question/answer line about its own record.
+
+    Every note draws its coin and its field whatever ``qa_fraction`` is, so raising the fraction only adds
+    lines (the notes that had one keep the same one); one random field per note keeps each training text in
+    the shape of exactly one held-out prompt (note, question, answer, eos).
+    """
+    # Its own stream: the records, the phrasing and the splits stay exactly as without QA lines.
+    rng = random.Random(data_seed * 1_000_003 + 29)
+    fields = list(QA_QUESTIONS)
+    out = []
+    for note, record in zip(notes, records):
+        coin, field = rng.random(), rng.choice(fields)
+        out.append(append_qa(note, record, field) if coin < qa_fraction else note)
+    return out
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -51,6 +68,10 @@ class TextDataModule(pl.LightningDataModule):
         data_seed: seed of the synthetic data, the note phrasing and the splits (named apart from the model's
             ``seed`` so both can be set in one LightningCLI config).
         num_workers: dataloader worker processes.
+        qa_fraction: share of training notes (a seeded choice) that get one downstream question/answer line
+            appended, e.g. "Question: Was the patient readmitted? Answer: no", about a seeded random field of
+            :data:`~dplightning.data.notes.QA_QUESTIONS`; validation/test/public notes never get one. Needs a
+            record-backed dataset (``pseudo_clinical`` or the CSV). 0 leaves the data exactly as without it.
     """
 
     def __init__(
@@ -66,6 +87,7 @@ class TextDataModule(pl.LightningDataModule):
         public_fraction: float = 0.0,
         data_seed: int = 0,
         num_workers: int = 0,
+        qa_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -78,6 +100,8 @@ class TextDataModule(pl.LightningDataModule):
                 f"val_fraction + test_fraction + public_fraction = {sum(fractions.values()):g} leaves no training data; "
                 "make their sum < 1"
             )
+        if not 0.0 <= qa_fraction <= 1.0:
+            raise DPLightningError(f"data.qa_fraction = {qa_fraction} is outside [0, 1]; pass a share such as 1.0")
         if max_length < 2:
             raise DPLightningError(f"data.max_length = {max_length} is too short; pass at least 2 (e.g. 128)")
         if batch_size < 1 or eval_batch_size < 1:
@@ -85,6 +109,7 @@ class TextDataModule(pl.LightningDataModule):
         self.canaries: list[str] = []
         self.canary_repeats: list[int] = []
         self._splits: dict[str, list[str]] | None = None
+        self._split_records: dict[str, list[Record]] | None = None
         self._tokenizer: Any = None
         self.collate_fn: CausalLMCollator | None = None
         self.train_dataset: TokenizedDataset | None = None
@@ -93,16 +118,25 @@ class TextDataModule(pl.LightningDataModule):
         self.public_dataset: TokenizedDataset | None = None
 
     # ---------------------------------------------------------------------------------------- texts
-    def _load_texts(self) -> list[str]:
-        """All examples of the configured dataset, in a deterministic order."""
+    @property
+    def is_synthetic(self) -> bool:
+        """Whether the dataset is the seeded generator (``pseudo_clinical``), not a file."""
+        return str(self.hparams.dataset).strip().lower().replace("-", "_") == PSEUDO_CLINICAL
+
+    def _load_examples(self) -> tuple[list[str], list[Record] | None]:
+        """All examples of the configured dataset in a deterministic order, and the record behind each one
+        (``None`` for text files, which have no records)."""
         hp = self.hparams
         name = str(hp.dataset)
-        if name.strip().lower().replace("-", "_") == PSEUDO_CLINICAL:
-            return _render_notes(generate_records(max(int(hp.num_records), 0), hp.data_seed), hp.data_seed)
+        records: list[Record] | None = None
+        if self.is_synthetic:
+            records = generate_records(max(int(hp.num_records), 0), hp.data_seed)
+            return _render_notes(records, hp.data_seed), records
         path = Path(name).expanduser()
         suffix = path.suffix.lower()
         if suffix == ".csv":
-            texts = _render_notes(load_diabetes_csv(path), hp.data_seed)
+            records = load_diabetes_csv(path)
+            texts = _render_notes(records, hp.data_seed)
         elif suffix in (".txt", ".jsonl"):
             texts = read_text_file(path)
         elif not path.exists():
@@ -116,13 +150,19 @@ class TextDataModule(pl.LightningDataModule):
             logger.info("using %d of the %d examples in %s (data.num_records)", hp.num_records, len(texts), path)
             keep = sorted(random.Random(hp.data_seed).sample(range(len(texts)), int(hp.num_records)))
             texts = [texts[i] for i in keep]
-        return texts
+            records = None if records is None else [records[i] for i in keep]
+        return texts, records
 
     def _build_splits(self) -> dict[str, list[str]]:
         if self._splits is not None:
             return self._splits
         hp = self.hparams
-        texts = self._load_texts()
+        texts, records = self._load_examples()
+        if hp.qa_fraction > 0 and records is None:
+            raise DPLightningError(
+                f"data.qa_fraction needs notes rendered from records, but '{hp.dataset}' is a text file; "
+                "use dataset 'pseudo_clinical' or diabetic_data.csv, or set data.qa_fraction to 0"
+            )
         n = len(texts)
         order = list(range(n))
         random.Random(hp.data_seed).shuffle(order)
@@ -139,7 +179,26 @@ class TextDataModule(pl.LightningDataModule):
         }
         parts["train"] = sorted(order[bounds[-1] :])
         self._splits = {name: [texts[i] for i in idx] for name, idx in parts.items()}
+        if records is not None:
+            self._split_records = {name: [records[i] for i in idx] for name, idx in parts.items()}
+            if hp.qa_fraction > 0:
+                self._splits["train"] = _append_qa_lines(
+                    self._splits["train"], self._split_records["train"], float(hp.qa_fraction), hp.data_seed
+                )
         return self._splits
+
+    def split_records(self, split: str) -> list[Record]:
+        """The records behind the notes of ``split`` (``"train"``, ``"val"``, ``"test"`` or ``"public"``), in
+        the order of that split's texts (inserted canaries have none)."""
+        self._build_splits()
+        if self._split_records is None:
+            raise DPLightningError(
+                f"data.dataset '{self.hparams.dataset}' is a text file without records; "
+                "use 'pseudo_clinical' or diabetic_data.csv for record-level tasks"
+            )
+        if split not in self._split_records:
+            raise DPLightningError(f"unknown split '{split}'; pass one of {sorted(self._split_records)}")
+        return list(self._split_records[split])
 
     @property
     def train_texts(self) -> list[str]:
@@ -233,6 +292,22 @@ class TextDataModule(pl.LightningDataModule):
         self.test_dataset = TokenizedDataset(self._tokenize(splits["test"]))
         self.public_dataset = TokenizedDataset(self._tokenize(splits["public"]))
         self.train_dataset = TokenizedDataset(self._tokenize(self.train_texts))
+        if self.hparams.qa_fraction > 0:
+            self._warn_truncated_answers(splits["train"], self.train_dataset.input_ids)
+
+    def _warn_truncated_answers(self, texts: list[str], input_ids: list[list[int]]) -> None:
+        """Warn when max_length cuts appended answers off: the model would never see them."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:  # no way to tell a truncated text from a whole one
+            return
+        # _tokenize keeps eos only on texts that fit; notes never contain "Question: " themselves.
+        cut = sum(1 for text, ids in zip(texts, input_ids) if "Question: " in text and ids[-1] != eos)
+        if cut:
+            logger.warning(
+                "%d training texts with a question/answer line are longer than data.max_length = %d and lose "
+                "their answer; raise data.max_length",
+                cut, self.hparams.max_length,
+            )
 
     # ---------------------------------------------------------------------------------- dataloaders
     def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:

@@ -211,3 +211,37 @@ def render_note(record: Mapping[str, Any], rng: random.Random, template: int | N
     index = rng.randrange(len(NOTE_TEMPLATES)) if template is None else template
     phrases = _phrases(record, rng)
     return " ".join(NOTE_TEMPLATES[index](record, phrases, rng).split())
+
+
+# ------------------------------------------------------------------------------ question / answer lines
+# Only fields that every template above states are asked about: a question whose answer some notes do not
+# contain would measure guessing, not extraction. Readmission and the insulin change appear in all eight
+# templates; A1C (absent from the nursing note), glucose and the diabetes-medication flag do not.
+QA_QUESTIONS: dict[str, str] = {
+    "readmitted": "Was the patient readmitted?",
+    "insulin": "What happened to the patient's insulin?",
+}
+"""Record field → the question asked about it."""
+
+# Answers are plain words rather than the schema codes ("<30") and, within a field, no answer is a prefix of
+# another, so scoring the answer followed by eos cannot confuse two of them.
+QA_ANSWERS: dict[str, dict[str, str]] = {
+    "readmitted": {"NO": "no", "<30": "within 30 days", ">30": "after 30 days"},
+    "insulin": {"No": "not on insulin", "Steady": "unchanged", "Up": "increased", "Down": "decreased"},
+}
+"""Record field → {record value → answer text}."""
+
+
+def qa_prompt(note: str, field: str) -> str:
+    """``note`` followed by the question about ``field``, ending in ``"Answer:"`` (no answer)."""
+    return f"{note} Question: {QA_QUESTIONS[field]} Answer:"
+
+
+def qa_answer(value: Any, field: str) -> str:
+    """The continuation of :func:`qa_prompt` that states ``value``: a space, then the answer text."""
+    return " " + QA_ANSWERS[field][str(value)]
+
+
+def append_qa(note: str, record: Mapping[str, Any], field: str) -> str:
+    """``note`` with the question about ``field`` and the record's answer appended (a training text)."""
+    return qa_prompt(note, field) + qa_answer(record[field], field)
