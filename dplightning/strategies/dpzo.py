@@ -1,7 +1,7 @@
 """DP-ZO (Tang et al., arXiv:2401.04343) as a Lightning ``Strategy``: zeroth-order SPSA steps whose only
 data-dependent quantity, one scalar per random direction, is clipped per example and privatised.
 
-One logical step (DESIGN §5), with ``n = num_directions`` directions and Poisson batch ``B`` (may be empty)::
+One logical step, with ``n = num_directions`` directions and Poisson batch ``B`` (may be empty)::
 
     for k in 1..n:  s_k = H(seed, step, k);  z_k ~ N(0, I) over the trainable params, regenerated from s_k
         L⁺_i = loss_i(θ + μ z_k),  L⁻_i = loss_i(θ − μ z_k)               (forwards only, under no_grad)
@@ -18,7 +18,7 @@ Poisson-subsampled event per step, whatever ``n`` is (the n directions share one
 independently-subsampled compositions would under-count):
 
 - Gaussian: per-coordinate std ``σ C √n``; the accountant records ``StepEvent(σ, q, "gaussian")``.
-- LMO (issue 7): per-coordinate noise ``s n C · n_LMO`` (n_LMO ~ ``lmo``, i.i.d.); ``n = 1``: a scalar release
+- LMO: per-coordinate noise ``s n C · n_LMO`` (n_LMO ~ ``lmo``, i.i.d.); ``n = 1``: a scalar release
   accounted by PLD (``StepEvent(s, q, "lmo", lmo, "scalar")``); ``n > 1``: a vector of L1 sensitivity ``n C``,
   accounted by RDP after the convexity check (``accountant="rdp"``, release ``"vector"``).
 - Laplace:  per-coordinate scale ``λ n C``; with ``target_delta > 0`` the PLD accountant records
@@ -54,11 +54,14 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from typing_extensions import override
 
+from dplightning.checkpoint_io import AtomicCheckpointIO
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import (
     AccountantKind,
@@ -69,7 +72,8 @@ from dplightning.privacy.accounting import (
 )
 from dplightning.privacy.discretization import from_grid, scalar_grid, to_grid
 from dplightning.privacy.mechanisms import LMOMechanism
-from dplightning.strategies.dpsgd import DPSGDMixin, DPSGDStrategy, batch_size_of, warn_if_seeded
+from dplightning.strategies.base import PrivateStrategyMixin, batch_size_of, resolve_device
+from dplightning.strategies.settings import PrivacySettings
 
 NoiseKind = Literal["gaussian", "laplace", "lmo"]
 Trainable = Literal["lora", "all"]
@@ -364,14 +368,67 @@ def pure_laplace_multiplier(epsilon: float, sample_rate: float, steps: int) -> f
 
 
 # ----------------------------------------------------------------------------------------- strategy
-class DPZOStrategy(DPSGDStrategy):
+def check_dpzo_settings(
+    settings: PrivacySettings,
+    *,
+    noise: str,
+    noise_kinds: Sequence[str],
+    lmo: Any,
+    pure_dp: bool,
+    num_directions: int,
+    trainable: str,
+    perturbation: str,
+    mu: float,
+    max_loss_diff: float,
+) -> None:
+    """Every check of a DP-ZO configuration, in order: noise mechanism, the shared privacy settings (``settings``
+    carries the accounting δ: a placeholder when ``pure_dp``), the estimator, then which accounting can describe
+    the release (pure ε only for Laplace; Laplace with δ > 0 only through PLD and for one direction)."""
+    accountant = settings.accountant
+    if noise not in noise_kinds:
+        raise DPLightningError(f"unknown noise '{noise}'; use one of {', '.join(noise_kinds)}")
+    if noise == "lmo":
+        if lmo is None:
+            raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
+        if pure_dp:
+            raise DPLightningError("LMO noise is accounted for δ > 0; set target_delta > 0")
+        if num_directions > 1 and accountant != "rdp":
+            raise DPLightningError(
+                "LMO noise on n > 1 directions is an L1 vector release, accounted with RDP; set accountant='rdp'"
+            )
+    elif lmo is not None:
+        raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
+    settings.validate("DPZOStrategy")
+    if num_directions < 1:
+        raise DPLightningError(f"num_directions must be >= 1, got {num_directions}")
+    if trainable not in ("lora", "all"):
+        raise DPLightningError(f"unknown trainable '{trainable}'; use lora or all")
+    if perturbation not in ("swap", "inplace"):
+        raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
+    if mu <= 0:
+        raise DPLightningError(f"mu must be > 0, got {mu}")
+    if max_loss_diff <= 0:
+        raise DPLightningError(f"max_loss_diff must be > 0, got {max_loss_diff}")
+    if pure_dp and noise != "laplace":
+        raise DPLightningError("target_delta=0 (pure ε-DP) needs noise='laplace'; Gaussian noise needs δ > 0")
+    if noise == "laplace" and not pure_dp:
+        if accountant != "pld":
+            raise DPLightningError("Laplace noise with δ > 0 needs accountant='pld' (RDP has no subsampled Laplace)")
+        if num_directions > 1:
+            raise DPLightningError(
+                "Laplace noise with δ > 0 supports num_directions=1 only; set target_delta=0 (pure ε-DP) for n > 1"
+            )
+
+
+class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
     """Differentially private zeroth-order fine-tuning (DP-ZO): two forwards per direction, no backward, no
     optimizer state; only a clipped, noised scalar per direction depends on the data.
 
-    Reuses :class:`DPSGDStrategy`'s Poisson batches, σ calibration, budget guard and checkpoint state; the
-    per-example-gradient engine is not installed. The module must define ``per_example_loss(batch) -> [B]``;
-    its ``training_step`` is not called (the strategy logs ``train/loss`` = mean of (L⁺ + L⁻)/2 itself, only if the
-    module has ``log_private_loss = True``: it is computed from the private batch and not covered by ε).
+    Shares the Poisson batches, σ calibration, budget guard and checkpoint state of every private strategy
+    (:class:`~dplightning.strategies.base.PrivateStrategyMixin`); there are no per-example gradients. The module
+    must define ``per_example_loss(batch) -> [B]``; its ``training_step`` is not called (the strategy logs
+    ``train/loss`` = mean of (L⁺ + L⁻)/2 itself, only if the module has ``log_private_loss = True``: it is
+    computed from the private batch and not covered by ε).
 
     Args:
         mu: perturbation scale μ (MeZO: 1e-3 full, 1e-2 LoRA).
@@ -391,14 +448,17 @@ class DPZOStrategy(DPSGDStrategy):
         eval_forwards: run the perturbed forwards in eval mode (no dropout), as MeZO does: both sides of the
             difference must see the same function.
         accountant: ``"pld"`` or ``"rdp"`` (Gaussian only); ignored for pure ε-DP.
-        poisson_sampling, secure_rng, seed, device, checkpoint_io: as for :class:`DPSGDStrategy`. ``secure_rng``
-            applies to the noise and the batches; directions are always seeded (they are public).
+        poisson_sampling, secure_rng, seed, device, checkpoint_io: as for
+            :class:`~dplightning.strategies.dpsgd.DPSGDStrategy`. ``secure_rng`` applies to the noise and the
+            batches; directions are always seeded (they are public).
     """
 
-    strategy_name = "dpzo"
+    # The step's multiplier is σ (Gaussian), λ (Laplace) or s (LMO): the budget refusal names none of them.
+    _calibrated_name = "it"
 
     def __init__(
         self,
+        *,
         mu: float = 1e-3,
         max_loss_diff: float = 1.0,
         noise: NoiseKind = "gaussian",
@@ -417,54 +477,24 @@ class DPZOStrategy(DPSGDStrategy):
         checkpoint_io: CheckpointIO | None = None,
         lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
-        if noise not in self.noise_kinds():
-            raise DPLightningError(f"unknown noise '{noise}'; use one of {', '.join(self.noise_kinds())}")
-        if noise == "lmo":
-            if lmo is None:
-                raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
-            if target_delta == 0:
-                raise DPLightningError("LMO noise is accounted for δ > 0; set target_delta > 0")
-            if num_directions > 1 and accountant != "rdp":
-                raise DPLightningError(
-                    "LMO noise on n > 1 directions is an L1 vector release, accounted with RDP; set accountant='rdp'"
-                )
-        elif lmo is not None:
-            raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
-        if noise_multiplier is None and target_epsilon is None:
-            raise DPLightningError("DPZOStrategy needs noise_multiplier or target_epsilon; set one of them")
-        if num_directions < 1:
-            raise DPLightningError(f"num_directions must be >= 1, got {num_directions}")
-        if trainable not in ("lora", "all"):
-            raise DPLightningError(f"unknown trainable '{trainable}'; use lora or all")
-        if perturbation not in ("swap", "inplace"):
-            raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
-        if mu <= 0:
-            raise DPLightningError(f"mu must be > 0, got {mu}")
-        if max_loss_diff <= 0:
-            raise DPLightningError(f"max_loss_diff must be > 0, got {max_loss_diff}")
         pure = target_delta == 0
-        if pure and noise != "laplace":
-            raise DPLightningError("target_delta=0 (pure ε-DP) needs noise='laplace'; Gaussian noise needs δ > 0")
-        if noise == "laplace" and not pure:
-            if accountant != "pld":
-                raise DPLightningError("Laplace noise with δ > 0 needs accountant='pld' (RDP has no subsampled Laplace)")
-            if num_directions > 1:
-                raise DPLightningError(
-                    "Laplace noise with δ > 0 supports num_directions=1 only; set target_delta=0 (pure ε-DP) for n > 1"
-                )
-        super().__init__(
+        settings = PrivacySettings(
             noise_multiplier=noise_multiplier,
-            max_grad_norm=max_loss_diff,
-            clipping="flat",
             target_epsilon=target_epsilon,
+            # δ = 0 selects pure ε accounting below; the (ε, δ) checks and accountant see a placeholder δ.
             target_delta=1e-5 if pure else target_delta,
             accountant=accountant,
             poisson_sampling=poisson_sampling,
             secure_rng=secure_rng,
             seed=seed,
-            device=device,
-            checkpoint_io=checkpoint_io,
         )
+        check_dpzo_settings(
+            settings, noise=noise, noise_kinds=self.noise_kinds(), lmo=lmo, pure_dp=pure,
+            num_directions=num_directions, trainable=trainable, perturbation=perturbation, mu=mu,
+            max_loss_diff=max_loss_diff,
+        )
+        super().__init__(device=resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
+        self._init_private(settings)
         self.target_delta = float(target_delta)
         self.pure_dp = pure
         if pure:
@@ -502,12 +532,13 @@ class DPZOStrategy(DPSGDStrategy):
         return self.clip_thresholds[SCALAR_GROUP]
 
     @property
+    @override
     def effective_noise_multiplier(self) -> float:
         """The step's multiplier σ (Gaussian) or λ (Laplace), what the accountant is charged."""
         return float(self.noise_multiplier or 0.0)
 
+    @override
     def step_event(self, sigma: float, q: float) -> StepEvent:
-        """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
         if self.noise == "lmo":
             return StepEvent(sigma, q, "lmo", self.lmo, "scalar" if self.num_directions == 1 else "vector")
         return StepEvent(sigma, q, self.mechanism)
@@ -556,13 +587,19 @@ class DPZOStrategy(DPSGDStrategy):
             mechanism=self.mechanism, lmo=event.lmo, release=event.release,
         )
 
-    def epsilon(self, delta: float | None = None) -> float:
-        """ε spent so far at ``delta`` (default ``target_delta``; ignored for pure ε-DP)."""
-        return self.accountant.epsilon(self.target_delta if delta is None else delta)
+    @override
+    def _calibrate_noise_multiplier(self) -> None:
+        assert self.target_epsilon is not None and self.planned_steps is not None
+        self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
+        rank_zero_info(
+            f"[dplightning] calibrated {self.noise} noise_multiplier={self.noise_multiplier:.4f} for "
+            f"ε={self.target_epsilon}, δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
+        )
 
     # ------------------------------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
-        super(DPSGDMixin, self).setup(trainer)  # Lightning's setup only: no per-example-gradient hooks
+        super().setup(trainer)
         module = self.lightning_module
         assert module is not None
         if trainer.state.fn != TrainerFn.FITTING:
@@ -593,37 +630,11 @@ class DPZOStrategy(DPSGDStrategy):
         self.groups = {SCALAR_GROUP: [n for n, _ in named]}
         self._params = dict(module.named_parameters())
         self._trainable = set(self.groups[SCALAR_GROUP])
-        if self._pending_state is not None:
-            self._apply_dp_state(self._pending_state)
-            self._pending_state = None
-        warn_if_seeded(self.secure_rng)
+        self._finish_setup()
         rank_zero_info(
             f"[dplightning] DP-ZO over {self._estimator.numel:,} parameters ({self.trainable}), "
             f"{self.num_directions} direction(s)/step, μ={self.mu}, C={self.max_loss_diff}, noise={self.noise}"
         )
-
-    def on_train_start(self) -> None:
-        super(DPSGDMixin, self).on_train_start()
-        remaining = self._plan_steps()
-        if self.noise_multiplier is None:
-            assert self.target_epsilon is not None
-            self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
-            rank_zero_info(
-                f"[dplightning] calibrated {self.noise} noise_multiplier={self.noise_multiplier:.4f} for "
-                f"ε={self.target_epsilon}, δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
-            )
-        if self.max_epsilon is None or remaining == 0:
-            return
-        sigma = self.effective_noise_multiplier
-        final = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)])
-        if self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9):
-            raise PrivacyBudgetError(
-                f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
-                f"ε={final:.3g} > target {self.target_epsilon}; raise noise_multiplier, lower max_steps, or drop "
-                "noise_multiplier and let target_epsilon calibrate it"
-            )
-        if final <= self.max_epsilon:
-            self._safe_region = (sigma, self.sample_rate, self.accountant.steps + remaining)
 
     # ------------------------------------------------------------------------------------- one step
     def _current_step(self) -> int:
@@ -647,6 +658,7 @@ class DPZOStrategy(DPSGDStrategy):
             for m, training in modes:
                 m.training = training
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         """Per-example central differences along each direction on this (micro-)batch, clipped to [−C, C] and
         summed into the step's ``[n]`` accumulator. Returns the detached loss estimate (for logging)."""
@@ -681,10 +693,12 @@ class DPZOStrategy(DPSGDStrategy):
     def _accumulate(self, sums: Tensor) -> None:
         self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
 
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         """No backward pass in DP-ZO."""
         return closure_loss
 
+    @override
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -708,18 +722,16 @@ class DPZOStrategy(DPSGDStrategy):
         sums = self._zo_sums if self._zo_sums is not None else torch.zeros(self.num_directions, dtype=torch.int64)
         self._zo_sums = None
         if not self.within_budget(sigma, q):
-            self.budget_exhausted = True
-            self.lightning_module.trainer.should_stop = True
-            rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
+            self._stop_on_budget()
             return
         grads = self.privatize(sums) / self.expected_batch_size  # [n]
         self.last_projected_grads = grads
         for seed, g in zip(self.direction_seeds(self._current_step()), grads.tolist()):
             self._estimator.add_direction(seed, -lr * g / self.num_directions)
-        self.accountant.record(self.step_event(sigma, q))
-        self._min_sigma_used = min(self._min_sigma_used, sigma)
+        self._record_step(sigma, q)
 
     # ------------------------------------------------------------------------------------ checkpoints
+    @override
     def dp_state_dict(self) -> dict[str, Any]:
         state = super().dp_state_dict()
         state["dpzo"] = {
@@ -730,6 +742,7 @@ class DPZOStrategy(DPSGDStrategy):
         }
         return state
 
+    @override
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
         saved = state.get("dpzo")
         mine = None if self.lmo is None else self.lmo.to_dict()
@@ -740,13 +753,7 @@ class DPZOStrategy(DPSGDStrategy):
             )
         super()._apply_dp_state(state)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super(DPSGDMixin, self).load_checkpoint(checkpoint_path, weights_only=False)
-        state = checkpoint.get("dplightning")
-        if state is not None:
-            self._apply_dp_state(state)  # groups exist from __init__: apply now
-        return checkpoint
-
+    @override
     def teardown(self) -> None:
         if self._estimator is not None:
             self._estimator.remove()

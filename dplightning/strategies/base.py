@@ -1,0 +1,387 @@
+"""What every private strategy shares, whatever it releases: Poisson batches, the step plan, σ calibration,
+the budget guard, clip thresholds and noise multipliers by group, and the DP state kept in checkpoints.
+
+:class:`PrivateStrategyMixin` is mixed in before the Lightning strategy class (``SingleDeviceStrategy`` or
+``DDPStrategy``); a concrete strategy adds its release (DP-SGD's noised gradient sum, DP-ZO's noised scalars)
+through :meth:`~PrivateStrategyMixin.step_event` and :meth:`~PrivateStrategyMixin._calibrate_noise_multiplier`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import StepEvent, make_accountant
+from dplightning.privacy.batch_selection import PoissonBatchSampler
+from dplightning.privacy.noise_addition import NoiseSource
+from dplightning.strategies.settings import PrivacySettings
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """Leading dimension of the first tensor found in ``batch`` (dict / sequence / tensor), else ``None``."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        items: Any = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        return None
+    for item in items:
+        size = batch_size_of(item)
+        if size is not None:
+            return size
+    return None
+
+
+class EmptySafeCollate:
+    """Wraps a ``collate_fn`` so an empty Poisson batch collates to a zero-length batch of the right structure
+    (collate one real example, slice every tensor to length 0): default collate fails on ``[]``."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Any) -> None:
+        self.collate_fn = collate_fn
+        self.dataset = dataset
+
+    def __call__(self, items: list[Any]) -> Any:
+        if items:
+            return self.collate_fn(items)
+        template = self.collate_fn([self.dataset[0]])
+        return apply_to_collection(template, Tensor, lambda t: t[:0])
+
+
+_warned_seeded = False
+
+
+def warn_if_seeded(secure_rng: bool) -> None:
+    """Once per process: seeded noise and batches are only private while the seed stays secret."""
+    global _warned_seeded
+    if secure_rng or _warned_seeded:
+        return
+    _warned_seeded = True
+    rank_zero_warn(
+        "secure_rng=False: the noise and the Poisson batches follow the strategy's seed, so the privacy guarantee "
+        "holds only while that seed is secret (anyone with the config can replay the noise). Set secure_rng=True "
+        "(OS CSPRNG, not reproducible) for a model or logs that leave your control.",
+        category=UserWarning,
+    )
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: the first CUDA device if there is one, else the CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def short_group_name(group: str) -> str:
+    """Readable group name for logs: drops the peft wrapper prefixes."""
+    for prefix in ("model.base_model.model.model.", "model.base_model.model.", "model."):
+        if group.startswith(prefix):
+            return group[len(prefix) :]
+    return group
+
+
+class PrivateStrategyMixin(Strategy):
+    """Shared body of the private strategies; satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`.
+
+    Subclasses validate their settings and call :meth:`_init_private` from ``__init__`` (after the Lightning
+    strategy's ``__init__``), and
+    implement :meth:`step_event` and :meth:`_calibrate_noise_multiplier`. Their ``setup`` ends with
+    :meth:`_finish_setup`; their release calls :meth:`within_budget`, then :meth:`_record_step` or
+    :meth:`_stop_on_budget`.
+    """
+
+    # on_train_start refuses a plan whose remaining steps would overspend target_epsilon; this says whether a
+    # resumed run is refused too, or only a fresh one.
+    _refuse_overspending_resume: ClassVar[bool] = True
+    # How that refusal names what target_epsilon would calibrate.
+    _calibrated_name: ClassVar[str] = "σ"
+
+    def _init_private(self, settings: PrivacySettings) -> None:
+        """Set the state every private strategy keeps from ``settings``, which the subclass has validated
+        (:meth:`PrivacySettings.validate`, among its own checks). The mechanism's own attributes (``noise``,
+        ``lmo``) are the subclass's to set."""
+        self.noise_multiplier = settings.noise_multiplier
+        self.target_epsilon = settings.target_epsilon
+        self.target_delta = float(settings.target_delta)
+        self.accountant_kind = settings.accountant
+        self.accountant = make_accountant(settings.accountant)
+        self.poisson_sampling = settings.poisson_sampling
+        self.secure_rng = settings.secure_rng
+        self.seed = settings.seed
+        self.noise_source = NoiseSource(seed=settings.seed, secure=settings.secure_rng)
+
+        self.max_epsilon: float | None = settings.target_epsilon  # hard guard; PrivacyBudget may tighten it
+        self.sample_rate: float | None = None
+        self.num_examples: int | None = None
+        self.expected_batch_size: float | None = None
+        self.planned_steps: int | None = None
+        self.budget_exhausted = False
+        self.groups: dict[str, list[str]] = {}
+        self.clip_thresholds: dict[str, float] = {}
+        self.noise_multipliers: dict[str, float] = {}
+        self.auxiliary_noise_multipliers: dict[str, float] = {}
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._trainable: set[str] = set()
+        self._shard = (0, 1)  # (rank, world size) of Poisson sampling; set by a DDP variant
+        self._safe_region: tuple[float, float, int] | None = None  # (σ_min, q_max, steps) proven within budget
+        self._min_sigma_used = math.inf
+        self._pending_state: dict[str, Any] | None = None
+        self._sampler: PoissonBatchSampler | None = None
+
+    # ------------------------------------------------------------------------------------ mechanism
+    @abstractmethod
+    def step_event(self, sigma: float, q: float) -> StepEvent:
+        """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
+
+    @abstractmethod
+    def _calibrate_noise_multiplier(self) -> None:
+        """Set the smallest multiplier whose ``planned_steps`` steps stay within ``target_epsilon`` (called at
+        train start when ``noise_multiplier`` is ``None``), and say so."""
+
+    # ------------------------------------------------------------------------------------ group params
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.groups)
+
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """σ_eff = (Σ_g σ_g^-2 + Σ_aux σ_a^-2)^-1/2, the multiplier the accountant charges per step.
+
+        ``auxiliary_noise_multipliers`` are other Gaussian releases made from the same batch each step (e.g. noisy
+        clip counts for a controller), expressed as multipliers relative to their own L2 sensitivity.
+        """
+        sigmas = list(self.noise_multipliers.values()) or [float(self.noise_multiplier or 0.0)]
+        sigmas += list(self.auxiliary_noise_multipliers.values())
+        if any(s <= 0 for s in sigmas):
+            return 0.0
+        return sum(s**-2 for s in sigmas) ** -0.5
+
+    @property
+    def total_clip_norm(self) -> float:
+        return math.sqrt(sum(c * c for c in self.clip_thresholds.values()))
+
+    def set_clip_thresholds(self, thresholds: float | Mapping[str, float]) -> None:
+        """Set ``C_g`` for every group (a float sets all). Per-group σ_g stay, so noise std σ_g·C_g follows."""
+        values = dict.fromkeys(self.groups, float(thresholds)) if isinstance(thresholds, (int, float)) else dict(thresholds)
+        unknown = set(values) - set(self.groups)
+        if unknown:
+            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+        if any(v <= 0 for v in values.values()):
+            raise DPLightningError("clip thresholds must be > 0")
+        self.clip_thresholds.update(values)
+
+    def set_noise_multipliers(self, multipliers: Mapping[str, float]) -> None:
+        """Set per-group σ_g directly (heteroscedastic noise); the step is charged σ_eff."""
+        unknown = set(multipliers) - set(self.groups)
+        if unknown:
+            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+        if any(v < 0 for v in multipliers.values()):
+            raise DPLightningError("noise multipliers must be >= 0")
+        self.noise_multipliers.update({k: float(v) for k, v in multipliers.items()})
+
+    def set_noise_multiplier(self, sigma: float) -> None:
+        """Isotropic noise: every group gets absolute std ``σ·C_total``, so σ_eff = σ."""
+        if sigma < 0:
+            raise DPLightningError(f"noise_multiplier must be >= 0, got {sigma}")
+        self.noise_multiplier = float(sigma)
+        c_total = self.total_clip_norm
+        # The 1e-12 pad keeps the recombined σ_eff from landing an ulp below σ: the accountant rounds σ *down*
+        # onto its grid, so an ulp below a grid value would be charged (and checked) one grid step lower.
+        padded = sigma * (1.0 + 1e-12)
+        self.noise_multipliers = {g: padded * c_total / c for g, c in self.clip_thresholds.items()}
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """ε spent so far at ``delta`` (default ``target_delta``)."""
+        return self.accountant.epsilon(self.target_delta if delta is None else delta)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _finish_setup(self) -> None:
+        """End of a subclass's ``setup``, once its groups exist: apply DP state loaded before them, warn once
+        about seeded noise."""
+        if self._pending_state is not None:
+            self._apply_dp_state(self._pending_state)
+            self._pending_state = None
+        warn_if_seeded(self.secure_rng)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return dataloader
+        dataset = dataloader.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise DPLightningError("the training set is empty; check the data module")
+        batch_size = dataloader.batch_size or (dataloader.batch_sampler.batch_size if dataloader.batch_sampler else 1)  # type: ignore[union-attr]
+        accumulate = trainer.accumulate_grad_batches
+        expected = batch_size * accumulate
+        q = expected / n
+        if q > 1:
+            raise DPLightningError(
+                f"sample rate q = batch_size*accumulate/N = {expected}/{n} > 1; lower the batch size or add data"
+            )
+        self.sample_rate, self.num_examples, self.expected_batch_size = q, n, float(expected)
+        if not self.poisson_sampling:
+            warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate", stacklevel=2)
+            return dataloader
+        sampler = PoissonBatchSampler(
+            n,
+            q,
+            num_batches=max(1, n // expected),
+            seed=self.seed,
+            micro_batches=accumulate,
+            secure_rng=self.secure_rng,
+            rank=self._shard[0],
+            world_size=self._shard[1],
+        )
+        # Resuming mid-epoch: Lightning restarts the iterator, so skip the logical batches already taken.
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        sampler.epoch = trainer.current_epoch
+        sampler.start_batch = ready // accumulate
+        self._sampler = sampler
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=EmptySafeCollate(dataloader.collate_fn, dataset),
+            num_workers=dataloader.num_workers,
+            pin_memory=dataloader.pin_memory,
+            worker_init_fn=dataloader.worker_init_fn,
+        )
+
+    def _check_training_batches(self) -> None:
+        """Refuse loop settings under which a step would not release exactly one complete Poisson batch."""
+        trainer = self.lightning_module.trainer
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        if combined is not None and len(combined.flattened) > 1:
+            # Each loader would get its own sampler and sample rate, and a short one is replayed within the epoch.
+            raise DPLightningError(
+                f"{type(self).__name__} supports one training dataloader, got {len(combined.flattened)}; "
+                "concatenate the datasets into one (torch.utils.data.ConcatDataset)"
+            )
+        accumulate = trainer.accumulate_grad_batches
+        batches = trainer.num_training_batches
+        if self.poisson_sampling and math.isfinite(batches) and batches % accumulate:
+            # Lightning steps on an unfinished accumulation at the end of the epoch: part of a Poisson batch.
+            raise DPLightningError(
+                f"{int(batches)} training batches per epoch is not a multiple of accumulate_grad_batches="
+                f"{accumulate}: the last step of each epoch would release part of a Poisson batch; set "
+                f"limit_train_batches to a multiple of {accumulate} (or remove it)"
+            )
+
+    def _plan_steps(self) -> int:
+        """Set ``planned_steps`` from the trainer's plan; returns the planned steps not yet taken."""
+        if self.sample_rate is None:
+            raise DPLightningError(f"{type(self).__name__} could not find the training dataloader to set the sample rate")
+        self._check_training_batches()
+        steps = self.lightning_module.trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
+        self.planned_steps = int(steps)
+        return max(self.planned_steps - self.accountant.steps, 0)
+
+    @override
+    def on_train_start(self) -> None:
+        # Runs after the callbacks' on_train_start: a callback that set σ there (NoiseSchedule) is not overridden.
+        super().on_train_start()
+        remaining = self._plan_steps()
+        if self.noise_multiplier is None:
+            assert self.target_epsilon is not None
+            self._calibrate_noise_multiplier()
+        if self.max_epsilon is None or remaining == 0:
+            return
+        assert self.sample_rate is not None
+        sigma = self.effective_noise_multiplier
+        final = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)])
+        fresh = self.accountant.steps == 0
+        overspends = self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9)
+        if overspends and (fresh or self._refuse_overspending_resume):
+            raise PrivacyBudgetError(
+                f"planned {self.planned_steps} steps at noise_multiplier={sigma:.4g}, q={self.sample_rate:.4g} spend "
+                f"ε={final:.3g} > target {self.target_epsilon}; raise noise_multiplier, lower max_steps, or drop "
+                f"noise_multiplier and let target_epsilon calibrate {self._calibrated_name}"
+            )
+        if final <= self.max_epsilon:
+            self._safe_region = (sigma, self.sample_rate, self.accountant.steps + remaining)
+
+    # ------------------------------------------------------------------------------------- budget
+    def within_budget(self, sigma: float, q: float) -> bool:
+        """Would one more step at (σ, q) keep ε ≤ max_epsilon? Cheap when inside the proven-safe region."""
+        if self.max_epsilon is None:
+            return True
+        if self._safe_region is not None:
+            sigma_min, q_max, steps = self._safe_region
+            # Monotone: fewer steps, larger σ and smaller q each lower ε, so this dominates the planned run.
+            # LMO: ε is not proven monotone in the multiplier, so only the exact planned multiplier is covered
+            exact = self.noise != "lmo" or (sigma == sigma_min and self._min_sigma_used in (math.inf, sigma_min))
+            if exact and min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
+                return True
+        if sigma <= 0:
+            return False
+        eps = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, q), 1)])
+        return eps <= self.max_epsilon
+
+    def _record_step(self, sigma: float, q: float) -> None:
+        """Charge the accountant for the step just released at (σ, q)."""
+        self.accountant.record(self.step_event(sigma, q))
+        self._min_sigma_used = min(self._min_sigma_used, sigma)
+
+    def _stop_on_budget(self) -> None:
+        """The step was refused (nothing released): stop training cleanly."""
+        self.budget_exhausted = True
+        self.lightning_module.trainer.should_stop = True
+        rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def dp_state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "noise": self.noise_source.state_dict(),
+            "clip_thresholds": dict(self.clip_thresholds),
+            "noise_multipliers": dict(self.noise_multipliers),
+            "noise_multiplier": self.noise_multiplier,
+            "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
+            "min_sigma_used": self._min_sigma_used,
+        }
+
+    def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.noise_source.load_state_dict(state["noise"])
+        # A secure run stays secure (and a secure checkpoint's successor too): batches follow the noise source.
+        self.secure_rng = self.noise_source.secure
+        if self._sampler is not None:
+            self._sampler.secure_rng = self.secure_rng
+        self.clip_thresholds = dict(state["clip_thresholds"])
+        self.noise_multipliers = dict(state["noise_multipliers"])
+        self.noise_multiplier = state["noise_multiplier"]
+        self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
+        self._min_sigma_used = state["min_sigma_used"]
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        checkpoint["dplightning"] = self.dp_state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        state = checkpoint.get("dplightning")
+        if state is not None:
+            if not self.groups:  # groups are made in setup: apply the state there
+                self._pending_state = state
+            else:
+                self._apply_dp_state(state)
+        return checkpoint

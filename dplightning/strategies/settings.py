@@ -1,0 +1,45 @@
+"""The privacy settings every private strategy takes, checked in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting import AccountantKind
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySettings:
+    """Budget, accounting and randomness of a private strategy (the arguments DP-SGD and DP-ZO share).
+
+    Args:
+        noise_multiplier: noise scale / sensitivity of one step's release. ``None`` calibrates it from
+            ``target_epsilon`` and the planned steps. ``0`` disables noise (ε = ∞).
+        target_epsilon: ε budget; training never takes a step that would exceed it.
+        target_delta: δ of the guarantee.
+        accountant: ``"pld"`` (tight, default) or ``"rdp"``.
+        poisson_sampling: Poisson-sample the training batches (what the accounting assumes).
+        secure_rng: draw noise and batches from the OS CSPRNG instead of ``seed``.
+        seed: seed of the noise generator and the Poisson sampler.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float = 1e-5
+    accountant: AccountantKind = "pld"
+    poisson_sampling: bool = True
+    secure_rng: bool = False
+    seed: int = 0
+
+    def validate(self, owner: str) -> PrivacySettings:
+        """Raise on the first setting that cannot work, naming the fix; ``owner`` names the strategy in the
+        message. Returns ``self``."""
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise DPLightningError(f"{owner} needs noise_multiplier or target_epsilon; set one of them")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise DPLightningError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {self.target_epsilon}; pick a positive budget")
+        if not 0.0 < self.target_delta < 1.0:
+            raise DPLightningError(f"target_delta must be in (0, 1), got {self.target_delta}; typical is 1/N^1.1")
+        return self
