@@ -10,39 +10,37 @@ only rescales the update (a learning-rate factor). The stability constant γ > 0
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning.pytorch as pl
-from dplightning.callbacks._requirements import require_dpsgd
-from lightning.pytorch.callbacks import Callback
+from dplightning.callbacks._controller import StrategyController
+from typing_extensions import override
 
 from dplightning.errors import DPLightningError
+from dplightning.strategies.protocol import PerExampleClippingStrategy
 
 
-class AutomaticClipping(Callback):
+class AutomaticClipping(StrategyController[PerExampleClippingStrategy]):
     """Switches ``DPSGDStrategy`` from clipping to per-example normalisation for the duration of ``fit``.
 
     Args:
         stability: γ > 0 in ``g_i/(||g_i|| + γ)``; Bu et al. use 0.01.
     """
 
+    requires_dpsgd = True  # DP-ZO has no per-example gradients to normalise
+
     def __init__(self, stability: float = 0.01) -> None:
+        super().__init__()
         if not stability > 0:
             raise DPLightningError(
                 f"stability must be > 0, got {stability}; γ = 0 divides zero gradients by zero, use e.g. 0.01"
             )
         self.stability = float(stability)
-        self._strategy: Any = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        require_dpsgd(strategy, "AutomaticClipping")  # DP-ZO has no per-example gradients to normalise
+    @override
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy) -> None:
         strategy.normalization_stability = self.stability
-        self._strategy = strategy
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._strategy is not None:  # the strategy clips again if reused without this callback
-            self._strategy.normalization_stability = None
-            self._strategy = None
+        if self.strategy is not None:  # the strategy clips again if reused without this callback
+            self.strategy.normalization_stability = None
+            self.strategy = None

@@ -14,12 +14,13 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
-from dplightning.callbacks._requirements import require_gaussian_noise
-from lightning.pytorch.callbacks import Callback
+from dplightning.callbacks._controller import StrategyController
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import AccountantKind, StepEvent, make_accountant, noise_for_target
+from dplightning.strategies.protocol import PrivateStrategy
 
 ScheduleKind = Literal["linear", "exponential", "step"]
 SCHEDULES: tuple[str, ...] = get_args(ScheduleKind)
@@ -130,7 +131,7 @@ def calibrate_schedule(
     return sigmas_at(k)
 
 
-class NoiseSchedule(Callback):
+class NoiseSchedule(StrategyController[PrivateStrategy]):
     """Decaying σ for ``DPSGDStrategy`` (replaces the strategy's constant σ), calibrated to the total budget.
 
     Args:
@@ -141,6 +142,10 @@ class NoiseSchedule(Callback):
         levels_per_decade: resolution of the σ_t grid (50: 4.7 % steps; finer costs more accounting time).
     """
 
+    # It only sets σ of each step's Gaussian release, which DP-ZO's Gaussian noise has too.
+    requires_dpsgd = False
+    requires_gaussian_noise = True
+
     def __init__(
         self,
         schedule: ScheduleKind = "exponential",
@@ -149,6 +154,7 @@ class NoiseSchedule(Callback):
         target_epsilon: float | None = None,
         levels_per_decade: int = 50,
     ) -> None:
+        super().__init__()
         schedule_shape(schedule, 2, final_ratio, num_stages)  # validates the arguments
         if target_epsilon is not None and target_epsilon <= 0:
             raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget")
@@ -161,28 +167,21 @@ class NoiseSchedule(Callback):
         self.levels_per_decade = levels_per_decade
         self.sigmas: list[float] | None = None
         self._offset = 0  # accountant steps already spent when the schedule was planned
-        self.strategy: Any = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        if not hasattr(strategy, "set_noise_multiplier") or not hasattr(strategy, "accountant"):
-            raise DPLightningError(
-                f"NoiseSchedule drives DPSGDStrategy's σ, got {type(strategy).__name__}; set trainer.strategy to it"
-            )
-        require_gaussian_noise(strategy, "NoiseSchedule")
+    @override
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PrivateStrategy) -> None:
         names = {type(cb).__name__ for cb in trainer.callbacks}
         clash = names & {"QuantileClipping", "RLDPController"}
         if clash:
             raise DPLightningError(
                 f"NoiseSchedule and {sorted(clash)[0]} both set σ; use one of them per run"
             )
-        self.strategy = strategy
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs before the strategy's own on_train_start: setting σ_0 here stops it calibrating a constant σ.
         strategy = self.strategy
+        assert strategy is not None
         if self.sigmas is not None:  # resumed: keep the schedule planned at the start
             strategy.set_noise_multiplier(self.sigma_at(strategy.accountant.steps))
             return
@@ -207,11 +206,14 @@ class NoiseSchedule(Callback):
             f"{self.sigmas[-1]:.4f} over {remaining} steps"
         )
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # Step t of the schedule is the accountant's step count (micro-batches of one step see the same t).
-        sigma = self.sigma_at(self.strategy.accountant.steps)
-        if sigma != self.strategy.noise_multiplier:
-            self.strategy.set_noise_multiplier(sigma)
+        strategy = self.strategy
+        assert strategy is not None
+        sigma = self.sigma_at(strategy.accountant.steps)
+        if sigma != strategy.noise_multiplier:
+            strategy.set_noise_multiplier(sigma)
             if trainer.logger is not None:
                 trainer.logger.log_metrics({"noise_schedule/sigma": sigma}, step=trainer.global_step)
 
@@ -221,9 +223,11 @@ class NoiseSchedule(Callback):
         t = min(max(accountant_steps - self._offset, 0), len(self.sigmas) - 1)
         return self.sigmas[t]
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"sigmas": self.sigmas, "offset": self._offset}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sigmas = state_dict.get("sigmas")
         self._offset = int(state_dict.get("offset") or 0)

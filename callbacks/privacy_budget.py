@@ -7,17 +7,19 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
-from dplightning.strategies.dpsgd import short_group_name
+from dplightning.strategies.base import short_group_name
+from dplightning.strategies.protocol import PrivateStrategy
 
 
 class PrivacyBudget(Callback):
     """Logs ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier``, ``privacy/clip_norm`` (and
     ``privacy/clip/<group>`` per group) and stops training when the next step would exceed ``target_epsilon``.
 
-    Works with any strategy that exposes ``accountant``, ``effective_noise_multiplier``, ``sample_rate``,
-    ``clip_thresholds``, ``target_delta`` and ``within_budget(sigma, q)`` (``DPSGDStrategy``, ``DPZOStrategy``).
+    Works with any strategy that satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`
+    (``DPSGDStrategy``, ``DDPDPSGDStrategy``, ``DPZOStrategy``).
     The strategy additionally refuses any step that would exceed the budget, so the guarantee does not depend
     on this callback; the callback makes the stop graceful and visible.
 
@@ -46,15 +48,19 @@ class PrivacyBudget(Callback):
         self.log_group_thresholds = log_group_thresholds
         self.stopped_on_budget = False
         self._last_step = -1
-        self._strategy: Any = None
+        self._strategy: PrivateStrategy | None = None
 
     @property
     def delta(self) -> float:
-        return self.target_delta if self.target_delta is not None else self._strategy.target_delta
+        if self.target_delta is not None:
+            return self.target_delta
+        assert self._strategy is not None, "the strategy's δ is known from setup on"
+        return self._strategy.target_delta
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if not hasattr(strategy, "accountant") or not hasattr(strategy, "within_budget"):
+        if not isinstance(strategy, PrivateStrategy):
             raise DPLightningError(
                 f"PrivacyBudget needs a private strategy, got {type(strategy).__name__}; "
                 "set Trainer(strategy=DPSGDStrategy(...)) or DPZOStrategy(...)"
@@ -67,7 +73,7 @@ class PrivacyBudget(Callback):
                 self.target_epsilon if current is None else min(current, self.target_epsilon)
             )
 
-    def _check_delta(self, strategy: Any) -> None:
+    def _check_delta(self, strategy: PrivateStrategy) -> None:
         # The strategy's guard and σ calibration work at its own δ. A budget reported at another δ would either
         # claim a guarantee nothing enforces (smaller δ) or stop at a reported ε below the budget (larger δ).
         if self.target_delta is None or float(self.target_delta) == float(strategy.target_delta):
@@ -78,6 +84,7 @@ class PrivacyBudget(Callback):
             f"{self.target_delta:g} and drop PrivacyBudget's target_delta"
         )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -85,7 +92,8 @@ class PrivacyBudget(Callback):
         # the next σ in their own on_train_batch_end, which may run after this callback's. A σ changed later in
         # this same hook is still covered: the strategy re-checks at release and skips a step that would not fit.
         strategy = self._strategy
-        if strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):
+        assert strategy is not None
+        if strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):  # type: ignore[arg-type]
             return
         self.stopped_on_budget = True
         trainer.should_stop = True
@@ -94,10 +102,12 @@ class PrivacyBudget(Callback):
             f"(spent ε={strategy.accountant.epsilon(self.delta):.4f} after {strategy.accountant.steps} steps)"
         )
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         strategy = self._strategy
+        assert strategy is not None
         step = strategy.accountant.steps
         if step == self._last_step:  # a micro-batch inside gradient accumulation: nothing released yet
             return
@@ -118,9 +128,11 @@ class PrivacyBudget(Callback):
 
     # The accountant is checkpointed by the strategy alone (checkpoint["dplightning"]): a second copy here could
     # disagree with it and, restored later, silently replace the history the guard relies on.
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"stopped_on_budget": self.stopped_on_budget, "target_epsilon": self.target_epsilon}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Older checkpoints also hold an "accountant" entry here; it is ignored on purpose (see above).
         self.stopped_on_budget = bool(state_dict.get("stopped_on_budget", False))

@@ -9,7 +9,7 @@ with Gaussian noise and the threshold moves geometrically towards the target qua
 
 Privacy: the centred count has L2 sensitivity ½ per group, so it is a Gaussian release of multiplier 2σ_b
 (√k/2 and σ_count·√k/2 for k groups). It is registered as an auxiliary channel of the strategy and the gradient
-noise is raised so that the combined step costs exactly the budgeted σ (DESIGN §4):
+noise is raised so that the combined step costs exactly the budgeted σ:
 ``σ_grad = (σ^-2 − (2σ_b)^-2)^-1/2``. The split and the release are :func:`split_sigma` and
 :class:`ClipCountRelease`, shared with the RLDP controller.
 """
@@ -21,17 +21,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from dplightning.callbacks._requirements import require_dpsgd, require_gaussian_noise, require_single_device
+from dplightning.callbacks._controller import StrategyController
 from dplightning.envs.rldp_core import ClipCountRelease, count_noise_source, count_noise_state, split_sigma
-from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from dplightning.errors import DPLightningError
-from dplightning.strategies.dpsgd import short_group_name
+from dplightning.strategies.base import short_group_name
+from dplightning.strategies.protocol import PerExampleClippingStrategy
 
 COUNT_CHANNEL = "quantile_clip_counts"
 
 
-class QuantileClipping(Callback):
+class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
     """Adaptive per-group clipping to a target quantile of the per-example norms (use with ``DPSGDStrategy``).
 
     Args:
@@ -45,6 +46,12 @@ class QuantileClipping(Callback):
         seed: seed of the count noise; with the strategy's ``secure_rng`` the noise comes from the OS CSPRNG.
     """
 
+    # On DP-ZO the counts would be pure noise; per-rank counts would diverge under DDP; the count release is
+    # accounted as a Gaussian channel of the step.
+    requires_dpsgd = True
+    requires_single_device = True
+    requires_gaussian_noise = True
+
     def __init__(
         self,
         target_quantile: float = 0.5,
@@ -55,6 +62,7 @@ class QuantileClipping(Callback):
         max_threshold: float = 1e4,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         if not 0.0 < target_quantile < 1.0:
             raise DPLightningError(f"target_quantile must be in (0, 1), got {target_quantile}; e.g. 0.5 for the median")
         if learning_rate <= 0:
@@ -72,7 +80,6 @@ class QuantileClipping(Callback):
         self.min_threshold = float(min_threshold)
         self.max_threshold = float(max_threshold)
         self.seed = seed
-        self.strategy: Any = None
         self.release: ClipCountRelease | None = None
         self.sigma: float | None = None  # budgeted σ of one step (gradient + counts together)
         self.sigma_grad = 0.0
@@ -82,16 +89,7 @@ class QuantileClipping(Callback):
         self._noise_state: dict[str, Any] | None = None  # count-noise stream saved by the run being resumed
 
     # ------------------------------------------------------------------------------------------ setup
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        require_dpsgd(strategy, "QuantileClipping")  # on DP-ZO the counts would be pure noise
-        require_single_device(strategy, "QuantileClipping")
-        require_gaussian_noise(strategy, "QuantileClipping")
-        self.strategy = strategy
-
-    def initialise(self, strategy: Any) -> None:
+    def initialise(self, strategy: PerExampleClippingStrategy) -> None:
         """Split the strategy's (calibrated) σ between gradient and counts; build the count release."""
         self.strategy = strategy
         if self.sigma is None:  # a resumed run restores σ from the checkpoint instead
@@ -118,7 +116,7 @@ class QuantileClipping(Callback):
         return fraction
 
     def _apply_split(self) -> None:
-        assert self.sigma is not None
+        assert self.sigma is not None and self.strategy is not None
         strategy = self.strategy
         if self.sigma <= 0:  # non-private run (σ = 0): counts are exact, ε = ∞ anyway
             self.sigma_grad = self.sigma_count = 0.0
@@ -131,18 +129,22 @@ class QuantileClipping(Callback):
     @property
     def count_noise_std_per_count(self) -> float:
         """σ_b actually used: noise std on each centred count (in examples)."""
+        assert self.strategy is not None
         k = len(self.strategy.group_names)
         return self.sigma_count * math.sqrt(k) / 2.0
 
     # ----------------------------------------------------------------------------------------- loop
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.release is None and self.strategy is not None:
             self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         strategy = self.strategy
+        assert strategy is not None
         step = strategy.accountant.steps
         if step == self._last_step:  # inside gradient accumulation (or a refused step): nothing released
             return
@@ -158,7 +160,7 @@ class QuantileClipping(Callback):
     def update(self, norms: dict[str, torch.Tensor]) -> dict[str, float]:
         """One privatised quantile step from this step's per-example norms ``{group: [B]}`` (paid for by the
         count channel in this step's σ_eff). Returns the new thresholds."""
-        assert self.release is not None
+        assert self.release is not None and self.strategy is not None
         strategy = self.strategy
         groups = strategy.group_names
         clipped = self.release.release(norms, strategy.clip_thresholds, self.sigma_count)  # noisy clipped fraction
@@ -174,11 +176,13 @@ class QuantileClipping(Callback):
         return new
 
     # ---------------------------------------------------------------------------------- persistence
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Before the first batch (e.g. saved right after a resume) the loaded stream is passed on unchanged.
         noise = count_noise_state(self.release.noise) if self.release is not None else self._noise_state
         return {"sigma": self.sigma, "last_step": self._last_step, "count_noise": noise}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.sigma = state_dict.get("sigma")
         self._last_step = state_dict.get("last_step", -1)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from dplightning.callbacks._requirements import require_dpsgd, require_gaussian_noise, require_single_device
+from dplightning.callbacks._controller import StrategyController
 from dplightning.envs.dp_training_env import DPTrainingEnv
 from dplightning.envs.rldp_core import (
     ActionMapper,
@@ -31,18 +31,19 @@ from dplightning.envs.rldp_core import (
     reward,
     split_sigma,
 )
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
 
 from dplightning.checkpoint_io import atomic_write
 from dplightning.errors import DPLightningError
 from dplightning.privacy.noise_addition import NoiseSource
-from dplightning.strategies.dpsgd import short_group_name
+from dplightning.strategies.base import short_group_name
+from dplightning.strategies.protocol import PerExampleClippingStrategy
 
 COUNT_CHANNEL = "rldp_clip_counts"
 
 
-class RLDPController(Callback):
+class RLDPController(StrategyController[PerExampleClippingStrategy]):
     """Online SAC hyper-policy over DP-SGD's clipping thresholds and noise (use with ``DPSGDStrategy``).
 
     Args:
@@ -64,6 +65,12 @@ class RLDPController(Callback):
         seed: seed of the agent and of the clip-count noise; with the strategy's ``secure_rng`` the count
             noise comes from the OS CSPRNG instead.
     """
+
+    # DP-ZO has no per-example norms to count; per-rank decisions would diverge under DDP; the clip counts are
+    # accounted as a Gaussian channel of the step.
+    requires_dpsgd = True
+    requires_single_device = True
+    requires_gaussian_noise = True
 
     def __init__(
         self,
@@ -89,6 +96,7 @@ class RLDPController(Callback):
         deterministic: bool = False,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         if rl_interval < 1 or warmup_steps < 0:
             raise DPLightningError("rl_interval must be >= 1 and warmup_steps >= 0")
         if not (0 < sigma_bounds[0] <= 1.0 <= sigma_bounds[1]) or not (0 < clip_bounds[0] <= clip_bounds[1]):
@@ -121,7 +129,6 @@ class RLDPController(Callback):
         self.deterministic = deterministic
         self.seed = seed
 
-        self.strategy: Any = None
         self.agent: Any = None
         self.mapper: ActionMapper | None = None
         self.guard: BudgetGuard | None = None
@@ -137,13 +144,8 @@ class RLDPController(Callback):
         self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ setup
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        require_dpsgd(strategy, "RLDPController")  # DP-ZO has no per-example norms to count
-        require_single_device(strategy, "RLDPController")
-        require_gaussian_noise(strategy, "RLDPController")
+    @override
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy) -> None:
         if strategy.target_epsilon is None and strategy.max_epsilon is None:
             raise DPLightningError("RLDPController needs a privacy budget; set the strategy's target_epsilon")
         if not hasattr(pl_module, "per_example_loss"):
@@ -157,9 +159,8 @@ class RLDPController(Callback):
             raise DPLightningError(
                 "RLDPController evaluates its reward on data declared public; set data.public_fraction > 0"
             ) from exc
-        self.strategy = strategy
 
-    def initialise(self, strategy: Any) -> None:
+    def initialise(self, strategy: PerExampleClippingStrategy) -> None:
         """Read the calibrated σ and initial thresholds, build mapper, guard, count release and agent."""
         from stable_baselines3 import SAC
         from stable_baselines3.common.logger import configure
@@ -193,7 +194,7 @@ class RLDPController(Callback):
             self._restore(self._pending_state)
             self._pending_state = None
 
-    def _count_noise(self, strategy: Any) -> NoiseSource:
+    def _count_noise(self, strategy: PerExampleClippingStrategy) -> NoiseSource:
         """The count-noise source; a resumed run continues the saved stream, since re-seeding would draw the
         noise of steps 1…k again and differencing the two releases of those counts removes it."""
         saved = self._pending_state or {}
@@ -203,13 +204,14 @@ class RLDPController(Callback):
     def _apply_sigma(self, sigma: float) -> None:
         """Split σ between the gradient and the clip counts so the step costs exactly σ."""
         sigma_grad, self.sigma_count = split_sigma(sigma, self.count_budget_fraction)
+        assert self.strategy is not None
         self.strategy.set_noise_multiplier(sigma_grad)
         self.strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
 
     def apply_action(self, action: np.ndarray) -> float | None:
         """Map ``action`` ``[k+1]``, pass σ through the budget guard, apply to the strategy. Returns the σ used,
         or ``None`` (and nothing applied) when no σ ≤ σ_max keeps the budget."""
-        assert self.mapper is not None and self.guard is not None
+        assert self.mapper is not None and self.guard is not None and self.strategy is not None
         sigma, clips = self.mapper(action)
         safe = self.guard.safe_sigma(sigma, self.rl_interval)
         if safe is None:
@@ -219,14 +221,17 @@ class RLDPController(Callback):
         return safe
 
     # ----------------------------------------------------------------------------------------- loop
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.mapper is None and self.strategy is not None:
             self.initialise(self.strategy)  # the strategy has calibrated σ by now
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         strategy = self.strategy
+        assert strategy is not None
         step = strategy.accountant.steps
         if step == self._last_step:  # inside gradient accumulation: nothing released yet
             return
@@ -238,8 +243,9 @@ class RLDPController(Callback):
         if step >= self.warmup_steps and (step - self.warmup_steps) % self.rl_interval == 0:
             self._decide(trainer, pl_module, done=step >= strategy.planned_steps)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._prev is not None and self.strategy.accountant.steps != self._prev["step"]:
+        if self._prev is not None and self.strategy is not None and self.strategy.accountant.steps != self._prev["step"]:
             self._decide(trainer, pl_module, done=True)
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
             self.save_policy(self.save_policy_to)
@@ -263,7 +269,7 @@ class RLDPController(Callback):
         return float(torch.cat(losses).mean())
 
     def _observation(self, loss: float, prev_loss: float) -> np.ndarray:
-        assert self.mapper is not None and self.counts is not None
+        assert self.mapper is not None and self.counts is not None and self.strategy is not None
         s = self.strategy
         groups = self.mapper.groups
         clips = [np.mean([s.clip_thresholds[g] / self.mapper.base_clips[g] for g in m]) for m in groups]
@@ -282,6 +288,7 @@ class RLDPController(Callback):
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool) -> None:
         s = self.strategy
+        assert s is not None
         loss = self._public_loss(pl_module)
         if self._initial_loss is None:
             self._initial_loss = loss
@@ -331,6 +338,7 @@ class RLDPController(Callback):
         data = self.policy_bytes()
         return atomic_write(path, lambda fh: fh.write(data))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.agent is None:  # not started yet (e.g. saved right after a resume): pass the loaded state on
             return dict(self._pending_state or {})
@@ -349,6 +357,7 @@ class RLDPController(Callback):
             "count_noise": count_noise_state(self.counts.noise) if self.counts is not None else None,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._pending_state = state_dict
@@ -367,8 +376,10 @@ class RLDPController(Callback):
             self.mapper.base_sigma, self.mapper.base_clips = state["base_sigma"], dict(state["base_clips"])
             self.guard.sigma_max = self.mapper.sigma_max  # type: ignore[union-attr]
         self.sigma_count = state["sigma_count"]
+        assert self.strategy is not None
         self.strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
             self.save_policy(self.save_policy_to)
