@@ -98,10 +98,9 @@ class PrivateStrategyMixin(Strategy):
     """Shared body of the private strategies; satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`.
 
     Subclasses validate their settings and call :meth:`_init_private` from ``__init__`` (after the Lightning
-    strategy's ``__init__``), and
-    implement :meth:`step_event` and :meth:`_calibrate_noise_multiplier`. Their ``setup`` ends with
-    :meth:`_finish_setup`; their release calls :meth:`within_budget`, then :meth:`_record_step` or
-    :meth:`_stop_on_budget`.
+    strategy's ``__init__``), and implement :meth:`step_event` and :meth:`_calibrate_noise_multiplier`. Their
+    ``setup`` ends with :meth:`_finish_setup`; their release calls :meth:`within_budget`, then
+    :meth:`_record_step` or :meth:`_stop_on_budget`.
     """
 
     # on_train_start refuses a plan whose remaining steps would overspend target_epsilon; this says whether a
