@@ -14,7 +14,7 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import dplightning.strategies.dpsgd as dpsgd_module
+import dplightning.strategies.base as strategy_base
 from dplightning.errors import DPLightningError
 from dplightning.privacy.clipping import clip_and_sum, clip_to_grid_and_sum, group_grids
 from dplightning.privacy.discretization import from_grid, l2_grid, to_grid
@@ -268,11 +268,11 @@ def test_dpsgd_release_is_an_integer_number_of_grid_steps() -> None:
 
 # ----------------------------------------------------------------------------------- predictable randomness
 def test_seeded_noise_warns_once_that_the_seed_must_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dpsgd_module, "_warned_seeded", False)
+    monkeypatch.setattr(strategy_base, "_warned_seeded", False)
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     with pytest.warns(UserWarning, match="seed is secret"):
         _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8)
-    monkeypatch.setattr(dpsgd_module, "_warned_seeded", False)
+    monkeypatch.setattr(strategy_base, "_warned_seeded", False)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -462,3 +462,29 @@ def test_hooks_between_backward_and_release_never_see_the_raw_batch_gradient() -
     _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.1, device="cpu"), data, 32, [Spy(), recorder])
     assert seen and all(g is None for g in seen)
     assert float(recorder.grads[0]["fc.weight"].norm()) <= 0.1  # the optimizer still gets the release
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_nan_or_infinite_privacy_settings_are_refused(bad: float) -> None:
+    with pytest.raises(DPLightningError):
+        DPSGDStrategy(noise_multiplier=bad, device="cpu")
+    with pytest.raises(DPLightningError):
+        DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=bad, device="cpu")
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    strategy.groups = {"all": ["w"]}
+    strategy.clip_thresholds = {"all": 1.0}
+    with pytest.raises(DPLightningError):
+        strategy.set_clip_thresholds(bad)
+    with pytest.raises(DPLightningError):
+        strategy.set_noise_multipliers({"all": bad if bad != -1.0 else -2.0})
+    with pytest.raises(DPLightningError):
+        strategy.set_noise_multiplier(bad)
+
+
+def test_dpzo_lmo_with_a_heavy_mixture_releases_finite_values_on_the_grid() -> None:
+    from dplightning.privacy.mechanisms import LMOMechanism
+
+    heavy = LMOMechanism(a1=1.0, a3=0.0, a4=0.0, gamma_shape=0.3, gamma_scale=1.0)
+    strategy = DPZOStrategy(noise="lmo", lmo=heavy, noise_multiplier=1.0, device="cpu")
+    releases = torch.cat([strategy.privatize(torch.tensor([0.25])) for _ in range(3000)])
+    assert torch.isfinite(releases).all()

@@ -179,8 +179,8 @@ class PrivateStrategyMixin(Strategy):
         unknown = set(values) - set(self.groups)
         if unknown:
             raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
-        if any(v <= 0 for v in values.values()):
-            raise DPLightningError("clip thresholds must be > 0")
+        if not all(0 < v < math.inf for v in values.values()):  # also refuses NaN
+            raise DPLightningError("clip thresholds must be finite and > 0")
         self.clip_thresholds.update(values)
 
     def set_noise_multipliers(self, multipliers: Mapping[str, float]) -> None:
@@ -188,13 +188,13 @@ class PrivateStrategyMixin(Strategy):
         unknown = set(multipliers) - set(self.groups)
         if unknown:
             raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
-        if any(v < 0 for v in multipliers.values()):
-            raise DPLightningError("noise multipliers must be >= 0")
+        if not all(0 <= v < math.inf for v in multipliers.values()):  # also refuses NaN
+            raise DPLightningError("noise multipliers must be finite and >= 0")
         self.noise_multipliers.update({k: float(v) for k, v in multipliers.items()})
 
     def set_noise_multiplier(self, sigma: float) -> None:
         """Isotropic noise: every group gets absolute std ``σ·C_total``, so σ_eff = σ."""
-        if sigma < 0:
+        if not 0 <= sigma < math.inf:  # also refuses NaN
             raise DPLightningError(f"noise_multiplier must be >= 0, got {sigma}")
         self.noise_multiplier = float(sigma)
         c_total = self.total_clip_norm

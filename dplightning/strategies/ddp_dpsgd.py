@@ -87,11 +87,11 @@ class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
         return out
 
     @override
-    def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
-        noise = super()._draw_noise(shape, std, device)
-        if self.secure_rng:  # CSPRNG draws differ per rank: use rank 0's
-            torch.distributed.broadcast(noise, src=0)
-        return noise
+    def _add_noise(self, units: Tensor, std: float) -> Tensor:
+        released = super()._add_noise(units, std)
+        if self.secure_rng:  # CSPRNG draws differ per rank; the reduced sums agree, so take rank 0's release
+            torch.distributed.broadcast(released, src=0)
+        return released
 
 
 __all__ = ["DDPDPSGDStrategy"]

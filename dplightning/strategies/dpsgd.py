@@ -20,8 +20,6 @@ processes.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -48,7 +46,6 @@ from dplightning.privacy.clipping import (
 from dplightning.privacy.discretization import from_grid
 from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.privacy.per_example_grads import LossReduction, PerExampleGradients
-from dplightning.strategies import base
 from dplightning.strategies.base import (
     EmptySafeCollate,
     PrivateStrategyMixin,
@@ -84,7 +81,7 @@ def check_dpsgd_settings(
     elif lmo is not None:
         raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
     settings.validate("DPSGDStrategy")
-    if max_grad_norm <= 0:
+    if not 0 < max_grad_norm < math.inf:
         raise DPLightningError(f"max_grad_norm must be > 0, got {max_grad_norm}")
 
 
@@ -284,10 +281,8 @@ class DPSGDMixin(PrivateStrategyMixin):
             std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group] / grid
             for name in names:
                 p = self._params[name]
-                units = sums[name]
-                if std > 0:
-                    units = units + self._draw_noise(p.shape, std, p.device)
-                p.grad = (from_grid(units, grid) / self.expected_batch_size).to(p.dtype)
+                released = self._add_noise(sums[name], std) if std > 0 else sums[name].double()
+                p.grad = (from_grid(released, grid) / self.expected_batch_size).to(p.dtype)
             self.last_noisy_grad_norms[group] = math.sqrt(sum(float(self._params[n].grad.pow(2).sum()) for n in names))
         self._summed.clear()
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
@@ -303,12 +298,15 @@ class DPSGDMixin(PrivateStrategyMixin):
         """Sum the clipped per-example gradient sums over ranks."""
         return sums
 
-    def _draw_noise(self, shape: torch.Size, std: float, device: torch.device) -> Tensor:
-        """Integer noise (grid units) for one tensor; identical on every rank so it is added once in total."""
+    def _add_noise(self, units: Tensor, std: float) -> Tensor:
+        """The release of one tensor: ``units + noise`` in grid units, added exactly and only then turned into
+        float64 (the same on every rank, so noise enters once in total). LMO noise (i.i.d., factor σ·C/γ) can
+        exceed int64 when its mixing variable is tiny: that sum is formed in Python integers."""
         if self.noise == "lmo":
             assert self.lmo is not None
-            return self.noise_source.discrete_lmo(shape, self.lmo, std).to(device)  # i.i.d., factor σ·C/γ
-        return self.noise_source.discrete_gaussian(shape, std).to(device)
+            return self.noise_source.add_discrete_lmo(units.cpu(), self.lmo, std).to(units.device)
+        noise = self.noise_source.discrete_gaussian(units.shape, std).to(units.device)
+        return (units + noise).double()
 
     @override
     def teardown(self) -> None:
@@ -358,19 +356,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _Module(types.ModuleType):
-    # The once-per-process flag of the seeded-noise warning lives in strategies.base, which every private
-    # strategy shares; code that resets it on this module, where it used to live, resets the real flag.
-    @property
-    def _warned_seeded(self) -> bool:
-        return base._warned_seeded
-
-    @_warned_seeded.setter
-    def _warned_seeded(self, value: bool) -> None:
-        base._warned_seeded = value
-
-
-sys.modules[__name__].__class__ = _Module
 
 __all__ = [
     "DPSGDMixin",

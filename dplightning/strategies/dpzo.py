@@ -405,9 +405,9 @@ def check_dpzo_settings(
         raise DPLightningError(f"unknown trainable '{trainable}'; use lora or all")
     if perturbation not in ("swap", "inplace"):
         raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
-    if mu <= 0:
+    if not 0 < mu < math.inf:
         raise DPLightningError(f"mu must be > 0, got {mu}")
-    if max_loss_diff <= 0:
+    if not 0 < max_loss_diff < math.inf:
         raise DPLightningError(f"max_loss_diff must be > 0, got {max_loss_diff}")
     if pure_dp and noise != "laplace":
         raise DPLightningError("target_delta=0 (pure ε-DP) needs noise='laplace'; Gaussian noise needs δ > 0")
@@ -555,26 +555,27 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         :mod:`dplightning.privacy.discretization`): clipped scalars are integers in ``[-2^40, 2^40]``."""
         return scalar_grid(self.max_loss_diff)
 
-    def scalar_noise(self, num: int) -> Tensor:
-        """Noise for one release of ``num`` scalars in grid units, ``[num]`` int64: discrete Gaussian of std
-        ``σ C √n / γ``, discrete Laplace of scale ``λ n C / γ`` or discrete LMO of factor ``s n C / γ``. Every
+    def add_noise(self, units: Tensor) -> Tensor:
+        """``units + noise`` for one release of ``[n]`` scalars in grid units, added exactly, as float64: discrete
+        Gaussian of std ``σ C √n / γ``, discrete Laplace of scale ``λ n C / γ`` or discrete LMO of factor
+        ``s n C / γ`` (Laplace and LMO scales can leave int64: those sums are formed in Python integers). Every
         scalar release goes through here."""
         scale = self.noise_scale() / self.grid
         if scale <= 0:
-            return torch.zeros(num, dtype=torch.int64)
+            return units.double()
         if self.noise == "laplace":
-            return self.noise_source.discrete_laplace((num,), scale)
+            return self.noise_source.add_discrete_laplace(units, scale)
         if self.noise == "lmo":
             assert self.lmo is not None
-            return self.noise_source.discrete_lmo((num,), self.lmo, scale)
-        return self.noise_source.discrete_gaussian((num,), scale)
+            return self.noise_source.add_discrete_lmo(units, self.lmo, scale)
+        return (units + self.noise_source.discrete_gaussian(units.shape, scale)).double()
 
     def privatize(self, sums: Tensor) -> Tensor:
         """Release ``sums`` ``[n]`` (clipped per-example scalars summed over the batch) with noise: an int64 tensor
         is taken as grid units (what training accumulates), a float one is first rounded to the grid. Returns
         ``γ · (units + noise)`` in float64: every release is an integer multiple of :attr:`grid`."""
         units = sums.cpu() if sums.dtype == torch.int64 else to_grid(sums.cpu(), self.grid)
-        return from_grid(units + self.scalar_noise(units.numel()), self.grid)
+        return from_grid(self.add_noise(units), self.grid)
 
     def calibrate(self, target_epsilon: float, steps: int) -> float:
         """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
