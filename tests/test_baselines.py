@@ -1,4 +1,4 @@
-"""Adaptive-clipping baselines: QuantileClipping, AutomaticClipping, NoiseSchedule (issue 8)."""
+"""Adaptive-clipping baselines: QuantileClipping, AutomaticClipping, NoiseSchedule."""
 
 from __future__ import annotations
 

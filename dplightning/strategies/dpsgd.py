@@ -75,7 +75,7 @@ def check_dpsgd_settings(
         if clipping != "flat_l1":
             raise DPLightningError("noise='lmo' needs clipping='flat_l1' (its vector accounting is for L1 clipping)")
         if accountant != "rdp":
-            raise DPLightningError("noise='lmo' on gradients is accounted with RDP (DESIGN §6); set accountant='rdp'")
+            raise DPLightningError("noise='lmo' on gradients is accounted with RDP (its convexity check is for RDP); set accountant='rdp'")
     elif clipping == "flat_l1":
         raise DPLightningError("clipping='flat_l1' bounds the L1 norm, which Gaussian accounting ignores; set noise='lmo'")
     elif lmo is not None:
