@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import fake_dpsgd_strategy, quiet_trainer
 from dplightning.callbacks import AutomaticClipping, NoiseSchedule, QuantileClipping
 from dplightning.callbacks.noise_schedule import calibrate_schedule, schedule_epsilon, schedule_shape
 from dplightning.callbacks.quantile_clipping import COUNT_CHANNEL
@@ -24,13 +25,8 @@ from dplightning.strategies import DPSGDStrategy
 
 
 def _fake_strategy(sigma: float, groups: int = 1, q: float = 0.05, batch: float = 200.0) -> DPSGDStrategy:
-    """A DPSGDStrategy as after setup/on_train_start, without a model."""
-    s = DPSGDStrategy(noise_multiplier=sigma, target_delta=1e-5, accountant="rdp", device="cpu")
-    s.groups = {f"g{i}": [f"g{i}.weight"] for i in range(groups)}
-    s.clip_thresholds = dict.fromkeys(s.groups, 1.0)
-    s.sample_rate, s.planned_steps, s.expected_batch_size = q, 100, batch
-    s.set_noise_multiplier(sigma)
-    return s
+    names = {f"g{i}": [f"g{i}.weight"] for i in range(groups)}
+    return fake_dpsgd_strategy(names, 1.0, sigma, q, 100, batch, noise_multiplier=sigma, accountant="rdp")
 
 
 class Linear(pl.LightningModule):
@@ -51,11 +47,6 @@ def _data(n: int = 200, d: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g) * torch.logspace(-1, 1, n)[:, None]  # wide norm range
     return DataLoader(TensorDataset(x, torch.randint(0, 3, (n,), generator=g)), batch_size=20)
-
-
-def _trainer(strategy: DPSGDStrategy, callbacks: list[pl.Callback], max_steps: int) -> pl.Trainer:
-    return pl.Trainer(strategy=strategy, callbacks=callbacks, max_steps=max_steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
 # ------------------------------------------------------------------------------------------ quantile
@@ -98,7 +89,7 @@ def test_quantile_clipping_in_training_moves_thresholds_and_charges_budgeted_sig
     strategy = DPSGDStrategy(noise_multiplier=1.1, max_grad_norm=100.0, clipping="per_layer", accountant="rdp",
                              device="cpu", seed=0)
     qc = QuantileClipping(target_quantile=0.5, learning_rate=0.5, count_budget_fraction=0.1)
-    _trainer(strategy, [qc], max_steps=15).fit(Linear(), _data())
+    quiet_trainer(strategy, [qc], max_steps=15).fit(Linear(), _data())
     assert strategy.accountant.steps == 15
     # thresholds started far above every norm (C_total = 100) and were pulled down towards the median
     assert all(c < 100.0 / math.sqrt(2) * 0.2 for c in strategy.clip_thresholds.values())
@@ -142,7 +133,7 @@ def test_automatic_clipping_callback_normalises_in_training() -> None:
 
         g = torch.Generator().manual_seed(0)
         data = TensorDataset(torch.randn(100, 8, generator=g) * 1e-3, torch.randint(0, 3, (100,), generator=g))
-        _trainer(strategy, [*callbacks, Spy()], max_steps=3).fit(Linear(bias=False), DataLoader(data, batch_size=20))
+        quiet_trainer(strategy, [*callbacks, Spy()], max_steps=3).fit(Linear(bias=False), DataLoader(data, batch_size=20))
         return norms, sizes, strategy
 
     auto, sizes, strategy = run([AutomaticClipping(stability=1e-5)])
@@ -186,7 +177,7 @@ def test_noise_schedule_in_training_decays_and_stays_within_budget() -> None:
         def on_before_optimizer_step(self, *args: Any) -> None:
             used.append(strategy.effective_noise_multiplier)
 
-    _trainer(strategy, [sched, Spy()], max_steps=30).fit(Linear(), _data())
+    quiet_trainer(strategy, [sched, Spy()], max_steps=30).fit(Linear(), _data())
     assert strategy.accountant.steps == 30
     assert used[0] > used[-1] and used[-1] == pytest.approx(used[0] * 0.4, rel=0.1)
     assert all(a >= b for a, b in itertools.pairwise(used))
@@ -198,7 +189,7 @@ def test_noise_schedule_in_training_decays_and_stays_within_budget() -> None:
 def test_noise_schedule_refuses_controllers_that_also_set_sigma() -> None:
     strategy = DPSGDStrategy(target_epsilon=3.0, device="cpu")
     with pytest.raises(DPLightningError, match="QuantileClipping"):
-        _trainer(strategy, [NoiseSchedule(), QuantileClipping()], max_steps=2).fit(Linear(), _data())
+        quiet_trainer(strategy, [NoiseSchedule(), QuantileClipping()], max_steps=2).fit(Linear(), _data())
     with pytest.raises(DPLightningError, match="final_ratio"):
         NoiseSchedule(final_ratio=1.5)
 

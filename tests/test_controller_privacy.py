@@ -224,6 +224,7 @@ def test_noise_schedule_is_meaningful_on_gaussian_dpzo() -> None:
 @pytest.mark.parametrize("centered", [False, True])
 def test_clip_count_releases_are_on_the_count_grid(centered: bool) -> None:
     from dplightning.envs.rldp_core import COUNT_GRID, ClipCountRelease
+
     from dplightning.privacy.noise_addition import NoiseSource
 
     release = ClipCountRelease([["a"], ["b", "c"]], 16.0, NoiseSource(seed=0), centered=centered)

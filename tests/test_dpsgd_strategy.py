@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import GradRecorder, quiet_trainer
 from dplightning.callbacks import PrivacyBudget
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -36,33 +37,9 @@ class Linear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class GradRecorder(pl.Callback):
-    """Records p.grad as the optimizer will see it (after privatisation)."""
-
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
-
-
 def _data(n: int = 64, d: int = 8, scale: float = 1.0, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, d, generator=g) * scale, torch.randint(0, 3, (n,), generator=g))
-
-
-def _trainer(strategy: DPSGDStrategy, callbacks: list[pl.Callback] | None = None, **kw: Any) -> pl.Trainer:
-    kw.setdefault("max_steps", 3)
-    return pl.Trainer(
-        strategy=strategy,
-        callbacks=callbacks or [],
-        logger=False,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
 
 
 def test_noiseless_step_is_mean_of_clipped_per_example_grads() -> None:
@@ -70,7 +47,7 @@ def test_noiseless_step_is_mean_of_clipped_per_example_grads() -> None:
     model = Linear()
     rec = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5)
-    _trainer(strategy, [rec], max_steps=1).fit(model, DataLoader(data, batch_size=16))  # q = 1: every example
+    quiet_trainer(strategy, [rec], max_steps=1).fit(model, DataLoader(data, batch_size=16))  # q = 1: every example
     ref = Linear()
     expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
     for i in range(16):
@@ -92,7 +69,7 @@ def test_noise_has_stated_std(clipping: str) -> None:
     model = Linear(64, 64, bias=False)
     rec = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=1.3, max_grad_norm=2.0, clipping=clipping, seed=3)  # type: ignore[arg-type]
-    _trainer(strategy, [rec], max_steps=5).fit(model, DataLoader(data, batch_size=batch))
+    quiet_trainer(strategy, [rec], max_steps=5).fit(model, DataLoader(data, batch_size=batch))
     samples = torch.cat([g["fc.weight"].flatten() for g in rec.grads]) * batch  # qN = batch
     expected_std = 1.3 * 2.0
     # 20480 samples: the std estimate is within ~1.5% (3 sigma); mean near 0
@@ -124,7 +101,7 @@ def test_heteroscedastic_groups_get_their_own_std_and_sigma_eff_is_charged() -> 
             strategy.set_clip_thresholds({"fc.weight": 0.5, "fc2.weight": 2.0})
             strategy.set_noise_multipliers({"fc.weight": 2.0, "fc2.weight": 4.0})
 
-    _trainer(strategy, [SetNoise(), rec], max_steps=20).fit(model, DataLoader(data, batch_size=batch))
+    quiet_trainer(strategy, [SetNoise(), rec], max_steps=20).fit(model, DataLoader(data, batch_size=batch))
     fc = torch.cat([g["fc.weight"].flatten() for g in rec.grads]) * batch
     fc2 = torch.cat([g["fc2.weight"].flatten() for g in rec.grads]) * batch
     assert fc.std().item() == pytest.approx(2.0 * 0.5, rel=0.05)
@@ -140,7 +117,7 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     def run(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
         model = Linear()
         strategy = DPSGDStrategy(noise_multiplier=0.8, max_grad_norm=1.0, seed=7)
-        _trainer(strategy, max_steps=4, accumulate_grad_batches=accumulate).fit(model, DataLoader(data, batch_size=batch_size))
+        quiet_trainer(strategy, max_steps=4, accumulate_grad_batches=accumulate).fit(model, DataLoader(data, batch_size=batch_size))
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     one, accumulated = run(12, 1), run(6, 2)
@@ -154,7 +131,7 @@ def test_weights_change_and_empty_batches_are_noise_only_steps() -> None:
     before = model.fc.weight.detach().clone()
     strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
     # batch_size 1 of 20: q = 0.05, so about a third of the 30 Poisson batches are empty
-    _trainer(strategy, max_steps=30).fit(model, DataLoader(data, batch_size=1))
+    quiet_trainer(strategy, max_steps=30).fit(model, DataLoader(data, batch_size=1))
     assert strategy.accountant.steps == 30
     assert not torch.equal(before, model.fc.weight)
     assert strategy._sampler is not None
@@ -167,7 +144,7 @@ def test_privacy_budget_stops_before_exceeding_target() -> None:
     model = Linear()
     strategy = DPSGDStrategy(noise_multiplier=0.9, max_grad_norm=1.0)
     budget = PrivacyBudget(target_epsilon=1.0)
-    trainer = _trainer(strategy, [budget], max_steps=500)
+    trainer = quiet_trainer(strategy, [budget], max_steps=500)
     trainer.fit(model, DataLoader(data, batch_size=10))
     assert budget.stopped_on_budget
     assert 0 < trainer.global_step < 500
@@ -179,7 +156,7 @@ def test_privacy_budget_stops_before_exceeding_target() -> None:
 def test_target_epsilon_calibrates_sigma() -> None:
     data = _data(100)
     strategy = DPSGDStrategy(target_epsilon=2.0, target_delta=1e-5, max_grad_norm=1.0)
-    _trainer(strategy, max_steps=25).fit(Linear(), DataLoader(data, batch_size=10))
+    quiet_trainer(strategy, max_steps=25).fit(Linear(), DataLoader(data, batch_size=10))
     eps = strategy.epsilon()
     assert eps <= 2.0
     assert eps > 1.9  # σ is the smallest that meets the target, not an over-noised guess
@@ -201,16 +178,16 @@ def test_resume_gives_same_weights_and_epsilon(tmp_path: Path) -> None:
 
     full = Linear()
     s_full = strategy()
-    _trainer(s_full, max_steps=6).fit(full, DataLoader(data, batch_size=8))
+    quiet_trainer(s_full, max_steps=6).fit(full, DataLoader(data, batch_size=8))
 
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     part = Linear()
-    _trainer(strategy(), [ckpt_cb], max_steps=3, enable_checkpointing=True).fit(part, DataLoader(data, batch_size=8))
+    quiet_trainer(strategy(), [ckpt_cb], max_steps=3, enable_checkpointing=True).fit(part, DataLoader(data, batch_size=8))
     ckpt = next(tmp_path.glob("*step=3.ckpt"))
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
     resumed = Linear()
     s_resumed = strategy()
-    _trainer(s_resumed, max_steps=6).fit(resumed, DataLoader(data, batch_size=8), ckpt_path=str(ckpt))
+    quiet_trainer(s_resumed, max_steps=6).fit(resumed, DataLoader(data, batch_size=8), ckpt_path=str(ckpt))
     assert s_resumed.accountant.steps == 6
     assert s_resumed.epsilon() == pytest.approx(s_full.epsilon(), rel=1e-9)
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
@@ -226,22 +203,22 @@ def test_clear_errors() -> None:
         DPSGDStrategy(noise_multiplier=1.0, clipping="weird")  # type: ignore[arg-type]
     # planned steps at a fixed σ cannot meet the target
     with pytest.raises(PrivacyBudgetError, match="target"):
-        _trainer(DPSGDStrategy(noise_multiplier=0.3, target_epsilon=0.5), max_steps=50).fit(
+        quiet_trainer(DPSGDStrategy(noise_multiplier=0.3, target_epsilon=0.5), max_steps=50).fit(
             Linear(), DataLoader(_data(50), batch_size=10)
         )
     # q > 1
     with pytest.raises(DPLightningError, match="sample rate"):
-        _trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(Linear(), DataLoader(_data(8), batch_size=16))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(Linear(), DataLoader(_data(8), batch_size=16))
     # batch norm
     bn = Linear()
     bn.fc = nn.Sequential(nn.Linear(8, 3), nn.BatchNorm1d(3))  # type: ignore[assignment]
     with pytest.raises(DPLightningError, match="batch norm"):
-        _trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(bn, DataLoader(_data(16), batch_size=4))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(bn, DataLoader(_data(16), batch_size=4))
     # nothing trainable
     frozen = Linear()
     frozen.fc.requires_grad_(False)
     with pytest.raises(DPLightningError, match="no trainable parameters"):
-        _trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(frozen, DataLoader(_data(16), batch_size=4))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(frozen, DataLoader(_data(16), batch_size=4))
 
 
 def test_each_epoch_draws_fresh_poisson_batches() -> None:
@@ -254,7 +231,7 @@ def test_each_epoch_draws_fresh_poisson_batches() -> None:
             seen.append(batch[0].sum())
 
     data = _data(40)
-    _trainer(DPSGDStrategy(noise_multiplier=1.0, seed=3), [Batches()], max_steps=10).fit(
+    quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, seed=3), [Batches()], max_steps=10).fit(
         Linear(), DataLoader(data, batch_size=8)
     )  # 5 logical batches per epoch: steps 5..9 are epoch 1
     assert len(seen) == 10

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from dplightning.callbacks import PrivacyBudget
 from scipy import stats
 from torch import Tensor, nn
@@ -70,20 +71,6 @@ class Quadratic(pl.LightningModule):
 def _points(n: int = 32, d: int = 6, seed: int = 0, scale: float = 1.0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, d, generator=g) * scale)
-
-
-def _trainer(strategy: DPZOStrategy, callbacks: list[pl.Callback] | None = None, **kw: Any) -> pl.Trainer:
-    kw.setdefault("max_steps", 3)
-    return pl.Trainer(
-        strategy=strategy,
-        callbacks=callbacks or [],
-        logger=False,
-        enable_checkpointing=kw.pop("enable_checkpointing", False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
 
 
 # --------------------------------------------------------------------------------------------- estimator
@@ -176,7 +163,7 @@ def test_per_example_scalars_are_clipped_and_the_update_follows_z() -> None:
     theta0 = model.center.theta.detach().clone()
     c = 0.5
     strategy = DPZOStrategy(mu=1e-3, max_loss_diff=c, noise_multiplier=0.0, device="cpu")
-    _trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=16))  # q = 1: every example
+    quiet_trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=16))  # q = 1: every example
     est = ZerothOrderEstimator(reference, [("center.theta", reference.center.theta)], mu=1e-3)
     seed = direction_seed(0, 0, 0)
     raw, _ = est.directional_derivatives(lambda: reference.per_example_loss(data.tensors), seed)
@@ -196,7 +183,7 @@ def test_one_example_moves_the_released_sum_by_at_most_c() -> None:
         data = _points(8, 6, scale=2.0)
         data.tensors[0][0] *= scale
         strategy = DPZOStrategy(mu=1e-3, max_loss_diff=c, noise_multiplier=0.0, device="cpu")
-        _trainer(strategy, max_steps=1).fit(Quadratic(d=6), DataLoader(data, batch_size=8))
+        quiet_trainer(strategy, max_steps=1).fit(Quadratic(d=6), DataLoader(data, batch_size=8))
         assert strategy.last_projected_grads is not None
         sums.append(strategy.last_projected_grads.item() * 8)
     assert abs(sums[0] - sums[1]) <= 2 * c + 1e-9
@@ -207,7 +194,7 @@ def test_num_directions_average_their_updates() -> None:
     model, reference = Quadratic(d=6, lr=0.2), Quadratic(d=6)
     theta0 = model.center.theta.detach().clone()
     strategy = DPZOStrategy(mu=1e-3, max_loss_diff=100.0, noise_multiplier=0.0, num_directions=3, device="cpu")
-    _trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=16))
+    quiet_trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=16))
     est = ZerothOrderEstimator(reference, [("center.theta", reference.center.theta)], mu=1e-3)
     grads = strategy.last_projected_grads
     assert grads is not None and grads.shape == (3,)
@@ -255,7 +242,7 @@ def test_epsilon_logged_matches_the_accountant_for_the_mechanism(noise: str, del
     strategy = DPZOStrategy(
         noise=noise, noise_multiplier=sigma, target_delta=delta, accountant=accountant, device="cpu"  # type: ignore[arg-type]
     )
-    trainer = _trainer(strategy, [PrivacyBudget()], max_steps=steps)
+    trainer = quiet_trainer(strategy, [PrivacyBudget()], max_steps=steps)
     trainer.fit(Quadratic(), DataLoader(data, batch_size=8))
     assert strategy.accountant.steps == steps
     if delta == 0:
@@ -273,7 +260,7 @@ def test_epsilon_logged_matches_the_accountant_for_the_mechanism(noise: str, del
 def test_target_epsilon_calibrates_the_multiplier(noise: str, delta: float) -> None:
     data = _points(64, 6)
     strategy = DPZOStrategy(noise=noise, target_epsilon=2.0, target_delta=delta, device="cpu")  # type: ignore[arg-type]
-    _trainer(strategy, max_steps=8).fit(Quadratic(), DataLoader(data, batch_size=8))
+    quiet_trainer(strategy, max_steps=8).fit(Quadratic(), DataLoader(data, batch_size=8))
     assert strategy.noise_multiplier is not None and strategy.noise_multiplier > 0
     eps = strategy.epsilon()
     assert eps <= 2.0 and eps > 1.9  # tight calibration over the planned 8 steps
@@ -286,7 +273,7 @@ def test_budget_guard_stops_before_exceeding_target() -> None:
     data = _points(64, 6)
     strategy = DPZOStrategy(noise_multiplier=0.8, device="cpu")
     budget = PrivacyBudget(target_epsilon=2.0)
-    _trainer(strategy, [budget], max_steps=200).fit(Quadratic(), DataLoader(data, batch_size=16))
+    quiet_trainer(strategy, [budget], max_steps=200).fit(Quadratic(), DataLoader(data, batch_size=16))
     assert budget.stopped_on_budget
     assert strategy.epsilon() <= 2.0
     assert strategy.accountant.steps < 200
@@ -297,7 +284,7 @@ def test_empty_poisson_batch_is_a_noise_only_step() -> None:
     model = Quadratic()
     theta0 = model.center.theta.detach().clone()
     strategy = DPZOStrategy(noise_multiplier=1.0, device="cpu")  # q = 1/400: most batches are empty
-    _trainer(strategy, max_steps=4).fit(model, DataLoader(data, batch_size=1))
+    quiet_trainer(strategy, max_steps=4).fit(model, DataLoader(data, batch_size=1))
     assert strategy.accountant.steps == 4
     assert not torch.equal(model.center.theta.detach(), theta0)
 
@@ -322,14 +309,14 @@ def test_resume_reproduces_the_trajectory(stop: int, tmp_path: Path) -> None:
         return DPZOStrategy(noise_multiplier=1.0, max_loss_diff=2.0, num_directions=2, seed=3, device="cpu")
 
     full, s_full, rec_full = Quadratic(), strategy(), BatchRecorder()
-    _trainer(s_full, [rec_full], max_steps=11).fit(full, DataLoader(data, batch_size=8))
+    quiet_trainer(s_full, [rec_full], max_steps=11).fit(full, DataLoader(data, batch_size=8))
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
     rec_part = BatchRecorder()
-    _trainer(strategy(), [ckpt_cb, rec_part], max_steps=stop, enable_checkpointing=True).fit(
+    quiet_trainer(strategy(), [ckpt_cb, rec_part], max_steps=stop, enable_checkpointing=True).fit(
         Quadratic(), DataLoader(data, batch_size=8)
     )
     resumed, s_resumed = Quadratic(), strategy()
-    _trainer(s_resumed, [rec_part], max_steps=11).fit(
+    quiet_trainer(s_resumed, [rec_part], max_steps=11).fit(
         resumed, DataLoader(data, batch_size=8), ckpt_path=str(next(tmp_path.glob(f"*step={stop}.ckpt")))
     )
     assert rec_part.rows == rec_full.rows  # same batches, same released scalars, step by step
@@ -340,7 +327,7 @@ def test_resume_reproduces_the_trajectory(stop: int, tmp_path: Path) -> None:
 
 def test_each_epoch_draws_fresh_poisson_batches() -> None:
     rec = BatchRecorder()
-    _trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu"), [rec], max_steps=16).fit(
+    quiet_trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu"), [rec], max_steps=16).fit(
         Quadratic(), DataLoader(_points(64, 6), batch_size=8)
     )
     first, second = [r[1] for r in rec.rows[:8]], [r[1] for r in rec.rows[8:]]
@@ -351,10 +338,10 @@ def test_resume_with_a_different_mechanism_is_refused(tmp_path: Path) -> None:
     data = _points(64, 6)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     strategy = DPZOStrategy(noise_multiplier=1.0, device="cpu")
-    _trainer(strategy, [ckpt_cb], max_steps=2, enable_checkpointing=True).fit(Quadratic(), DataLoader(data, batch_size=8))
+    quiet_trainer(strategy, [ckpt_cb], max_steps=2, enable_checkpointing=True).fit(Quadratic(), DataLoader(data, batch_size=8))
     other = DPZOStrategy(noise="laplace", noise_multiplier=1.0, target_delta=0.0, device="cpu")
     with pytest.raises(DPLightningError, match="noise=gaussian"):
-        _trainer(other, max_steps=4).fit(Quadratic(), DataLoader(data, batch_size=8), ckpt_path=str(next(tmp_path.glob("*.ckpt"))))
+        quiet_trainer(other, max_steps=4).fit(Quadratic(), DataLoader(data, batch_size=8), ckpt_path=str(next(tmp_path.glob("*.ckpt"))))
 
 
 # ---------------------------------------------------------------------------------------- tiny language model
@@ -393,7 +380,7 @@ def test_tiny_lm_loss_goes_down_without_noise_and_more_slowly_with_noise(tiny_da
         module = _tiny_module(lr=3e-3)
         start = _heldout_loss(module, tiny_batch)
         strategy = DPZOStrategy(mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu")
-        _trainer(strategy, max_steps=25, limit_val_batches=0).fit(module, datamodule=tiny_data)
+        quiet_trainer(strategy, max_steps=25, limit_val_batches=0).fit(module, datamodule=tiny_data)
         drops[sigma] = start - _heldout_loss(module, tiny_batch)
     assert drops[0.0] > 0.05
     assert 0.01 < drops[6.0] < drops[0.0]
@@ -406,7 +393,7 @@ def test_lora_and_all_parameter_modes(trainable: str, tiny_data: Any, tmp_path: 
     lora_names = {n for n, p in module.named_parameters() if p.requires_grad}
     strategy = DPZOStrategy(mu=1e-2, noise_multiplier=0.5, trainable=trainable, device="cpu")  # type: ignore[arg-type]
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    _trainer(strategy, [ckpt_cb], max_steps=2, limit_val_batches=0, enable_checkpointing=True).fit(
+    quiet_trainer(strategy, [ckpt_cb], max_steps=2, limit_val_batches=0, enable_checkpointing=True).fit(
         module, datamodule=tiny_data
     )
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
@@ -438,7 +425,7 @@ def test_clear_errors() -> None:
         DPZOStrategy(noise_multiplier=1.0, mu=0.0)
     with pytest.raises(PrivacyBudgetError, match=r"ε=.* > target"):
         strategy = DPZOStrategy(noise_multiplier=0.3, target_epsilon=0.5, device="cpu")
-        _trainer(strategy, max_steps=50).fit(Quadratic(), DataLoader(_points(64, 6), batch_size=8))
+        quiet_trainer(strategy, max_steps=50).fit(Quadratic(), DataLoader(_points(64, 6), batch_size=8))
 
 
 def test_module_without_per_example_loss_is_refused() -> None:
@@ -447,4 +434,4 @@ def test_module_without_per_example_loss_is_refused() -> None:
 
     strategy = DPZOStrategy(noise_multiplier=1.0, device="cpu")
     with pytest.raises(DPLightningError, match="per_example_loss"):
-        _trainer(strategy, max_steps=1).fit(NoPerExample(), DataLoader(_points(16, 6), batch_size=4))
+        quiet_trainer(strategy, max_steps=1).fit(NoPerExample(), DataLoader(_points(16, 6), batch_size=4))

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import GradRecorder, quiet_trainer
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
 from dplightning.callbacks import PrivacyBudget
@@ -302,13 +303,6 @@ class Quadratic(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _trainer(strategy: Any, callbacks: list[pl.Callback] | None = None, steps: int = 4) -> pl.Trainer:
-    return pl.Trainer(
-        strategy=strategy, callbacks=callbacks or [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, max_steps=steps,
-    )
-
-
 def test_dpzo_lmo_noise_has_the_mechanism_law_and_scale() -> None:
     strategy = DPZOStrategy(noise="lmo", lmo=MIX.to_dict(), noise_multiplier=0.7, max_loss_diff=0.3, device="cpu")
     scale = 0.7 * 0.3
@@ -321,7 +315,7 @@ def test_dpzo_lmo_noise_has_the_mechanism_law_and_scale() -> None:
 def test_dpzo_lmo_epsilon_equals_the_standalone_accounting() -> None:
     data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
     strategy = DPZOStrategy(noise="lmo", lmo=MIX, noise_multiplier=1.3, device="cpu")
-    trainer = _trainer(strategy, [PrivacyBudget()], steps=5)
+    trainer = quiet_trainer(strategy, [PrivacyBudget()], max_steps=5)
     trainer.fit(Quadratic(), DataLoader(data, batch_size=8))
     assert strategy.accountant.steps == 5
     expected = compute_epsilon(1.3, 8 / 64, 5, 1e-5, "pld", "lmo", MIX)
@@ -354,36 +348,28 @@ class Linear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-class GradRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.grads: list[Tensor] = []
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.grads.append(torch.cat([p.grad.detach().flatten() for p in pl_module.parameters()]))
-
-
 def _xy(n: int, scale: float = 1.0) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(n, 8, generator=g) * scale, torch.randint(0, 3, (n,), generator=g))
 
 
 def test_dpsgd_flat_l1_clips_each_example_in_l1() -> None:
-    rec = GradRecorder()
+    rec = GradRecorder(flat=True)
     strategy = DPSGDStrategy(noise="lmo", lmo=MIX, clipping="flat_l1", accountant="rdp", noise_multiplier=0.0,
                              max_grad_norm=0.25, device="cpu")
-    _trainer(strategy, [rec], steps=1).fit(Linear(), DataLoader(_xy(1, scale=50.0), batch_size=1))  # q = 1
+    quiet_trainer(strategy, [rec], max_steps=1).fit(Linear(), DataLoader(_xy(1, scale=50.0), batch_size=1))  # q = 1
     assert rec.grads[0].abs().sum().item() == pytest.approx(0.25, rel=1e-4)
 
 
 def test_dpsgd_lmo_noise_law_and_epsilon_equals_the_standalone_accounting() -> None:
     data, steps, s, c = _xy(16), 30, 3.0, 0.5
-    clean, noisy = GradRecorder(), GradRecorder()
+    clean, noisy = GradRecorder(flat=True), GradRecorder(flat=True)
     base = {"lmo": GAMMA, "clipping": "flat_l1", "accountant": "rdp", "max_grad_norm": c, "device": "cpu"}
-    _trainer(DPSGDStrategy(noise="lmo", noise_multiplier=0.0, **base), [clean], steps=1).fit(
+    quiet_trainer(DPSGDStrategy(noise="lmo", noise_multiplier=0.0, **base), [clean], max_steps=1).fit(
         Linear(), DataLoader(data, batch_size=16)
     )
     strategy = DPSGDStrategy(noise="lmo", noise_multiplier=s, **base)
-    trainer = _trainer(strategy, [noisy, PrivacyBudget()], steps=steps)
+    trainer = quiet_trainer(strategy, [noisy, PrivacyBudget()], max_steps=steps)
     trainer.fit(Linear(), DataLoader(data, batch_size=16))  # lr = 0: the clipped sum is the same every step
     noise = (torch.stack(noisy.grads) - clean.grads[0]).flatten().numpy() * 16  # × expected batch size
     assert stats.kstest(noise, GAMMA.scaled(s * c).cdf).pvalue > 1e-3

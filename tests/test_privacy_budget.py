@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import quiet_trainer
 from dplightning.callbacks import PrivacyBudget
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -50,21 +51,6 @@ def _strategy(kind: str) -> DPSGDStrategy | DPZOStrategy:
     return DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, target_delta=1e-5, device="cpu", seed=3)
 
 
-def _trainer(
-    strategy: Any, callbacks: list[pl.Callback], max_steps: int, checkpoints: bool = False
-) -> pl.Trainer:
-    return pl.Trainer(
-        strategy=strategy,
-        callbacks=callbacks,
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=checkpoints,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def _budget_key(checkpoint: dict[str, Any]) -> str:
     return next(k for k in checkpoint["callbacks"] if "PrivacyBudget" in k)
 
@@ -72,14 +58,14 @@ def _budget_key(checkpoint: dict[str, Any]) -> str:
 @pytest.mark.parametrize("report_delta", [1e-6, 1e-4])
 def test_a_report_delta_other_than_the_strategys_is_refused(report_delta: float) -> None:
     # The strategy enforces ε at its own δ = 1e-5: a budget stated at another δ would not be what is enforced.
-    trainer = _trainer(_strategy("dpsgd"), [PrivacyBudget(target_delta=report_delta)], max_steps=2)
+    trainer = quiet_trainer(_strategy("dpsgd"), [PrivacyBudget(target_delta=report_delta)], max_steps=2)
     with pytest.raises(DPLightningError, match="set the strategy's target_delta"):
         trainer.fit(Regression(), _loader())
 
 
 def test_the_strategys_own_delta_is_accepted_and_reported() -> None:
     strategy = _strategy("dpsgd")
-    trainer = _trainer(strategy, [PrivacyBudget(target_delta=1e-5)], max_steps=2)
+    trainer = quiet_trainer(strategy, [PrivacyBudget(target_delta=1e-5)], max_steps=2)
     trainer.fit(Regression(), _loader())
     assert trainer.callback_metrics["privacy/delta"].item() == pytest.approx(1e-5)
     assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(strategy.epsilon(), rel=1e-5)
@@ -88,7 +74,7 @@ def test_the_strategys_own_delta_is_accepted_and_reported() -> None:
 def test_checkpoint_holds_the_accountant_only_in_the_strategy_state(tmp_path: Path) -> None:
     budget = PrivacyBudget()
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    _trainer(_strategy("dpsgd"), [budget, ckpt_cb], max_steps=2, checkpoints=True).fit(
+    quiet_trainer(_strategy("dpsgd"), [budget, ckpt_cb], max_steps=2, checkpoints=True).fit(
         Regression(), _loader()
     )
     assert "accountant" not in budget.state_dict()
@@ -102,7 +88,7 @@ def test_resume_takes_the_accountant_from_the_strategy_not_an_old_callback_copy(
     tmp_path: Path, kind: str
 ) -> None:
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
-    _trainer(_strategy(kind), [PrivacyBudget(), ckpt_cb], max_steps=3, checkpoints=True).fit(
+    quiet_trainer(_strategy(kind), [PrivacyBudget(), ckpt_cb], max_steps=3, checkpoints=True).fit(
         Regression(), _loader()
     )
     step1 = torch.load(next(tmp_path.glob("*step=1.ckpt")), weights_only=False)
@@ -113,5 +99,5 @@ def test_resume_takes_the_accountant_from_the_strategy_not_an_old_callback_copy(
     torch.save(step3, old)
 
     strategy = _strategy(kind)
-    _trainer(strategy, [PrivacyBudget()], max_steps=4).fit(Regression(), _loader(), ckpt_path=str(old))
+    quiet_trainer(strategy, [PrivacyBudget()], max_steps=4).fit(Regression(), _loader(), ckpt_path=str(old))
     assert strategy.accountant.steps == 4  # the 3 steps of the strategy's state, then one more

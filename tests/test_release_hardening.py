@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import GradRecorder
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -206,14 +207,6 @@ class _Linear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _GradRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
-
-
 def _fit(strategy: Any, data: TensorDataset, batch_size: int, callbacks: list[pl.Callback] | None = None, **kw: Any) -> pl.Trainer:
     kw.setdefault("max_steps", 1)
     model = kw.pop("model", None) or _Linear()
@@ -233,14 +226,14 @@ def test_one_non_finite_record_contributes_nothing_and_raises_nothing(bad: float
     poisoned[3] = bad
     grads = {}
     for name, inputs in (("clean", x), ("poisoned", poisoned)):
-        recorder = _GradRecorder()
+        recorder = GradRecorder()
         strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu")  # q = 1: every example
         _fit(strategy, TensorDataset(inputs, y), 16, [recorder])
         grads[name] = recorder.grads[0]
     for n, g in grads["poisoned"].items():
         assert torch.isfinite(g).all(), n
     # Without the record: the clean sum minus its clipped contribution (recomputed alone).
-    recorder = _GradRecorder()
+    recorder = GradRecorder()
     _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu"), TensorDataset(x[3:4], y[3:4]), 1, [recorder])
     for n in grads["clean"]:
         expected = grads["clean"][n] * 16 - recorder.grads[0][n]
@@ -251,7 +244,7 @@ def test_one_non_finite_record_contributes_nothing_and_raises_nothing(bad: float
 def test_dpsgd_release_is_an_integer_number_of_grid_steps() -> None:
     model = _Linear().double()
     data = TensorDataset(torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 2, (32,)))
-    recorder = _GradRecorder()
+    recorder = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device="cpu")
     trainer = pl.Trainer(
         strategy=strategy, callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -372,7 +365,7 @@ def test_a_model_that_flattens_examples_is_refused() -> None:
 def test_dpsgd_trains_under_either_precision_with_grid_releases(precision: str) -> None:
     model = _Linear()
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
-    recorder = _GradRecorder()
+    recorder = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.1, device="cpu")
     _fit(strategy, data, 64, [recorder], precision=precision, model=model)
     grad = recorder.grads[0]["fc.weight"]
@@ -458,7 +451,7 @@ def test_hooks_between_backward_and_release_never_see_the_raw_batch_gradient() -
             seen.append(pl_module.fc.weight.grad)
 
     data = TensorDataset(torch.randn(32, 4) * 100, torch.randint(0, 2, (32,)))
-    recorder = _GradRecorder()
+    recorder = GradRecorder()
     _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.1, device="cpu"), data, 32, [Spy(), recorder])
     assert seen and all(g is None for g in seen)
     assert float(recorder.grads[0]["fc.weight"].norm()) <= 0.1  # the optimizer still gets the release

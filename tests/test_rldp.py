@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import fake_dpsgd_strategy
 from dplightning.callbacks import PrivacyBudget, RLDPController
 from dplightning.envs import DPTrainingEnv
 from dplightning.envs.rldp_core import ActionMapper, action_groups, split_sigma
@@ -55,13 +56,11 @@ def test_episode_never_exceeds_budget_and_training_helps() -> None:
 
 
 def _fake_strategy(target: float, accountant: str, groups: int = 6, steps: int = 120, q: float = 0.05) -> DPSGDStrategy:
-    """A DPSGDStrategy configured as after setup/on_train_start, without a model (fast fake loop)."""
-    s = DPSGDStrategy(target_epsilon=target, target_delta=1e-5, accountant=accountant, device="cpu")  # type: ignore[arg-type]
-    s.groups = {f"layers.{i}.q_proj": [f"layers.{i}.q_proj.lora_A.default.weight"] for i in range(groups)}
-    s.clip_thresholds = dict.fromkeys(s.groups, 1.0 / np.sqrt(groups))
-    s.sample_rate, s.planned_steps, s.expected_batch_size = q, steps, 32.0
-    s.set_noise_multiplier(_calibrated(target, q, steps, accountant))
-    return s
+    names = {f"layers.{i}.q_proj": [f"layers.{i}.q_proj.lora_A.default.weight"] for i in range(groups)}
+    sigma = _calibrated(target, q, steps, accountant)
+    return fake_dpsgd_strategy(
+        names, 1.0 / np.sqrt(groups), sigma, q, steps, 32.0, target_epsilon=target, accountant=accountant
+    )
 
 
 @functools.cache
