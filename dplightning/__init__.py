@@ -8,31 +8,32 @@ does not pay for torch, Lightning, transformers or stable-baselines3.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dplightning._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 # Public name -> the module it is imported from on first access. The targets are the documented homes
 # (``dplightning.callbacks`` rather than its private submodules), which are themselves lazy.
 _EXPORTS: dict[str, str] = {
-    "DPLoRAModule": "dplightning.module",
-    "TextDataModule": "dplightning.data",
-    "DPSGDStrategy": "dplightning.strategies",
-    "DDPDPSGDStrategy": "dplightning.strategies",
-    "DPZOStrategy": "dplightning.strategies",
-    "PrivacyBudget": "dplightning.callbacks",
-    "RLDPController": "dplightning.callbacks",
-    "QuantileClipping": "dplightning.callbacks",
-    "AutomaticClipping": "dplightning.callbacks",
-    "NoiseSchedule": "dplightning.callbacks",
-    "MembershipInferenceAudit": "dplightning.callbacks",
-    "CanaryAudit": "dplightning.callbacks",
-    "DownstreamAccuracy": "dplightning.callbacks",
-    "DPTrainingEnv": "dplightning.envs",
-    "LMOMechanism": "dplightning.privacy",
-    "DPLightningError": "dplightning.errors",
-    "PrivacyBudgetError": "dplightning.errors",
+    "DPLoRAModule": "module",
+    "TextDataModule": "data",
+    "DPSGDStrategy": "strategies",
+    "DDPDPSGDStrategy": "strategies",
+    "DPZOStrategy": "strategies",
+    "PrivacyBudget": "callbacks",
+    "RLDPController": "callbacks",
+    "QuantileClipping": "callbacks",
+    "AutomaticClipping": "callbacks",
+    "NoiseSchedule": "callbacks",
+    "MembershipInferenceAudit": "callbacks",
+    "CanaryAudit": "callbacks",
+    "DownstreamAccuracy": "callbacks",
+    "DPTrainingEnv": "envs",
+    "LMOMechanism": "privacy",
+    "DPLightningError": "errors",
+    "PrivacyBudgetError": "errors",
 }
 
 # Subpackages reachable as attributes after a bare ``import dplightning`` (``dplightning.privacy.compute_epsilon``),
@@ -84,17 +85,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects; nothing is 
     from dplightning.strategies import DDPDPSGDStrategy, DPSGDStrategy, DPZOStrategy
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f"{__name__}.{name}")
-    else:
-        # AttributeError (not ImportError) so that hasattr() and `from dplightning import <submodule>` keep working.
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)

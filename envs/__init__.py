@@ -8,10 +8,11 @@ callbacks that only need :mod:`dplightning.envs.rldp_core` do not load the envir
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gymnasium as gym
+
+from dplightning._lazy import lazy_exports
 
 ENV_ID = "dplightning/DPTraining-v0"
 
@@ -29,13 +30,4 @@ if TYPE_CHECKING:
     from dplightning.envs.dp_training_env import DPTrainingEnv
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

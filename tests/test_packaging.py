@@ -124,8 +124,7 @@ def test_all_matches_the_lazy_exports_and_every_name_resolves(name: str) -> None
         value = getattr(package, attr)
         assert value is not None, attr
         if attr in exported:  # the same object as in its defining module, not a copy
-            home = importlib.import_module(f"{name}.{package._EXPORTS[attr]}" if name != "dplightning"
-                                           else package._EXPORTS[attr])
+            home = importlib.import_module(f"{name}.{package._EXPORTS[attr]}")
             assert value is getattr(home, attr)
     assert set(package.__all__) <= set(dir(package))
     with pytest.raises(AttributeError):

@@ -7,8 +7,9 @@ The accounting entry points are re-exported here and imported on first access (P
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dplightning._lazy import lazy_exports
 
 # Public name -> submodule of this package that defines it.
 _EXPORTS: dict[str, str] = {
@@ -60,14 +61,4 @@ if TYPE_CHECKING:
     from dplightning.privacy.mechanisms import LMOMechanism
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        # AttributeError lets `from dplightning.privacy import <submodule>` fall back to a submodule import.
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
