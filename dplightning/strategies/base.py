@@ -3,7 +3,7 @@ the budget guard, clip thresholds and noise multipliers by group, and the DP sta
 
 :class:`PrivateStrategyMixin` is mixed in before the Lightning strategy class (``SingleDeviceStrategy`` or
 ``DDPStrategy``); a concrete strategy adds its release (DP-SGD's noised gradient sum, DP-ZO's noised scalars)
-through :meth:`~PrivateStrategyMixin.step_event` and :meth:`~PrivateStrategyMixin._calibrate_noise_multiplier`.
+through :meth:`~PrivateStrategyMixin.step_event` and :meth:`~PrivateStrategyMixin.calibrate`.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class PrivateStrategyMixin(Strategy):
     """Shared body of the private strategies; satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`.
 
     Subclasses validate their settings and call :meth:`_init_private` from ``__init__`` (after the Lightning
-    strategy's ``__init__``), and implement :meth:`step_event` and :meth:`_calibrate_noise_multiplier`. Their
+    strategy's ``__init__``), and implement :meth:`step_event` and :meth:`calibrate`. Their
     ``setup`` ends with :meth:`_finish_setup`; their release calls :meth:`within_budget`, then
     :meth:`_record_step` or :meth:`_stop_on_budget`.
     """
@@ -147,9 +147,18 @@ class PrivateStrategyMixin(Strategy):
         """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
 
     @abstractmethod
+    def calibrate(self, target_epsilon: float, steps: int) -> float:
+        """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
+
     def _calibrate_noise_multiplier(self) -> None:
-        """Set the smallest multiplier whose ``planned_steps`` steps stay within ``target_epsilon`` (called at
-        train start when ``noise_multiplier`` is ``None``), and say so."""
+        """Set the multiplier from :meth:`calibrate` for the planned steps (called at train start when
+        ``noise_multiplier`` is ``None``), and say so."""
+        assert self.target_epsilon is not None and self.planned_steps is not None
+        self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
+        rank_zero_info(
+            f"[dplightning] calibrated {self.noise} noise_multiplier={self.noise_multiplier:.4f} for "
+            f"ε={self.target_epsilon}, δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
+        )
 
     # ------------------------------------------------------------------------------------ group params
     @property

@@ -28,7 +28,6 @@ import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -161,16 +160,11 @@ class DPSGDMixin(PrivateStrategyMixin):
         return {"mechanism": "lmo", "lmo": self.lmo, "release": "vector"}
 
     @override
-    def _calibrate_noise_multiplier(self) -> None:
-        assert self.target_epsilon is not None and self.sample_rate is not None and self.planned_steps is not None
-        sigma = noise_for_target(
-            self.target_epsilon, self.target_delta, self.sample_rate, self.planned_steps, accountant=self.accountant_kind,
+    def calibrate(self, target_epsilon: float, steps: int) -> float:
+        assert self.sample_rate is not None
+        return noise_for_target(
+            target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
             **self._noise_kwargs(),
-        )
-        self.set_noise_multiplier(sigma)
-        rank_zero_info(
-            f"[dplightning] calibrated noise_multiplier={sigma:.4f} for ε={self.target_epsilon}, "
-            f"δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
         )
 
     # ------------------------------------------------------------------------------------------ setup

@@ -577,8 +577,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         units = sums.cpu() if sums.dtype == torch.int64 else to_grid(sums.cpu(), self.grid)
         return from_grid(self.add_noise(units), self.grid)
 
+    @override
     def calibrate(self, target_epsilon: float, steps: int) -> float:
-        """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
         assert self.sample_rate is not None
         if self.pure_dp:
             return pure_laplace_multiplier(target_epsilon, self.sample_rate, steps)
@@ -586,15 +586,6 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         return noise_for_target(
             target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
             mechanism=self.mechanism, lmo=event.lmo, release=event.release,
-        )
-
-    @override
-    def _calibrate_noise_multiplier(self) -> None:
-        assert self.target_epsilon is not None and self.planned_steps is not None
-        self.set_noise_multiplier(self.calibrate(self.target_epsilon, self.planned_steps))
-        rank_zero_info(
-            f"[dplightning] calibrated {self.noise} noise_multiplier={self.noise_multiplier:.4f} for "
-            f"ε={self.target_epsilon}, δ={self.target_delta}, q={self.sample_rate:.4g}, steps={self.planned_steps}"
         )
 
     # ------------------------------------------------------------------------------------------ setup
