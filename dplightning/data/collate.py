@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,24 +23,36 @@ class TokenizedDataset(Dataset):
         return {"input_ids": self.input_ids[index]}
 
 
+PadTo = Literal["longest", "max_length"]
+
+
 class CausalLMCollator:
     """Pads a list of ``{"input_ids": ...}`` items into a causal-LM batch.
 
-    Returns ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]`` (long) with ``T`` the longest item
-    (at most ``max_length``, longer items are truncated), padding on the right with ``pad_token_id`` and
-    labels ``-100`` on padding. An empty list gives three ``(0, 0)`` tensors. Picklable (worker processes).
+    Returns ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]`` (long), padding on the right with
+    ``pad_token_id``, attention mask 0 and labels ``-100`` on padding; items longer than ``max_length`` are
+    truncated. An empty list gives three ``(0, 0)`` tensors. Picklable (worker processes).
+
+    ``pad_to="longest"`` (default) makes ``T`` the longest item of the batch; ``"max_length"`` always pads to
+    ``max_length``. Both give the same per-example losses up to float rounding: padding is on the right, so
+    under the causal mask no real token attends to it, positions of real tokens do not move, and padded
+    positions are never scored. Padding to the longest item only skips work on padding (a batch of short
+    notes costs what its longest note costs, not ``max_length``).
     """
 
-    def __init__(self, pad_token_id: int, max_length: int) -> None:
+    def __init__(self, pad_token_id: int, max_length: int, pad_to: PadTo = "longest") -> None:
+        if pad_to not in ("longest", "max_length"):
+            raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
         self.pad_token_id = int(pad_token_id)
         self.max_length = int(max_length)
+        self.pad_to: PadTo = pad_to
 
     def __call__(self, items: Sequence[Mapping[str, Sequence[int] | Tensor]]) -> dict[str, Tensor]:
         if len(items) == 0:
             empty = torch.zeros((0, 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
         seqs = [torch.as_tensor(item["input_ids"], dtype=torch.long).reshape(-1)[: self.max_length] for item in items]
-        width = max(len(s) for s in seqs)
+        width = self.max_length if self.pad_to == "max_length" else max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
