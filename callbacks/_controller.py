@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any, ClassVar, Generic, TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
 from dplightning.callbacks._requirements import (
     require_dpsgd,
     require_gaussian_noise,
     require_private,
     require_single_device,
 )
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
-
 from dplightning.strategies.protocol import PrivateStrategy
 
 StrategyT = TypeVar("StrategyT", bound=PrivateStrategy)
@@ -38,6 +38,7 @@ class StrategyController(Callback, Generic[StrategyT]):
 
     def __init__(self) -> None:
         self.strategy: StrategyT | None = None
+        self._last_step = -1  # the accountant's step count when a release was last handled
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -59,6 +60,24 @@ class StrategyController(Callback, Generic[StrategyT]):
             require_single_device(strategy, name)
         if self.requires_gaussian_noise:
             require_gaussian_noise(strategy, name)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        strategy = self.strategy
+        if strategy is None:
+            return
+        step = strategy.accountant.steps
+        if step == self._last_step:  # inside gradient accumulation, or a refused step: nothing was released
+            return
+        self._last_step = step
+        self.on_step_released(trainer, pl_module, strategy, step)
+
+    def on_step_released(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: StrategyT, step: int
+    ) -> None:
+        """Called once per released step (after its last micro-batch), with the accountant's step count."""
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: StrategyT) -> None:
         """Called by ``setup("fit")`` once ``strategy`` meets the requirements: the subclass's own checks (raise to

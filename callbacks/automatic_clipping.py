@@ -11,9 +11,9 @@ only rescales the update (a learning-rate factor). The stability constant γ > 0
 from __future__ import annotations
 
 import lightning.pytorch as pl
-from dplightning.callbacks._controller import StrategyController
 from typing_extensions import override
 
+from dplightning.callbacks._controller import StrategyController
 from dplightning.errors import DPLightningError
 from dplightning.strategies.protocol import PerExampleClippingStrategy
 

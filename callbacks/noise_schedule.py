@@ -14,10 +14,10 @@ from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
-from dplightning.callbacks._controller import StrategyController
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from dplightning.callbacks._controller import StrategyController
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import AccountantKind, StepEvent, make_accountant, noise_for_target
 from dplightning.strategies.protocol import PrivateStrategy

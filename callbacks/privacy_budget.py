@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from dplightning.callbacks._controller import StrategyController
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PrivateStrategy
 
 
-class PrivacyBudget(Callback):
+class PrivacyBudget(StrategyController[PrivateStrategy]):
     """Logs ``privacy/epsilon``, ``privacy/delta``, ``privacy/noise_multiplier``, ``privacy/clip_norm`` (and
     ``privacy/clip/<group>`` per group) and stops training when the next step would exceed ``target_epsilon``.
 
@@ -47,26 +47,28 @@ class PrivacyBudget(Callback):
         self.log_every_n_steps = max(1, log_every_n_steps)
         self.log_group_thresholds = log_group_thresholds
         self.stopped_on_budget = False
-        self._last_step = -1
-        self._strategy: PrivateStrategy | None = None
+        super().__init__()
 
     @property
     def delta(self) -> float:
         if self.target_delta is not None:
             return self.target_delta
-        assert self._strategy is not None, "the strategy's δ is known from setup on"
-        return self._strategy.target_delta
+        assert self.strategy is not None, "the strategy's δ is known from setup on"
+        return self.strategy.target_delta
+
+    requires_dpsgd = False  # any private strategy: DP-SGD, DDP DP-SGD, DP-ZO
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy = trainer.strategy
+    def check_strategy(self, strategy: Any) -> None:
         if not isinstance(strategy, PrivateStrategy):
             raise DPLightningError(
                 f"PrivacyBudget needs a private strategy, got {type(strategy).__name__}; "
                 "set Trainer(strategy=DPSGDStrategy(...)) or DPZOStrategy(...)"
             )
+
+    @override
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PrivateStrategy) -> None:
         self._check_delta(strategy)
-        self._strategy = strategy
         if self.target_epsilon is not None:
             current = strategy.max_epsilon
             strategy.max_epsilon = (
@@ -91,7 +93,7 @@ class PrivacyBudget(Callback):
         # Checked here, not at the end of the previous batch: controllers (RLDPController, QuantileClipping) set
         # the next σ in their own on_train_batch_end, which may run after this callback's. A σ changed later in
         # this same hook is still covered: the strategy re-checks at release and skips a step that would not fit.
-        strategy = self._strategy
+        strategy = self.strategy
         assert strategy is not None
         if strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):  # type: ignore[arg-type]
             return
@@ -103,15 +105,9 @@ class PrivacyBudget(Callback):
         )
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_step_released(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PrivateStrategy, step: int
     ) -> None:
-        strategy = self._strategy
-        assert strategy is not None
-        step = strategy.accountant.steps
-        if step == self._last_step:  # a micro-batch inside gradient accumulation: nothing released yet
-            return
-        self._last_step = step
         if step % self.log_every_n_steps == 0 or trainer.should_stop:
             metrics = {
                 "privacy/epsilon": strategy.accountant.epsilon(self.delta),

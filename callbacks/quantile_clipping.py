@@ -21,10 +21,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from dplightning.callbacks._controller import StrategyController
-from dplightning.envs.rldp_core import ClipCountRelease, count_noise_source, count_noise_state, split_sigma
 from typing_extensions import override
 
+from dplightning.callbacks._controller import StrategyController
+from dplightning.envs.rldp_core import ClipCountRelease, count_noise_source, count_noise_state, split_sigma
 from dplightning.errors import DPLightningError
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PerExampleClippingStrategy
@@ -140,15 +140,9 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
             self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_step_released(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy, step: int
     ) -> None:
-        strategy = self.strategy
-        assert strategy is not None
-        step = strategy.accountant.steps
-        if step == self._last_step:  # inside gradient accumulation (or a refused step): nothing released
-            return
-        self._last_step = step
         self.update(strategy.private_step_norms)
         strategy.private_step_norms = {}
         if trainer.logger is not None:

@@ -18,7 +18,11 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
 from dplightning.callbacks._controller import StrategyController
+from dplightning.checkpoint_io import atomic_write
 from dplightning.envs.dp_training_env import DPTrainingEnv
 from dplightning.envs.rldp_core import (
     ActionMapper,
@@ -31,10 +35,6 @@ from dplightning.envs.rldp_core import (
     reward,
     split_sigma,
 )
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from typing_extensions import override
-
-from dplightning.checkpoint_io import atomic_write
 from dplightning.errors import DPLightningError
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.base import short_group_name
@@ -227,15 +227,9 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
             self.initialise(self.strategy)  # the strategy has calibrated σ by now
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_step_released(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy, step: int
     ) -> None:
-        strategy = self.strategy
-        assert strategy is not None
-        step = strategy.accountant.steps
-        if step == self._last_step:  # inside gradient accumulation: nothing released yet
-            return
-        self._last_step = step
         assert self.counts is not None
         # The clip counts of this step were paid for by the auxiliary channel in this step's σ_eff.
         self.counts.release(strategy.private_step_norms, strategy.clip_thresholds, self.sigma_count)

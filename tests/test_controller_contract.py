@@ -12,6 +12,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
 from dplightning.callbacks import (
     AutomaticClipping,
     NoiseSchedule,
@@ -20,9 +23,6 @@ from dplightning.callbacks import (
     RLDPController,
 )
 from dplightning.callbacks._controller import StrategyController
-from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
-
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.strategies import DDPDPSGDStrategy, DPSGDStrategy, DPZOStrategy, PrivacySettings
 from dplightning.strategies.base import PrivateStrategyMixin
@@ -250,7 +250,7 @@ def test_clipping_controllers_use_only_the_protocol() -> None:
     strategy = DPSGDStrategy(target_epsilon=8.0, clipping="per_layer", accountant="rdp", device="cpu")
     budget, quantile = PrivacyBudget(), QuantileClipping(count_noise_std=4.0)
     automatic = AutomaticClipping()
-    used = _fit(strategy, [budget, quantile, automatic], [(budget, "_strategy"), (quantile, "strategy"),
+    used = _fit(strategy, [budget, quantile, automatic], [(budget, "strategy"), (quantile, "strategy"),
                                                          (automatic, "strategy")])
     assert {"private_step_norms", "normalization_stability", "within_budget", "set_clip_thresholds"} <= used
     assert used <= _members(PerExampleClippingStrategy)
@@ -261,7 +261,7 @@ def test_clipping_controllers_use_only_the_protocol() -> None:
 def test_noise_schedule_and_budget_use_only_the_protocol(strategy_cls: type) -> None:
     strategy = strategy_cls(target_epsilon=8.0, accountant="rdp", device="cpu")
     budget, schedule = PrivacyBudget(), NoiseSchedule(final_ratio=0.8)
-    used = _fit(strategy, [schedule, budget], [(budget, "_strategy"), (schedule, "strategy")])
+    used = _fit(strategy, [schedule, budget], [(budget, "strategy"), (schedule, "strategy")])
     assert {"set_noise_multiplier", "accountant", "sample_rate"} <= used
     assert used <= _members(PrivateStrategy)
 
