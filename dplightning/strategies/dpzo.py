@@ -665,7 +665,10 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             self._accumulate(sums)
             return torch.zeros((), device=self.root_device)
         center: Tensor | None = None
-        with self.precision_plugin.train_step_context(), torch.no_grad(), self._forward_mode():
+        # The perturbed forwards run in the parameters' own precision, never under bf16 autocast: the loss
+        # differences (L⁺ − L⁻) are far below bf16's resolution on a real model (measured correlation of bf16 and
+        # fp32 projected gradients on SmolLM2 at μ = 1e-3: 0.17).
+        with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
                 diffs, mid = self._estimator.directional_derivatives(lambda: module.per_example_loss(batch), seed)
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
