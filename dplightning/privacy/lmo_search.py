@@ -8,10 +8,11 @@ U's scale and the noise multiplier are redundant (``s · Laplace(1/U) = Laplace(
   :data:`MIN_SHARE` drops its component, so plain Laplace noise is reachable);
 - Uniform half-width relative to its mean ``w = sigmoid(z3)``: the Uniform part is ``share · Uniform(1 − w, 1 + w)``.
 
-For each shape the multiplier s is calibrated (bisection on the accountant's σ grid, checked by the accountant
-itself) and the objective is the variance per unit sensitivity ``s² · Var(n)``. Start points (plain Laplace, Gamma
-shapes, an even mixture) are evaluated first, then Nelder–Mead (``scipy.optimize``) refines the best until the time
-budget is spent. The returned mechanism is re-checked with :func:`~dplightning.privacy.accounting.compute_epsilon`.
+For each shape the multiplier s is calibrated (:func:`~dplightning.privacy.accounting.smallest_passing` on the
+accountant's σ grid, to 1 %, checked by the accountant itself) and the objective is the variance per unit
+sensitivity ``s² · Var(n)``. Start points (plain Laplace, Gamma shapes, an even mixture) are evaluated first,
+then Nelder–Mead (``scipy.optimize``) refines the best until the time budget is spent. The returned mechanism is
+re-checked with :func:`~dplightning.privacy.accounting.compute_epsilon`.
 
 Releases: ``"scalar"`` (1-D: DP-ZO scalar; PLD accounting) or ``"vector"`` (L1-clipped vector with i.i.d. noise; RDP
 with the convexity check — shapes that fail the check are infeasible).
@@ -30,6 +31,7 @@ from scipy import optimize
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import (
+    SIGMA_GRID_PER_DECADE,
     AccountantKind,
     Release,
     compute_epsilon,
@@ -37,6 +39,7 @@ from dplightning.privacy.accounting import (
     quantize_sigma_down,
     sigma_from_grid_index,
     sigma_grid_index,
+    smallest_passing,
 )
 from dplightning.privacy.mechanisms import LMOMechanism
 
@@ -102,26 +105,30 @@ class _OutOfTime(Exception):
     pass
 
 
+# The multiplier's walk: steps of 25 % from the guess, then bisection down to 4 grid steps (≈ 1 %), σ in
+# [1e-3, 1e4]. The objective only ranks shapes, so 1 % is enough, and each check composes a whole LMO PLD.
+_WALK_STEP = round(math.log10(1.25) * SIGMA_GRID_PER_DECADE)
+_WALK_TOLERANCE = 4
+_WALK_RANGE = (sigma_grid_index(1e-3), sigma_grid_index(1e4))
+
+
 def _calibrate(eps_at: Callable[[float], float], target: float, guess: float) -> float | None:
-    """Smallest grid multiplier (to 1 %) with ``eps_at(s) ≤ target``, bracketing from ``guess``; None if > 1e4."""
-    step = round(math.log10(1.25) * 1000)
-    k_hi = sigma_grid_index(max(guess, 0.1))
-    while eps_at(sigma_from_grid_index(k_hi)) > target:
-        k_hi += step
-        if sigma_from_grid_index(k_hi) > 1e4:
-            return None
-    k_lo = k_hi - step
-    while eps_at(sigma_from_grid_index(k_lo)) <= target:
-        k_hi, k_lo = k_lo, k_lo - step
-        if sigma_from_grid_index(k_lo) < 1e-3:
-            return sigma_from_grid_index(k_hi)
-    while k_hi - k_lo > 4:  # 4 grid steps ≈ 1 %
-        mid = (k_lo + k_hi) // 2
-        if eps_at(sigma_from_grid_index(mid)) <= target:
-            k_hi = mid
-        else:
-            k_lo = mid
-    return sigma_from_grid_index(k_hi)
+    """Smallest grid multiplier (to 1 %) with ``eps_at(s) ≤ target``, walking from ``guess``; None if > 1e4.
+
+    The walk stops at its bounds rather than landing on them: below 1e-3 it keeps the last multiplier that
+    passed (nothing is gained there), above 1e4 the shape is infeasible.
+    """
+    return smallest_passing(
+        lambda s: eps_at(s) <= target,
+        sigma_from_grid_index,
+        sigma_grid_index(max(guess, 0.1)),
+        _WALK_STEP,
+        lower=_WALK_RANGE[0],
+        upper=_WALK_RANGE[1],
+        growth=1,
+        tolerance=_WALK_TOLERANCE,
+        clamp=False,
+    )
 
 
 def lmo_search(
