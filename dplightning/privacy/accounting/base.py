@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting.events import (
@@ -60,7 +60,7 @@ def _check_delta(delta: Any) -> float:
 def _check_kind(kind: Any) -> AccountantKind:
     if kind not in ACCOUNTANTS:
         raise DPLightningError(f"unknown accountant {kind!r}; use 'pld' or 'rdp'")
-    return kind  # type: ignore[no-any-return]
+    return cast(AccountantKind, kind)
 
 
 # --------------------------------------------------------------------------------------------------- σ grid
