@@ -79,7 +79,9 @@ def make_batches(model_name: str, batch_size: int, seq_len: int, device: Any) ->
     need = NUM_BATCHES * batch_size * seq_len
     records = 100
     while True:
-        dm = TextDataModule(tokenizer=model_name, num_records=records, max_length=seq_len, batch_size=batch_size, data_seed=0)
+        dm = TextDataModule(
+            tokenizer=model_name, num_records=records, max_length=seq_len, batch_size=batch_size, data_seed=0
+        )
         dm.setup()
         stream = [tok for item in dm.train_dataset for tok in item["input_ids"]]  # type: ignore[union-attr]
         if len(stream) >= need:
@@ -93,13 +95,17 @@ def make_batches(model_name: str, batch_size: int, seq_len: int, device: Any) ->
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def build_variant(variant: str, model_name: str, batch_size: int, device: Any) -> tuple[Callable[[dict], None], dict]:
+def build_variant(
+    variant: str, model_name: str, batch_size: int, device: Any
+) -> tuple[Callable[[dict], None], dict]:
     """A fresh model + optimizer for ``variant`` and its step function ``step(batch)``."""
     import torch
 
     from dplightning.module import DPLoRAModule
 
-    module = DPLoRAModule(model_name=model_name, lora_rank=8, lora_alpha=16, learning_rate=LR, seed=0).to(device)
+    module = DPLoRAModule(model_name=model_name, lora_rank=8, lora_alpha=16, learning_rate=LR, seed=0).to(
+        device
+    )
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     info: dict[str, Any] = {"trainable_params": sum(p.numel() for p in trainable)}
@@ -120,7 +126,9 @@ def build_variant(variant: str, model_name: str, batch_size: int, device: Any) -
         from dplightning.strategies.dpsgd import DPSGDStrategy
 
         mode = variant.removeprefix("dp_")
-        strategy = DPSGDStrategy(noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=mode, device=device, seed=0)  # type: ignore[arg-type]
+        strategy = DPSGDStrategy(
+            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping=mode, device=device, seed=0
+        )  # type: ignore[arg-type]
         # == DPSGDMixin.setup (minus the Trainer checks) and process_dataloader's q, N, qN.
         engine = PerExampleGradients(module, "mean")
         strategy._engine = engine
@@ -161,8 +169,11 @@ def build_variant(variant: str, model_name: str, batch_size: int, device: Any) -
         # the same object, so per_example_loss runs through the hooked layers.
         gsm = GradSampleModule(module.model, batch_first=True, loss_reduction="mean")
         opt = DPOptimizer(
-            torch.optim.AdamW(trainable, lr=LR), noise_multiplier=SIGMA, max_grad_norm=CLIP,
-            expected_batch_size=batch_size, loss_reduction="mean",
+            torch.optim.AdamW(trainable, lr=LR),
+            noise_multiplier=SIGMA,
+            max_grad_norm=CLIP,
+            expected_batch_size=batch_size,
+            loss_reduction="mean",
         )
         info["opacus_wrapped"] = type(gsm).__name__
 
@@ -184,8 +195,9 @@ def _sync(device: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def time_variants(model_name: str, variants: list[str], batch_size: int, seq_len: int, warmup: int, steps: int,
-                  device: Any) -> dict[str, Any]:
+def time_variants(
+    model_name: str, variants: list[str], batch_size: int, seq_len: int, warmup: int, steps: int, device: Any
+) -> dict[str, Any]:
 
     batches = make_batches(model_name, batch_size, seq_len, device)
     built: dict[str, Callable[[dict], None]] = {}
@@ -204,7 +216,7 @@ def time_variants(model_name: str, variants: list[str], batch_size: int, seq_len
     gc.collect()
     gc.freeze()
     for r in range(warmup + steps):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         batch = batches[r % NUM_BATCHES]
         for v in order:
             _sync(device)
@@ -217,9 +229,13 @@ def time_variants(model_name: str, variants: list[str], batch_size: int, seq_len
                 continue
             _sync(device)
             (warm if r < warmup else times)[v].append(time.perf_counter() - t0)
-        print(f"  [{model_name}] round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""),
-              " ".join(f"{v}={(warm if r < warmup else times)[v][-1] * 1e3:.0f}ms" for v in order if v in names),
-              flush=True)
+        print(
+            f"  [{model_name}] round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""),
+            " ".join(
+                f"{v}={(warm if r < warmup else times)[v][-1] * 1e3:.0f}ms" for v in order if v in names
+            ),
+            flush=True,
+        )
     out: dict[str, Any] = {"variants": {}, "errors": errors}
     base = times.get("nonprivate")
     for v in names:
@@ -292,8 +308,18 @@ def start_forkserver() -> Any:
     from multiprocessing import forkserver
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "lightning.pytorch", "dplightning.module",
-                                "dplightning.data", "dplightning.strategies.dpsgd", "opacus"])
+    ctx.set_forkserver_preload(
+        [
+            "torch",
+            "transformers",
+            "peft",
+            "lightning.pytorch",
+            "dplightning.module",
+            "dplightning.data",
+            "dplightning.strategies.dpsgd",
+            "opacus",
+        ]
+    )
     forkserver.ensure_running()
     return ctx
 
@@ -306,11 +332,15 @@ def _mem_task(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         return mem_child(spec["model"], spec["variant"], spec["batch_size"], spec["seq_len"], spec["steps"])
     except Exception as exc:  # reported in the table, the other variants go on
-        return {"variant": spec["variant"], "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        return {
+            "variant": spec["variant"],
+            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+        }
 
 
-def measure_memory(model_name: str, variants: list[str], batch_size: int, seq_len: int, steps: int, threads: int,
-                   jobs: int) -> dict[str, Any]:
+def measure_memory(
+    model_name: str, variants: list[str], batch_size: int, seq_len: int, steps: int, threads: int, jobs: int
+) -> dict[str, Any]:
     """One fresh process per variant, ``jobs`` at a time (peaks are per process, so they do not interact).
 
     Processes come from a ``forkserver`` that has only imported the libraries (no model, no tensors, no OpenMP pool
@@ -318,8 +348,17 @@ def measure_memory(model_name: str, variants: list[str], batch_size: int, seq_le
     per process.
     """
     ctx = start_forkserver()
-    specs = [{"model": model_name, "variant": v, "batch_size": batch_size, "seq_len": seq_len, "steps": steps,
-              "threads": threads} for v in variants]
+    specs = [
+        {
+            "model": model_name,
+            "variant": v,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "steps": steps,
+            "threads": threads,
+        }
+        for v in variants
+    ]
     with ctx.Pool(processes=jobs, maxtasksperchild=1) as pool:
         rows = pool.map(_mem_task, specs, chunksize=1)
     out = {v: row for v, row in zip(variants, rows)}
@@ -389,7 +428,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             )
         if r["time"]["errors"]:
             lines += ["", "Errors: " + "; ".join(f"`{k}`: {v}" for k, v in r["time"]["errors"].items())]
-        lines += ["", "Goals (DP step ≤ 1.05× non-private time, ≤ 1.10× peak memory, faster than Opacus):", ""]
+        lines += [
+            "",
+            "Goals (DP step ≤ 1.05× non-private time, ≤ 1.10× peak memory, faster than Opacus):",
+            "",
+        ]
         for g in r["goals"]:
             lines.append(
                 f"- `{g['variant']}`: time {g['time_ratio']:.3f}× → {'met' if g['time_ok'] else 'NOT met'}; "
@@ -413,19 +456,27 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
         tr = tv[v].get("median_paired_ratio")
         mr = mem.get(v, {}).get("peak_ratio", mem.get(v, {}).get("process_peak_ratio"))
         vs = tv[v]["median_s"] / op["median_s"] if op else None
-        out.append({
-            "variant": v, "time_ratio": tr, "time_ok": tr is not None and tr <= GOAL_TIME,
-            "mem_ratio": mr, "mem_ok": mr is not None and mr <= GOAL_MEM,
-            "step_mem_ratio": mem.get(v, {}).get("step_peak_ratio"),
-            "vs_opacus": vs, "faster_than_opacus": vs is not None and vs < 1.0,
-        })
+        out.append(
+            {
+                "variant": v,
+                "time_ratio": tr,
+                "time_ok": tr is not None and tr <= GOAL_TIME,
+                "mem_ratio": mr,
+                "mem_ok": mr is not None and mr <= GOAL_MEM,
+                "step_mem_ratio": mem.get(v, {}).get("step_peak_ratio"),
+                "vs_opacus": vs,
+                "faster_than_opacus": vs is not None and vs < 1.0,
+            }
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny-llama only, few steps (< 1 min); prints only")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-llama only, few steps (< 1 min); prints only"
+    )
     parser.add_argument("--models", nargs="+", default=None, help="default: smollm2-135m tiny-llama")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -436,8 +487,11 @@ def main() -> None:
     parser.add_argument("--mem-jobs", type=int, default=2, help="memory processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docstring)")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--out", default=None, help="output prefix (default benchmarks/results/dpsgd_overhead; "
-                                                    "--quick writes nothing unless given)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output prefix (default benchmarks/results/dpsgd_overhead; --quick writes nothing unless given)",
+    )
     args = parser.parse_args()
     if not args.no_memory:
         start_forkserver()  # imports the libraries in parallel with this process's own imports
@@ -450,8 +504,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = args.models or (["tiny-llama"] if args.quick else ["smollm2-135m", "tiny-llama"])
     result: dict[str, Any] = {
-        "command": "cd " + str(ROOT) + " && .venv/bin/python benchmarks/dpsgd_overhead.py"
-                   + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "command": "cd "
+        + str(ROOT)
+        + " && .venv/bin/python benchmarks/dpsgd_overhead.py"
+        + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(packages=("opacus", "peft")),
         "device": str(device),
@@ -461,14 +517,37 @@ def main() -> None:
         small = model.startswith("tiny")
         warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5) if small else 1
         steps = args.steps if args.steps is not None else (10 if args.quick else 40) if small else 8
-        cfg = {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": warmup, "steps": steps,
-               "mem_steps": args.mem_steps, "sigma": SIGMA, "max_grad_norm": CLIP, "lr": LR, "lora_rank": 8,
-               "lora_alpha": 16, "threads": args.threads}
+        cfg = {
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "warmup": warmup,
+            "steps": steps,
+            "mem_steps": args.mem_steps,
+            "sigma": SIGMA,
+            "max_grad_norm": CLIP,
+            "lr": LR,
+            "lora_rank": 8,
+            "lora_alpha": 16,
+            "threads": args.threads,
+        }
         print(f"[{model}] t={time.perf_counter() - T0:.0f}s timing {args.variants} ...", flush=True)
-        timing = time_variants(model, list(args.variants), args.batch_size, args.seq_len, warmup, steps, device)
+        timing = time_variants(
+            model, list(args.variants), args.batch_size, args.seq_len, warmup, steps, device
+        )
         print(f"[{model}] t={time.perf_counter() - T0:.0f}s memory ...", flush=True)
-        memory = {} if args.no_memory else measure_memory(model, list(args.variants), args.batch_size, args.seq_len,
-                                                          args.mem_steps, args.threads, args.mem_jobs)
+        memory = (
+            {}
+            if args.no_memory
+            else measure_memory(
+                model,
+                list(args.variants),
+                args.batch_size,
+                args.seq_len,
+                args.mem_steps,
+                args.threads,
+                args.mem_jobs,
+            )
+        )
         r = {"config": cfg, "time": timing, "memory": memory}
         r["goals"] = goals(r)
         result["models"][model] = r

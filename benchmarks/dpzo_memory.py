@@ -44,7 +44,15 @@ from common import status_kb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CONFIGS = ("inference", "dpzo_lora", "dpzo_full", "dpzo_full_inplace", "dpsgd_lora", "dpsgd_full", "backward_full")
+CONFIGS = (
+    "inference",
+    "dpzo_lora",
+    "dpzo_full",
+    "dpzo_full_inplace",
+    "dpsgd_lora",
+    "dpsgd_full",
+    "backward_full",
+)
 DEFAULT_CONFIGS = ("inference", "dpzo_lora", "dpzo_full", "dpsgd_lora", "dpsgd_full")
 MODEL = "smollm2-135m"
 
@@ -99,7 +107,11 @@ def _batch(batch_size: int, seq_len: int, vocab: int, device: Any) -> dict[str, 
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.to(device),
+    }
 
 
 class _ListDataset:
@@ -133,7 +145,9 @@ def worker(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str
         torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    module = DPLoRAModule(model_name=MODEL, lora_rank=8, lora_alpha=16, learning_rate=1e-5, optimizer="sgd", seed=0)
+    module = DPLoRAModule(
+        model_name=MODEL, lora_rank=8, lora_alpha=16, learning_rate=1e-5, optimizer="sgd", seed=0
+    )
     vocab = module.model.get_input_embeddings().num_embeddings
     batch = _batch(batch_size, seq_len, vocab, device)
     module.to(device)
@@ -148,7 +162,9 @@ def worker(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str
         with torch.no_grad():
             probe.start()
             module.per_example_loss(batch)
-            module.per_example_loss(batch)  # two forwards: the least a DP-ZO step must compute; same peak as one
+            module.per_example_loss(
+                batch
+            )  # two forwards: the least a DP-ZO step must compute; same peak as one
             probe.stop()
     elif config == "backward_full":
         module.to(device).train()
@@ -171,7 +187,11 @@ def worker(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str
         else:
             if config == "dpsgd_full":
                 for name, m in module.named_modules():
-                    if isinstance(m, nn.Linear) and "lora_" not in name and m is not module.model.get_output_embeddings():
+                    if (
+                        isinstance(m, nn.Linear)
+                        and "lora_" not in name
+                        and m is not module.model.get_output_embeddings()
+                    ):
                         m.weight.requires_grad_(True)
             strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device=device)
 
@@ -217,7 +237,16 @@ def worker(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str
 
 # ------------------------------------------------------------------------------------------------------- driver
 def _run_one(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", config, "--seq-lens", str(seq_len), "--batch-size", str(batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        config,
+        "--seq-lens",
+        str(seq_len),
+        "--batch-size",
+        str(batch_size),
+    ]
     cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -243,7 +272,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 s[f"{zo}_vs_inference_delta"] = _ratio(by[zo]["delta_mb"], inf["delta_mb"])
                 s[f"{zo}_step_vs_two_forwards_cpu_time"] = _ratio(by[zo]["cpu_seconds"], inf["cpu_seconds"])
                 s[f"{zo}_step_vs_two_forwards_wall_time"] = _ratio(by[zo]["seconds"], inf["seconds"])
-        for sgd, zo in (("dpsgd_lora", "dpzo_lora"), ("dpsgd_full", "dpzo_full"), ("backward_full", "dpzo_full")):
+        for sgd, zo in (
+            ("dpsgd_lora", "dpzo_lora"),
+            ("dpsgd_full", "dpzo_full"),
+            ("backward_full", "dpzo_full"),
+        ):
             if sgd in by and zo in by:
                 s[f"{sgd}_vs_{zo}_peak"] = _ratio(by[sgd]["peak_mb"], by[zo]["peak_mb"])
                 s[f"{sgd}_vs_{zo}_delta"] = _ratio(by[sgd]["delta_mb"], by[zo]["delta_mb"])
@@ -298,7 +331,9 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (0: torch's default)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "dpzo_memory")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()

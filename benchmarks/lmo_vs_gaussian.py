@@ -58,15 +58,25 @@ def noise_table(eps: float, delta: float, q: float, steps: int, budget: float) -
         "gaussian_std": gauss,
         "laplace_scalar_std": lap,
         "lmo_scalar_std": scalar.std,
-        "lmo_scalar": {"lmo": scalar.mechanism.to_dict(), "noise_multiplier": scalar.noise_multiplier,
-                       "epsilon": scalar.epsilon, "evaluations": scalar.evaluations},
+        "lmo_scalar": {
+            "lmo": scalar.mechanism.to_dict(),
+            "noise_multiplier": scalar.noise_multiplier,
+            "epsilon": scalar.epsilon,
+            "evaluations": scalar.evaluations,
+        },
         "lmo_vector_std": vector.std,
-        "lmo_vector": {"lmo": vector.mechanism.to_dict(), "noise_multiplier": vector.noise_multiplier,
-                       "epsilon": vector.epsilon, "evaluations": vector.evaluations},
+        "lmo_vector": {
+            "lmo": vector.mechanism.to_dict(),
+            "noise_multiplier": vector.noise_multiplier,
+            "epsilon": vector.epsilon,
+            "evaluations": vector.evaluations,
+        },
     }
 
 
-def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+def train(
+    method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
     """One short private fine-tune; returns final held-out perplexity, ε spent and the calibrated multiplier."""
     import lightning.pytorch as pl
     import torch
@@ -77,12 +87,18 @@ def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.
 
     torch.manual_seed(seed)
     dm = TextDataModule(
-        tokenizer=args.model, num_records=args.records, max_length=args.max_length,
-        batch_size=args.batch_size, eval_batch_size=32,
+        tokenizer=args.model,
+        num_records=args.records,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_batch_size=32,
     )
     zo = method.startswith("dpzo")
     module = DPLoRAModule(
-        model_name=args.model, lora_rank=4, seed=seed, optimizer="sgd",
+        model_name=args.model,
+        lora_rank=4,
+        seed=seed,
+        optimizer="sgd",
         learning_rate=args.zo_lr if zo else args.sgd_lr,
     )
     # the seed moves the noise, the Poisson batches, the DP-ZO directions and the LoRA initialisation
@@ -99,13 +115,22 @@ def train(method: str, eps: float, lmo: dict[str, float] | None, args: argparse.
             noise="lmo", lmo=lmo, clipping="flat_l1", accountant="rdp", max_grad_norm=args.clip, **common
         )
     trainer = pl.Trainer(
-        strategy=strategy, max_steps=args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        strategy=strategy,
+        max_steps=args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     start = time.monotonic()
     trainer.fit(module, datamodule=dm)
     metrics = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=args.val_batches,
     ).validate(module, datamodule=dm, verbose=False)[0]
     return {
@@ -130,7 +155,10 @@ def baseline_perplexity(dm: Any, args: argparse.Namespace) -> float:
     torch.manual_seed(args.seeds[0])
     module = DPLoRAModule(model_name=args.model, lora_rank=4, seed=args.seeds[0], optimizer="sgd")
     metrics = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=args.val_batches,
     ).validate(module, datamodule=dm, verbose=False)[0]
     return float(metrics["val/perplexity"])
@@ -214,9 +242,20 @@ def summarise(record: dict[str, Any]) -> str:
             f"- ε={row['epsilon']:g}: scalar LMO noise variance is {r_s:.2f}× the Gaussian's ({word}); vector "
             f"(L1) per-coordinate variance {r_v:.2f}× the L2-clipped Gaussian's."
         )
+
     def mean_sd(eps: float, method: str) -> tuple[float, float]:
-        ppl = np.array([r["val_perplexity"] for r in record["runs"] if (r["epsilon_target"], r["method"]) == (eps, method)])
-        return (float(ppl.mean()), float(ppl.std(ddof=1)) if ppl.size > 1 else 0.0) if ppl.size else (np.inf, 0.0)
+        ppl = np.array(
+            [
+                r["val_perplexity"]
+                for r in record["runs"]
+                if (r["epsilon_target"], r["method"]) == (eps, method)
+            ]
+        )
+        return (
+            (float(ppl.mean()), float(ppl.std(ddof=1)) if ppl.size > 1 else 0.0)
+            if ppl.size
+            else (np.inf, 0.0)
+        )
 
     for kind in ("dpzo", "dpsgd"):
         wins = clear = 0
@@ -224,16 +263,20 @@ def summarise(record: dict[str, Any]) -> str:
             (m_l, s_l), (m_g, s_g) = mean_sd(e, f"{kind}_lmo"), mean_sd(e, f"{kind}_gaussian")
             wins += m_l < m_g
             clear += abs(m_l - m_g) > 2 * max(s_l, s_g)  # separated by more than two standard deviations
-        out.append(f"- {kind.upper()}: LMO had the lower mean held-out perplexity at {wins} of "
-                   f"{len(record['settings']['epsilons'])} ε values; the two differ by more than 2 sd at {clear}.")
+        out.append(
+            f"- {kind.upper()}: LMO had the lower mean held-out perplexity at {wins} of "
+            f"{len(record['settings']['epsilons'])} ε values; the two differ by more than 2 sd at {clear}."
+        )
         for e in record["settings"]["epsilons"]:
             pairs = {}
             for r in record["runs"]:
                 if r["epsilon_target"] == e and r["method"].startswith(kind):
                     pairs.setdefault(r.get("seed", 0), {})[r["method"]] = r["val_perplexity"]
             diffs = [v[f"{kind}_lmo"] - v[f"{kind}_gaussian"] for v in pairs.values() if len(v) == 2]
-            out.append(f"  - ε={e:g}: per-seed perplexity LMO − Gaussian (same seed: init, batches): "
-                       + ", ".join(f"{d:+.2f}" for d in diffs))
+            out.append(
+                f"  - ε={e:g}: per-seed perplexity LMO − Gaussian (same seed: init, batches): "
+                + ", ".join(f"{d:+.2f}" for d in diffs)
+            )
     return "\n".join(out)
 
 
@@ -255,7 +298,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed per (ε, method)")
     parser.add_argument("--no-train", action="store_true", help="noise table only")
     parser.add_argument("--out", type=Path, default=RESULTS / "lmo_vs_gaussian")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the .md (and summary) from the .json")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the .md (and summary) from the .json"
+    )
     args = parser.parse_args()
     if args.report_only:
         record = json.loads(args.out.with_suffix(".json").read_text())
@@ -269,8 +314,13 @@ def main() -> None:
     torch.set_num_threads(2)
     from dplightning.data import TextDataModule
 
-    dm = TextDataModule(tokenizer=args.model, num_records=args.records, max_length=args.max_length,
-                        batch_size=args.batch_size, eval_batch_size=32)
+    dm = TextDataModule(
+        tokenizer=args.model,
+        num_records=args.records,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_batch_size=32,
+    )
     dm.prepare_data()
     dm.setup("fit")
     train_size = len(dm.train_dataloader().dataset)
@@ -278,8 +328,11 @@ def main() -> None:
     record: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/lmo_vs_gaussian.py", *map(shlex.quote, sys.argv[1:])]),
         "machine": machine(2, ("dp_accounting", "scipy")),
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                     "q": q, "train_size": train_size},
+        "settings": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "q": q,
+            "train_size": train_size,
+        },
         "noise": [],
         "runs": [],
     }

@@ -31,8 +31,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE = "dpsgd_flat"
 ORDER = (
-    "pretrained", "nonprivate", "dpsgd_flat", "dpsgd_per_adapter", "quantile_clipping", "automatic_clipping", "noise_schedule",
-    "rldp", "dpzo_gaussian", "dpzo_laplace", "lmo_dpzo", "lmo_dpsgd",
+    "pretrained",
+    "nonprivate",
+    "dpsgd_flat",
+    "dpsgd_per_adapter",
+    "quantile_clipping",
+    "automatic_clipping",
+    "noise_schedule",
+    "rldp",
+    "dpzo_gaussian",
+    "dpzo_laplace",
+    "lmo_dpzo",
+    "lmo_dpsgd",
 )
 
 Key = tuple[str, float | None, int]
@@ -90,7 +100,11 @@ def _cells(rows: dict[Key, dict[str, Any]], method: str, eps: float | None) -> l
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("test_perplexity", "Test perplexity (lower is better)", "{:.3f}"),
     ("epsilon_spent", "ε spent (accountant)", "{:.3f}"),
-    ("steps_to_reference", f"Steps to reach {REFERENCE}'s final val perplexity, fraction of its steps", "{:.2f}"),
+    (
+        "steps_to_reference",
+        f"Steps to reach {REFERENCE}'s final val perplexity, fraction of its steps",
+        "{:.2f}",
+    ),
     ("wall_time_s", "Fit wall time including the end-of-fit audits, s", "{:.0f}"),
     ("peak_rss_mb", "Peak RSS of the cell process, MiB", "{:.0f}"),
     ("mia_auc", "Membership inference ROC AUC (loss attack)", "{:.3f}"),
@@ -100,7 +114,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def metric_value(rows: dict[Key, dict[str, Any]], row: dict[str, Any], metric: str, eps: float) -> float | None:
+def metric_value(
+    rows: dict[Key, dict[str, Any]], row: dict[str, Any], metric: str, eps: float
+) -> float | None:
     """``metric`` of one cell shown in the ε=``eps`` column (the non-private row appears in every column)."""
     if metric == "steps_to_reference":
         return steps_to_reference(row, rows.get((REFERENCE, eps, row["seed"])))
@@ -117,7 +133,10 @@ def tables(rows: dict[Key, dict[str, Any]], metrics: tuple[tuple[str, str, str],
         lines += [f"### {title}", "", "| method | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |"]
         lines.append("|---" * (len(epsilons) + 1) + "|")
         for m in methods:
-            cells = [mean_std((metric_value(rows, r, metric, e) for r in _cells(rows, m, e)), fmt) for e in epsilons]
+            cells = [
+                mean_std((metric_value(rows, r, metric, e) for r in _cells(rows, m, e)), fmt)
+                for e in epsilons
+            ]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -162,37 +181,87 @@ def targets(rows: dict[Key, dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|",
     ]
 
-    def add(eps: float, what: str, target: str, vals: list[float], ok: Callable[[float], bool], fmt: str) -> None:
+    def add(
+        eps: float, what: str, target: str, vals: list[float], ok: Callable[[float], bool], fmt: str
+    ) -> None:
         if vals:
             mean = statistics.fmean(vals)
-            lines.append(f"| {eps:g} | {what} | {target} | {mean_std(vals, fmt)} | {'yes' if ok(mean) else 'no'} |")
+            lines.append(
+                f"| {eps:g} | {what} | {target} | {mean_std(vals, fmt)} | {'yes' if ok(mean) else 'no'} |"
+            )
 
     n_mia = int(next(iter(rows.values()))["task"].get("mia_examples") or 1)
-    se = math.sqrt((2 * n_mia + 1) / (12 * n_mia * n_mia))  # AUC standard error under no leakage, n vs n examples
+    se = math.sqrt(
+        (2 * n_mia + 1) / (12 * n_mia * n_mia)
+    )  # AUC standard error under no leakage, n vs n examples
     for eps in _epsilons(rows):
-        add(eps, "RLDP vs DP-SGD flat, test perplexity change %", "< 0 (−1.3 … −30.5 %)",
-            _relative(rows, "rldp", REFERENCE, eps), lambda v: v < 0, "{:+.1f}")
-        add(eps, "RLDP vs DP-SGD per-adapter (its own base), test perplexity change %", "< 0",
-            _relative(rows, "rldp", "dpsgd_per_adapter", eps), lambda v: v < 0, "{:+.1f}")
-        reach = [steps_to_reference(r, rows.get((REFERENCE, eps, s))) for (m, e, s), r in rows.items()
-                 if m == "rldp" and e == eps]
+        add(
+            eps,
+            "RLDP vs DP-SGD flat, test perplexity change %",
+            "< 0 (−1.3 … −30.5 %)",
+            _relative(rows, "rldp", REFERENCE, eps),
+            lambda v: v < 0,
+            "{:+.1f}",
+        )
+        add(
+            eps,
+            "RLDP vs DP-SGD per-adapter (its own base), test perplexity change %",
+            "< 0",
+            _relative(rows, "rldp", "dpsgd_per_adapter", eps),
+            lambda v: v < 0,
+            "{:+.1f}",
+        )
+        reach = [
+            steps_to_reference(r, rows.get((REFERENCE, eps, s)))
+            for (m, e, s), r in rows.items()
+            if m == "rldp" and e == eps
+        ]
         if reach:
             reached = [v for v in reach if v is not None]
             lines.append(
                 f"| {eps:g} | RLDP steps to DP-SGD flat's final val perplexity, fraction | ≤ 0.60 (0.13 … 0.43) | "
-                f"reached in {len(reached)}/{len(reach)} seeds" + (f", {mean_std(reached)}" if reached else "")
+                f"reached in {len(reached)}/{len(reach)} seeds"
+                + (f", {mean_std(reached)}" if reached else "")
                 + f" | {'yes' if len(reached) == len(reach) and statistics.fmean(reached) <= 0.6 else 'no'} |"
             )
-        add(eps, "RLDP − DP-SGD flat, MIA AUC", f"≤ 0 within one AUC standard error ({se:.3f})",
-            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("mia_auc")), lambda v: v <= se, "{:+.3f}")
-        add(eps, "RLDP − DP-SGD flat, canary Jaccard", "≤ 0 (no worse)",
-            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("canary_jaccard")), lambda v: v <= 0.0, "{:+.3f}")
-        add(eps, "DP-ZO Gaussian vs DP-SGD flat, test perplexity change %", "within a few % (≤ +5 %)",
-            _relative(rows, "dpzo_gaussian", REFERENCE, eps), lambda v: v <= 5.0, "{:+.1f}")
-        laplace = [g for (m, e, _), r in rows.items() if m == "dpzo_laplace" and e == eps
-                   if (g := _base_gain(r)) is not None]
-        add(eps, "DP-ZO Laplace (pure ε), val perplexity change from the base model %", "≤ −1 % (non-trivial)",
-            laplace, lambda v: v <= -1.0, "{:+.2f}")
+        add(
+            eps,
+            "RLDP − DP-SGD flat, MIA AUC",
+            f"≤ 0 within one AUC standard error ({se:.3f})",
+            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("mia_auc")),
+            lambda v: v <= se,
+            "{:+.3f}",
+        )
+        add(
+            eps,
+            "RLDP − DP-SGD flat, canary Jaccard",
+            "≤ 0 (no worse)",
+            paired(rows, "rldp", REFERENCE, eps, lambda r: r.get("canary_jaccard")),
+            lambda v: v <= 0.0,
+            "{:+.3f}",
+        )
+        add(
+            eps,
+            "DP-ZO Gaussian vs DP-SGD flat, test perplexity change %",
+            "within a few % (≤ +5 %)",
+            _relative(rows, "dpzo_gaussian", REFERENCE, eps),
+            lambda v: v <= 5.0,
+            "{:+.1f}",
+        )
+        laplace = [
+            g
+            for (m, e, _), r in rows.items()
+            if m == "dpzo_laplace" and e == eps
+            if (g := _base_gain(r)) is not None
+        ]
+        add(
+            eps,
+            "DP-ZO Laplace (pure ε), val perplexity change from the base model %",
+            "≤ −1 % (non-trivial)",
+            laplace,
+            lambda v: v <= -1.0,
+            "{:+.2f}",
+        )
     lines.append("")
     return lines
 
@@ -252,8 +321,11 @@ def plots(rows: dict[Key, dict[str, Any]], out: Path) -> list[str]:
     if any(r.get("mia_auc") is not None for r in rows.values()):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m in methods:
-            pts = [(e, statistics.fmean(v)) for e in epsilons
-                   if (v := [r["mia_auc"] for r in _cells(rows, m, e) if r.get("mia_auc") is not None])]
+            pts = [
+                (e, statistics.fmean(v))
+                for e in epsilons
+                if (v := [r["mia_auc"] for r in _cells(rows, m, e) if r.get("mia_auc") is not None])
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
         ax.axhline(0.5, color="k", ls=":", lw=1)
@@ -263,8 +335,11 @@ def plots(rows: dict[Key, dict[str, Any]], out: Path) -> list[str]:
         ax.legend(fontsize=7)
         save(fig, "mia_auc_vs_epsilon.png")
 
-    rldp = [r for (m, e, s), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != eps_curve, kv[0][2]))
-            if m == "rldp" and r.get("trajectories")]
+    rldp = [
+        r
+        for (m, e, s), r in sorted(rows.items(), key=lambda kv: (kv[0][1] != eps_curve, kv[0][2]))
+        if m == "rldp" and r.get("trajectories")
+    ]
     if rldp:
         row = rldp[0]
         traj = row["trajectories"]
@@ -322,7 +397,9 @@ def update_readme(readme: Path, results: Path) -> None:
     test-perplexity table, the targets and the perplexity-vs-ε plot (generated, so the README never drifts)."""
     text = readme.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"error: {readme} has no {BEGIN} ... {END} block; add one where the summary should go")
+        raise SystemExit(
+            f"error: {readme} has no {BEGIN} ... {END} block; add one where the summary should go"
+        )
     rows, task, _ = load_rows(results / "matrix.jsonl")
     rel = results.resolve().relative_to(readme.resolve().parent)
     commands = sorted({r["command"] for r in rows.values()})
@@ -349,7 +426,9 @@ def update_readme(readme: Path, results: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="directory holding matrix.jsonl")
-    parser.add_argument("--readme", type=Path, help="also refresh the summary block of this README (e.g. README.md)")
+    parser.add_argument(
+        "--readme", type=Path, help="also refresh the summary block of this README (e.g. README.md)"
+    )
     args = parser.parse_args(argv)
     print(f"wrote {report(args.results)}")
     if args.readme is not None:

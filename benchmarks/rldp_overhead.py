@@ -57,8 +57,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 T0 = time.perf_counter()
 GOAL = 0.05
-COMPONENTS = ("hook_batch_start", "hook_batch_end", "count_release", "decision", "public_loss", "epsilon_queries",
-              "replay_add", "sac_train", "sac_predict", "budget_guard", "apply_action")
+COMPONENTS = (
+    "hook_batch_start",
+    "hook_batch_end",
+    "count_release",
+    "decision",
+    "public_loss",
+    "epsilon_queries",
+    "replay_add",
+    "sac_train",
+    "sac_predict",
+    "budget_guard",
+    "apply_action",
+)
 
 
 def write_dataset(directory: Path, num_examples: int, notes_per_example: int = 3, seed: int = 0) -> Path:
@@ -106,13 +117,17 @@ def make_callbacks(rec: Recorder) -> tuple[Any, Any]:
     import lightning.pytorch as pl
 
     class StepStart(pl.Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int
+        ) -> None:
             rec.step += 1
             rec.batch_sizes.append(int(batch["input_ids"].shape[0]))
             rec.t0 = time.perf_counter()
 
     class StepEnd(pl.Callback):
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             rec.step_s.append(time.perf_counter() - rec.t0)
             if len(rec.step_s) >= rec.total_steps:
                 trainer.should_stop = True
@@ -164,8 +179,8 @@ def clear_accounting_caches() -> int:
 def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
-    from dplightning.callbacks import RLDPController
 
+    from dplightning.callbacks import RLDPController
     from dplightning.data import TextDataModule
     from dplightning.module import DPLoRAModule
     from dplightning.strategies.dpsgd import DPSGDStrategy
@@ -175,23 +190,51 @@ def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespac
     clear_accounting_caches()  # every fit starts as cold as a fresh process (see clear_accounting_caches)
     total = args.warmup + args.steps
     rec = Recorder(total)
-    dm = TextDataModule(dataset=str(data_path), tokenizer=model_name, num_records=0, max_length=args.seq_len,
-                        batch_size=args.batch_size, eval_batch_size=args.batch_size, public_fraction=0.05, data_seed=0)
+    dm = TextDataModule(
+        dataset=str(data_path),
+        tokenizer=model_name,
+        num_records=0,
+        max_length=args.seq_len,
+        batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        public_fraction=0.05,
+        data_seed=0,
+    )
     module = DPLoRAModule(model_name=model_name, lora_rank=8, lora_alpha=16, learning_rate=2e-3, seed=0)
-    strategy = DPSGDStrategy(target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0, clipping="per_adapter",
-                             accountant=args.accountant, device="cpu", seed=0)
+    strategy = DPSGDStrategy(
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        clipping="per_adapter",
+        accountant=args.accountant,
+        device="cpu",
+        seed=0,
+    )
     start, end = make_callbacks(rec)
     callbacks: list[Any] = [start]
     controller = None
     if kind == "rldp":
-        controller = RLDPController(rl_interval=args.rl_interval, warmup_steps=0, learning_starts=1,
-                                    action_scope="per_adapter", public_batches=1, seed=0)
+        controller = RLDPController(
+            rl_interval=args.rl_interval,
+            warmup_steps=0,
+            learning_starts=1,
+            action_scope="per_adapter",
+            public_batches=1,
+            seed=0,
+        )
         instrument(controller, rec)
         callbacks.append(controller)
     callbacks.append(end)
     trainer = pl.Trainer(
-        accelerator="cpu", strategy=strategy, max_steps=args.planned_steps, callbacks=callbacks, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        strategy=strategy,
+        max_steps=args.planned_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         num_sanity_val_steps=0,
     )
     t = time.perf_counter()
@@ -219,7 +262,9 @@ def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespac
         out["decisions_in_window"] = [s for s in rec.decision_steps if lo <= s <= hi]
         out["controller_s_in_window"] = hooks
         out["components_s_in_window"] = parts
-        out["per_decision_s"] = {s: {name: per.get(s, 0.0) for name, per in rec.parts.items()} for s in rec.decision_steps}
+        out["per_decision_s"] = {
+            s: {name: per.get(s, 0.0) for name, per in rec.parts.items()} for s in rec.decision_steps
+        }
         dp_part = (sum(window) - hooks) / len(window)  # the rest of the step: the DP-SGD step itself
         out["dp_step_within_rldp_fit_s"] = dp_part
         out["direct_overhead"] = hooks / len(window) / dp_part
@@ -237,7 +282,9 @@ def summarise(fits: list[dict[str, Any]]) -> dict[str, Any]:
     direct = statistics.median(f["direct_overhead"] for f in rl) if rl else None
     comps: dict[str, float] = {}
     for name in COMPONENTS:
-        vals = [f["components_s_in_window"].get(name, 0.0) / (f["window"][1] - f["window"][0] + 1) for f in rl]
+        vals = [
+            f["components_s_in_window"].get(name, 0.0) / (f["window"][1] - f["window"][0] + 1) for f in rl
+        ]
         comps[name] = statistics.median(vals) if vals else 0.0
     dp_within = statistics.median(f["dp_step_within_rldp_fit_s"] for f in rl) if rl else None
     return {
@@ -249,7 +296,9 @@ def summarise(fits: list[dict[str, Any]]) -> dict[str, Any]:
         "controller_per_step_s": {k: v for k, v in comps.items()},
         "goal": GOAL,
         "goal_met_direct": direct is not None and direct <= GOAL,
-        "goal_met_between_fits": dp_mean is not None and rl_mean is not None and rl_mean / dp_mean - 1 <= GOAL,
+        "goal_met_between_fits": dp_mean is not None
+        and rl_mean is not None
+        and rl_mean / dp_mean - 1 <= GOAL,
     }
 
 
@@ -291,20 +340,31 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{s['between_fits_overhead'] * 100:+.1f} % | "
             f"{'met' if s['goal_met_direct'] else 'NOT met'} (direct) |"
         )
-    lines += ["", "Controller cost per optimizer step, by part (ms, amortised over the timed window; parts nest: "
-              "`decision` contains public loss, ε queries, replay add, SAC train/predict and apply action, which "
-              "contains the budget guard; `hook_batch_end` contains count release and decision):", ""]
+    lines += [
+        "",
+        "Controller cost per optimizer step, by part (ms, amortised over the timed window; parts nest: "
+        "`decision` contains public loss, ε queries, replay add, SAC train/predict and apply action, which "
+        "contains the budget guard; `hook_batch_end` contains count release and decision):",
+        "",
+    ]
     names = list(result["models"])
     lines.append("| part | " + " | ".join(names) + " |")
     lines.append("|---|" + "---:|" * len(names))
     for comp in COMPONENTS:
         vals = [result["models"][n]["summary"]["controller_per_step_s"].get(comp, 0.0) for n in names]
-        shares = [v / result["models"][n]["summary"]["dp_step_within_rldp_fit_s"] for v, n in zip(vals, names)]
-        lines.append(f"| {comp} | " + " | ".join(f"{v * 1e3:.2f} ({sh * 100:.2f} %)" for v, sh in zip(vals, shares)) + " |")
+        shares = [
+            v / result["models"][n]["summary"]["dp_step_within_rldp_fit_s"] for v, n in zip(vals, names)
+        ]
+        lines.append(
+            f"| {comp} | "
+            + " | ".join(f"{v * 1e3:.2f} ({sh * 100:.2f} %)" for v, sh in zip(vals, shares))
+            + " |"
+        )
     lines += ["", "Per fit (mean step over the window, s):", ""]
     for model, r in result["models"].items():
         fits = ", ".join(
-            f"{f['kind']} {f['mean_step_s']:.3f}" + (f" (direct {f['direct_overhead'] * 100:.1f} %)" if f["kind"] == "rldp" else "")
+            f"{f['kind']} {f['mean_step_s']:.3f}"
+            + (f" (direct {f['direct_overhead'] * 100:.1f} %)" if f["kind"] == "rldp" else "")
             for f in r["fits"]
         )
         lines.append(f"- {model}: {fits}")
@@ -323,14 +383,23 @@ def main() -> None:
     parser.add_argument("--rl-interval", type=int, default=10)
     parser.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
     parser.add_argument("--planned-steps", type=int, default=1000, help="Trainer max_steps (the plan)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 1 SmolLM2, 10 tiny)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed first steps (default 1 SmolLM2, 10 tiny)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 SmolLM2, 40 tiny)")
     parser.add_argument("--repeats", type=int, default=2, help="(dpsgd, rldp) fit pairs")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (1: 2-thread OpenMP stalls on the shared cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1: 2-thread OpenMP stalls on the shared cores)",
+    )
     parser.add_argument("--examples", type=int, default=1000, help="examples in the data file")
-    parser.add_argument("--out", default=None, help="output prefix (default benchmarks/results/rldp_overhead; "
-                                                    "--quick writes nothing unless given)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output prefix (default benchmarks/results/rldp_overhead; --quick writes nothing unless given)",
+    )
     args = parser.parse_args()
     quiet()
     import torch
@@ -338,8 +407,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = args.models or (["tiny-llama"] if args.quick else ["smollm2-135m", "tiny-llama"])
     result: dict[str, Any] = {
-        "command": "cd " + str(ROOT) + " && .venv/bin/python benchmarks/rldp_overhead.py"
-                   + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "command": "cd "
+        + str(ROOT)
+        + " && .venv/bin/python benchmarks/rldp_overhead.py"
+        + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(args.threads, packages=("stable_baselines3",)),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "models")},
@@ -351,21 +422,32 @@ def main() -> None:
             small = model.startswith("tiny")
             margs = argparse.Namespace(**vars(args))
             margs.warmup = args.warmup if args.warmup is not None else (10 if small else 1)
-            margs.steps = args.steps if args.steps is not None else ((20 if args.quick else 40) if small else 20)
+            margs.steps = (
+                args.steps if args.steps is not None else ((20 if args.quick else 40) if small else 20)
+            )
             fits = []
             for rep in range(args.repeats):
                 for kind in ("dpsgd", "rldp"):
-                    print(f"[{model}] t={time.perf_counter() - T0:.0f}s fit {kind} #{rep + 1} "
-                          f"({margs.warmup} + {margs.steps} steps) ...", flush=True)
+                    print(
+                        f"[{model}] t={time.perf_counter() - T0:.0f}s fit {kind} #{rep + 1} "
+                        f"({margs.warmup} + {margs.steps} steps) ...",
+                        flush=True,
+                    )
                     f = run_fit(kind, model, data_path, margs)
                     msg = f"mean step {f['mean_step_s']:.3f}s"
                     if kind == "rldp":
-                        msg += (f", controller {f['controller_s_in_window']:.2f}s in window, direct overhead "
-                                f"{f['direct_overhead'] * 100:.2f}%, decisions at {f['decision_steps']}")
+                        msg += (
+                            f", controller {f['controller_s_in_window']:.2f}s in window, direct overhead "
+                            f"{f['direct_overhead'] * 100:.2f}%, decisions at {f['decision_steps']}"
+                        )
                     print(f"  {msg}", flush=True)
                     fits.append(f)
-            result["models"][model] = {"warmup": margs.warmup, "steps": margs.steps, "fits": fits,
-                                       "summary": summarise(fits)}
+            result["models"][model] = {
+                "warmup": margs.warmup,
+                "steps": margs.steps,
+                "fits": fits,
+                "summary": summarise(fits),
+            }
     result["wall_s"] = time.perf_counter() - T0
     result["notes"] = []
     md = to_markdown(result)

@@ -128,7 +128,9 @@ def _lmo_dpsgd(epsilon: float) -> dict[str, Any]:
     return strategy
 
 
-def _method(strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], optim: dict[str, Any]) -> dict[str, Any]:
+def _method(
+    strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], optim: dict[str, Any]
+) -> dict[str, Any]:
     return {"strategy": strategy, "callbacks": callbacks, "optim": optim}
 
 
@@ -137,8 +139,12 @@ def _rldp_controller(steps: int) -> dict[str, Any]:
     ``steps // 6`` steps (5 decisions in 20 steps), at most every 5 steps in longer runs (more to learn from)."""
     return {
         "class_path": "dplightning.callbacks.RLDPController",
-        "init_args": {"rl_interval": max(1, min(steps // 6, 5)), "warmup_steps": steps // 3, "action_scope": "per_adapter",
-                      "public_batches": 1},
+        "init_args": {
+            "rl_interval": max(1, min(steps // 6, 5)),
+            "warmup_steps": steps // 3,
+            "action_scope": "per_adapter",
+            "public_batches": 1,
+        },
     }
 
 
@@ -160,7 +166,9 @@ METHODS: dict[str, Callable[[float, int], dict[str, Any]]] = {
     "rldp": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET, _rldp_controller(t)], ADAMW),
     "dpzo_gaussian": lambda e, t: _method(_dpzo("gaussian", e, DELTA), [BUDGET], ZO_SGD),
     "dpzo_laplace": lambda e, t: _method(_dpzo("laplace", e, 0.0), [BUDGET], ZO_SGD),
-    "lmo_dpzo": lambda e, t: _method(_dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD),
+    "lmo_dpzo": lambda e, t: _method(
+        _dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD
+    ),
     "lmo_dpsgd": lambda e, t: _method(_lmo_dpsgd(e), [BUDGET], ADAMW),
 }
 
@@ -181,7 +189,9 @@ def method_available(name: str) -> str | None:
     return None
 
 
-def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, Any], logdir: Path) -> dict[str, Any]:
+def cell_config(
+    method: str, epsilon: float | None, seed: int, task: dict[str, Any], logdir: Path
+) -> dict[str, Any]:
     """The LightningCLI config of one cell (what ``dplightning fit --config`` would read)."""
     spec = METHODS[method](epsilon if epsilon is not None else 0.0, task["steps"])
     trainer: dict[str, Any] = {
@@ -206,7 +216,13 @@ def cell_config(method: str, epsilon: float | None, seed: int, task: dict[str, A
         trainer["strategy"] = copy.deepcopy(spec["strategy"])
     return {
         "seed_everything": seed,
-        "model": {"model_name": task["model"], "lora_rank": 8, "lora_alpha": 16, "seed": seed, **spec["optim"]},
+        "model": {
+            "model_name": task["model"],
+            "lora_rank": 8,
+            "lora_alpha": 16,
+            "seed": seed,
+            **spec["optim"],
+        },
         "data": {
             "dataset": "pseudo_clinical",
             "num_records": task["num_records"],
@@ -245,11 +261,18 @@ def _scalars(logdir: Path, prefixes: tuple[str, ...]) -> dict[str, list[tuple[in
 def audit_callbacks(task: dict[str, Any]) -> list[dict[str, Any]]:
     """The audits every cell runs at the end of fit (sized by the task: they cost forwards on the model)."""
     return [
-        {"class_path": "dplightning.callbacks.MembershipInferenceAudit",
-         "init_args": {"max_examples": task["mia_examples"], "batch_size": task["eval_batch_size"]}},
-        {"class_path": "dplightning.callbacks.CanaryAudit",
-         "init_args": {"num_canaries": task["canaries"], "repeats": [1, 4],
-                       "reference_samples": task["canary_references"]}},
+        {
+            "class_path": "dplightning.callbacks.MembershipInferenceAudit",
+            "init_args": {"max_examples": task["mia_examples"], "batch_size": task["eval_batch_size"]},
+        },
+        {
+            "class_path": "dplightning.callbacks.CanaryAudit",
+            "init_args": {
+                "num_canaries": task["canaries"],
+                "repeats": [1, 4],
+                "reference_samples": task["canary_references"],
+            },
+        },
     ]
 
 
@@ -349,13 +372,18 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def run_subprocess(config_path: Path, threads: int, timeout: float) -> tuple[dict[str, Any] | None, str, float]:
+def run_subprocess(
+    config_path: Path, threads: int, timeout: float
+) -> tuple[dict[str, Any] | None, str, float]:
     """Run one cell in a fresh interpreter: (metrics or None, stderr tail, peak RSS in MiB of that process)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
             [sys.executable, __file__, "--cell", str(config_path), "--threads", str(threads)],
-            stdout=out, stderr=err, env=env, cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=ROOT,
         )
         deadline = time.monotonic() + timeout
         while True:
@@ -380,16 +408,26 @@ def run_subprocess(config_path: Path, threads: int, timeout: float) -> tuple[dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny-llama, ε=2, seed 0, few steps (minutes; CI)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: every available method")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny-llama, ε=2, seed 0, few steps (minutes; CI)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=sorted(METHODS), help="default: every available method"
+    )
     parser.add_argument("--epsilons", nargs="+", type=float, help=f"default: {EPSILONS} ({{2}} with --quick)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {SEEDS} ({{0}} with --quick)")
     parser.add_argument("--steps", type=int, help="override the step budget of every cell")
-    parser.add_argument("--val-every", type=int, help="override the validation interval (steps) of every cell")
-    parser.add_argument("--out", type=Path, help="results directory (default benchmarks/results, or a temp dir with --quick)")
+    parser.add_argument(
+        "--val-every", type=int, help="override the validation interval (steps) of every cell"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default benchmarks/results, or a temp dir with --quick)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell")
     parser.add_argument(
-        "--jobs", type=int, default=1,
+        "--jobs",
+        type=int,
+        default=1,
         help="cells run at once (2 jobs x 1 thread gave ~10%% more throughput than 1 x 2 on the 2-core machine; "
         "wall times then include the neighbour's contention)",
     )
@@ -420,11 +458,15 @@ def main(argv: list[str] | None = None) -> int:
 
     jsonl = out / "matrix.jsonl"
     done = load_done(jsonl)
-    command = shlex.join(["python", "benchmarks/run_matrix.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        ["python", "benchmarks/run_matrix.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     # ε-major in the order given, then seed, then method: an interrupted grid has whole ε rows first
     cells = [
         (m, None if m in NO_EPSILON else e, seeds[0] if m in SEED_FREE else s)
-        for e in epsilons for s in seeds for m in methods
+        for e in epsilons
+        for s in seeds
+        for m in methods
     ]
     cells = list(dict.fromkeys(cells))  # runs that do not depend on ε (or the seed) once
     todo: list[tuple[str, str, str, float | None, int, dict[str, Any], str]] = []
@@ -447,9 +489,16 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         metrics, error, peak_mb = run_subprocess(config_path, args.threads, args.cell_timeout)
         row = {
-            "method": method, "epsilon": epsilon, "seed": seed, "config_hash": chash, "task": task,
-            "status": "ok" if metrics is not None else "failed", "peak_rss_mb": peak_mb,
-            "cell_wall_s": time.perf_counter() - started, "command": command, "jobs": args.jobs,
+            "method": method,
+            "epsilon": epsilon,
+            "seed": seed,
+            "config_hash": chash,
+            "task": task,
+            "status": "ok" if metrics is not None else "failed",
+            "peak_rss_mb": peak_mb,
+            "cell_wall_s": time.perf_counter() - started,
+            "command": command,
+            "jobs": args.jobs,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(metrics or {"error": error}),
         }

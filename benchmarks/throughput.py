@@ -63,7 +63,9 @@ def load1() -> float:
 
 
 # ------------------------------------------------------------------------------------------------- data
-def sentence_examples(model_name: str, seq_len: int, count: int, seed: int = 0) -> tuple[list[list[int]], dict]:
+def sentence_examples(
+    model_name: str, seq_len: int, count: int, seed: int = 0
+) -> tuple[list[list[int]], dict]:
     """``count`` token id lists: sentences of seeded pseudo-clinical notes, eos appended, cut at ``seq_len``;
     and length statistics (of these sentences and of the whole notes at ``seq_len``)."""
     import random
@@ -89,7 +91,9 @@ def sentence_examples(model_name: str, seq_len: int, count: int, seed: int = 0) 
     return examples, stats
 
 
-def batch_loaders(examples: list[list[int]], pad_id: int, seq_len: int, batch_size: int, pad_to: str) -> list[Any]:
+def batch_loaders(
+    examples: list[list[int]], pad_id: int, seq_len: int, batch_size: int, pad_to: str
+) -> list[Any]:
     """One single-batch ``DataLoader`` per batch of ``examples``: a fit of one step runs exactly that batch."""
     from torch.utils.data import DataLoader
 
@@ -97,7 +101,10 @@ def batch_loaders(examples: list[list[int]], pad_id: int, seq_len: int, batch_si
 
     collate = CausalLMCollator(pad_id, seq_len, pad_to=pad_to)  # type: ignore[arg-type]
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    return [DataLoader(TokenizedDataset(c), batch_size=batch_size, shuffle=False, collate_fn=collate) for c in chunks]
+    return [
+        DataLoader(TokenizedDataset(c), batch_size=batch_size, shuffle=False, collate_fn=collate)
+        for c in chunks
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -121,7 +128,9 @@ def make_timer() -> Any:
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             self._t0 = time.perf_counter()
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             self.steps.append((time.perf_counter() - self._t0, load1(), int(batch["input_ids"].numel())))
 
     return StepTimer()
@@ -137,20 +146,36 @@ def fit_step(module: Any, variant: tuple[str, str, str], train_loader: Any) -> t
     strategy: Any = "auto"
     if method == "dpsgd_flat":
         strategy = DPSGDStrategy(
-            noise_multiplier=SIGMA, max_grad_norm=CLIP, clipping="flat", poisson_sampling=False, device="cpu", seed=0
+            noise_multiplier=SIGMA,
+            max_grad_norm=CLIP,
+            clipping="flat",
+            poisson_sampling=False,
+            device="cpu",
+            seed=0,
         )
     timer = make_timer()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, precision=precision, strategy=strategy, max_steps=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        num_sanity_val_steps=0, callbacks=[timer],
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        strategy=strategy,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=train_loader)
     (step,) = timer.steps
     return step
 
 
-def time_variants(model_name: str, seq_len: int, batch_size: int, num_batches: int, rounds: int) -> dict[str, Any]:
+def time_variants(
+    model_name: str, seq_len: int, batch_size: int, num_batches: int, rounds: int
+) -> dict[str, Any]:
     from dplightning.models import load_tokenizer
     from dplightning.module import DPLoRAModule
 
@@ -170,21 +195,31 @@ def time_variants(model_name: str, seq_len: int, batch_size: int, num_batches: i
     # batches' width under the other, so afterwards every (method, precision) has met every shape once.
     for v in variants:
         sec, ld, _ = fit_step(module, v, loaders[v[2]][0])
-        print(f"  t={time.perf_counter() - T0:.0f}s warm-up {'/'.join(v)}: {sec:.2f}s@load{ld:.1f}", flush=True)
+        print(
+            f"  t={time.perf_counter() - T0:.0f}s warm-up {'/'.join(v)}: {sec:.2f}s@load{ld:.1f}", flush=True
+        )
     for i, (r, k) in enumerate(slots):
-        order = variants[i % len(variants):] + variants[: i % len(variants)]
+        order = variants[i % len(variants) :] + variants[: i % len(variants)]
         for v in order:
             steps[v].append(fit_step(module, v, loaders[v[2]][k]))
-        print(f"  t={time.perf_counter() - T0:.0f}s round {r} batch {k}: "
-              + ", ".join(f"{'/'.join(v)}={steps[v][-1][0]:.2f}s@{steps[v][-1][1]:.1f}" for v in order), flush=True)
+        print(
+            f"  t={time.perf_counter() - T0:.0f}s round {r} batch {k}: "
+            + ", ".join(f"{'/'.join(v)}={steps[v][-1][0]:.2f}s@{steps[v][-1][1]:.1f}" for v in order),
+            flush=True,
+        )
     gc.unfreeze()
 
     def paired(v: tuple, ref: tuple) -> float:
         """Median over slots of ``v``'s time / ``ref``'s time in the same slot."""
         return statistics.median(a[0] / b[0] for a, b in zip(steps[v], steps[ref]))
 
-    records = {v: [{"slot": list(slot), "seconds": s, "load1": ld, "tokens": t}
-                   for slot, (s, ld, t) in zip(slots, steps[v])] for v in variants}
+    records = {
+        v: [
+            {"slot": list(slot), "seconds": s, "load1": ld, "tokens": t}
+            for slot, (s, ld, t) in zip(slots, steps[v])
+        ]
+        for v in variants
+    }
 
     def of_minima(v: tuple, ref: tuple) -> float:
         """``v``'s / ``ref``'s :func:`best_step_s`."""
@@ -194,33 +229,42 @@ def time_variants(model_name: str, seq_len: int, batch_size: int, num_batches: i
     for v in variants:
         secs = [s for s, _, _ in steps[v]]
         method, precision, padding = v
-        fp32, maxlen, nonpriv = (method, "32-true", padding), (method, precision, "max_length"), (
-            "nonprivate", precision, padding)
+        fp32, maxlen, nonpriv = (
+            (method, "32-true", padding),
+            (method, precision, "max_length"),
+            ("nonprivate", precision, padding),
+        )
         base = (method, "32-true", "max_length")
-        rows.append({
-            "method": method, "precision": precision, "padding": padding,
-            "median_step_s": statistics.median(secs), "min_step_s": min(secs),
-            "examples_per_s": batch_size / statistics.median(secs),
-            "best_step_s": best_step_s(records[v]),
-            "examples_per_s_of_minima": batch_size / best_step_s(records[v]),
-            "median_load": statistics.median(ld for _, ld, _ in steps[v]),
-            "tokens_per_step": statistics.mean(t for _, _, t in steps[v]),
-            "steps": records[v],
-            "bf16_speedup": paired(fp32, v) if precision == "bf16-mixed" else None,
-            "longest_speedup": paired(maxlen, v) if padding == "longest" else None,
-            "speedup_vs_fp32_max_length": paired(base, v),
-            "dp_cost_vs_nonprivate": paired(v, nonpriv) if method != "nonprivate" else None,
-            "bf16_speedup_of_minima": of_minima(fp32, v) if precision == "bf16-mixed" else None,
-            "longest_speedup_of_minima": of_minima(maxlen, v) if padding == "longest" else None,
-            "speedup_vs_fp32_max_length_of_minima": of_minima(base, v),
-            "dp_cost_of_minima": of_minima(v, nonpriv) if method != "nonprivate" else None,
-        })
+        rows.append(
+            {
+                "method": method,
+                "precision": precision,
+                "padding": padding,
+                "median_step_s": statistics.median(secs),
+                "min_step_s": min(secs),
+                "examples_per_s": batch_size / statistics.median(secs),
+                "best_step_s": best_step_s(records[v]),
+                "examples_per_s_of_minima": batch_size / best_step_s(records[v]),
+                "median_load": statistics.median(ld for _, ld, _ in steps[v]),
+                "tokens_per_step": statistics.mean(t for _, _, t in steps[v]),
+                "steps": records[v],
+                "bf16_speedup": paired(fp32, v) if precision == "bf16-mixed" else None,
+                "longest_speedup": paired(maxlen, v) if padding == "longest" else None,
+                "speedup_vs_fp32_max_length": paired(base, v),
+                "dp_cost_vs_nonprivate": paired(v, nonpriv) if method != "nonprivate" else None,
+                "bf16_speedup_of_minima": of_minima(fp32, v) if precision == "bf16-mixed" else None,
+                "longest_speedup_of_minima": of_minima(maxlen, v) if padding == "longest" else None,
+                "speedup_vs_fp32_max_length_of_minima": of_minima(base, v),
+                "dp_cost_of_minima": of_minima(v, nonpriv) if method != "nonprivate" else None,
+            }
+        )
     return {"rows": rows, "data": {**stats, "batch_widths_longest": widths, "examples": len(examples)}}
 
 
 # ------------------------------------------------------------------------------------------- DP-ZO check
-def dpzo_correlation(model_name: str, seq_len: int, batch_size: int, directions: int,
-                     mus: tuple[float, ...] = (1e-3, 1e-2)) -> list[dict[str, Any]]:
+def dpzo_correlation(
+    model_name: str, seq_len: int, batch_size: int, directions: int, mus: tuple[float, ...] = (1e-3, 1e-2)
+) -> list[dict[str, Any]]:
     """Correlation of bf16-autocast and float32 projected gradients along the same directions (see docstring)."""
     import random
 
@@ -252,16 +296,26 @@ def dpzo_correlation(model_name: str, seq_len: int, batch_size: int, directions:
         a, b = torch.cat(fp32), torch.cat(bf16)
         am, bm = torch.stack([x.mean() for x in fp32]), torch.stack([x.mean() for x in bf16])
         row = {
-            "model": model_name, "mu": mu, "directions": directions, "batch_size": batch_size, "seq_len": seq_len,
+            "model": model_name,
+            "mu": mu,
+            "directions": directions,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
             "per_example_corr": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
             # Over fewer directions a correlation of batch means says nothing.
-            "batch_mean_corr": float(torch.corrcoef(torch.stack([am, bm]))[0, 1]) if directions >= 8 else None,
-            "std_fp32": float(a.std()), "std_bf16": float(b.std()),
+            "batch_mean_corr": float(torch.corrcoef(torch.stack([am, bm]))[0, 1])
+            if directions >= 8
+            else None,
+            "std_fp32": float(a.std()),
+            "std_bf16": float(b.std()),
             "rms_diff_over_std_fp32": float((a - b).pow(2).mean().sqrt() / a.std()),
             "load1": load1(),
         }
-        print(f"  t={time.perf_counter() - T0:.0f}s DP-ZO {model_name} μ={mu:g}: corr {row['per_example_corr']:.4f} "
-              f"(batch means {row['batch_mean_corr']}), load {row['load1']:.1f}", flush=True)
+        print(
+            f"  t={time.perf_counter() - T0:.0f}s DP-ZO {model_name} μ={mu:g}: corr {row['per_example_corr']:.4f} "
+            f"(batch means {row['batch_mean_corr']}), load {row['load1']:.1f}",
+            flush=True,
+        )
         out.append(row)
     return out
 
@@ -351,14 +405,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-batches", type=int, default=2, help="fixed batches")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds over the batches")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--zo-models", nargs="*", default=None, help="default: tiny-llama and the timed model")
+    parser.add_argument(
+        "--zo-models", nargs="*", default=None, help="default: tiny-llama and the timed model"
+    )
     parser.add_argument("--zo-directions", type=int, default=None, help="default 32 tiny, 4 SmolLM2")
     parser.add_argument("--zo-batch-size", type=int, default=8)
-    parser.add_argument("--render", action="store_true",
-                        help="only rewrite <out>.md (and the notes in <out>.json) from <out>.json, no measuring")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite <out>.md (and the notes in <out>.json) from <out>.json, no measuring",
+    )
     parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
-    parser.add_argument("--out", default=None, help="output prefix (default benchmarks/results/throughput; "
-                                                    "--quick writes nothing unless given)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output prefix (default benchmarks/results/throughput; --quick writes nothing unless given)",
+    )
     args = parser.parse_args(argv)
     if args.render:
         import json
@@ -381,19 +443,32 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or ("tiny-llama" if args.quick else "smollm2-135m")
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "cd " + str(ROOT) + " && .venv/bin/python benchmarks/throughput.py"
-                   + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": "cd "
+        + str(ROOT)
+        + " && .venv/bin/python benchmarks/throughput.py"
+        + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(threads=args.threads, packages=("lightning", "peft", "transformers")),
         "bf16_is_fast": bf16_is_fast("cpu"),
         "bf16_flags": [f for f in BF16_CPU_FLAGS if f in cpu_flags()],
-        "config": {"model": model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                   "num_batches": args.num_batches, "rounds": 1 if args.quick else args.rounds,
-                   "threads": args.threads, "sigma": SIGMA, "max_grad_norm": CLIP, "lr": LR},
+        "config": {
+            "model": model,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "num_batches": args.num_batches,
+            "rounds": 1 if args.quick else args.rounds,
+            "threads": args.threads,
+            "sigma": SIGMA,
+            "max_grad_norm": CLIP,
+            "lr": LR,
+        },
     }
     cfg = result["config"]
-    print(f"[throughput] {model} B={cfg['batch_size']} T={cfg['seq_len']} threads={args.threads} "
-          f"load={load1():.1f}", flush=True)
+    print(
+        f"[throughput] {model} B={cfg['batch_size']} T={cfg['seq_len']} threads={args.threads} "
+        f"load={load1():.1f}",
+        flush=True,
+    )
     result["time"] = time_variants(model, args.seq_len, args.batch_size, args.num_batches, cfg["rounds"])
     zo_models = args.zo_models if args.zo_models is not None else list(dict.fromkeys(["tiny-llama", model]))
     result["dpzo"] = []

@@ -36,7 +36,9 @@ class AutomaticClipping(StrategyController[PerExampleClippingStrategy]):
         self.stability = float(stability)
 
     @override
-    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy) -> None:
+    def attach(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy
+    ) -> None:
         strategy.normalization_stability = self.stability
 
     @override

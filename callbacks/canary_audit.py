@@ -82,17 +82,28 @@ class CanaryAudit(Callback):
             return
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "insert_canaries"):
-            raise DPLightningError("CanaryAudit needs a data module with insert_canaries(); use TextDataModule")
+            raise DPLightningError(
+                "CanaryAudit needs a data module with insert_canaries(); use TextDataModule"
+            )
         chosen = [(c.text, r) for c, r, inc in zip(self.canaries, self.repeats, self.included) if inc]
         if chosen:
             datamodule.insert_canaries([t for t, _ in chosen], [r for _, r in chosen])
         self.inserted = True
 
-    def run(self, pl_module: Any, tokenizer: Any, delta: float, accountant_epsilon: float | None) -> dict[str, float]:
+    def run(
+        self, pl_module: Any, tokenizer: Any, delta: float, accountant_epsilon: float | None
+    ) -> dict[str, float]:
         """Exposure / extraction summary and the lower bound; also usable outside a Trainer (``dplightning audit``)."""
         results = audit_canaries(
-            pl_module, tokenizer, self.canaries, self.included, self.repeats, self.alphabet,
-            self.reference_samples, self.seed, self.extraction,
+            pl_module,
+            tokenizer,
+            self.canaries,
+            self.included,
+            self.repeats,
+            self.alphabet,
+            self.reference_samples,
+            self.seed,
+            self.extraction,
         )
         metrics = summarise(results)
         once = [i for i, r in enumerate(self.repeats) if r == 1]
@@ -123,7 +134,9 @@ class CanaryAudit(Callback):
         lb = metrics.get("audit/epsilon_lower_bound")
         rank_zero_info(
             "[dplightning] canaries: "
-            + ", ".join(f"{k.split('/')[2]} exposure {v:.2f}" for k, v in metrics.items() if k.endswith("/exposure"))
+            + ", ".join(
+                f"{k.split('/')[2]} exposure {v:.2f}" for k, v in metrics.items() if k.endswith("/exposure")
+            )
             + (f"; ε lower bound {lb:.3f} ({self.confidence:.0%} conf.)" if lb is not None else "")
             + (f" vs accountant ε {eps:.3f}" if eps is not None else "")
         )

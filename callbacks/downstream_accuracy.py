@@ -52,11 +52,15 @@ class DownstreamAccuracy(Callback):
         max_length: int | None = None,
     ) -> None:
         if split not in HELDOUT_SPLITS:
-            raise DPLightningError(f"DownstreamAccuracy split '{split}' is not held out; pass one of {list(HELDOUT_SPLITS)}")
+            raise DPLightningError(
+                f"DownstreamAccuracy split '{split}' is not held out; pass one of {list(HELDOUT_SPLITS)}"
+            )
         if every_n_val_epochs is not None and every_n_val_epochs < 1:
             raise DPLightningError(f"every_n_val_epochs must be >= 1 or None, got {every_n_val_epochs}")
         if (num_notes is not None and num_notes < 1) or batch_size < 1:
-            raise DPLightningError("num_notes must be >= 1 (or None) and batch_size >= 1; pass positive counts")
+            raise DPLightningError(
+                "num_notes must be >= 1 (or None) and batch_size >= 1; pass positive counts"
+            )
         self.fields = list(fields) if fields is not None else None
         self.split = split
         self.num_notes = num_notes

@@ -16,19 +16,28 @@ from dplightning.auditing.membership import AttackResult, membership_audit, save
 from dplightning.errors import DPLightningError
 
 
-def audit_loaders(datamodule: Any, max_examples: int, batch_size: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def audit_loaders(
+    datamodule: Any, max_examples: int, batch_size: int, seed: int = 0
+) -> tuple[DataLoader, DataLoader]:
     """Balanced member / non-member loaders: members from the training split (inserted canaries excluded),
     non-members from the test split (same distribution, never trained on); at most ``max_examples`` each."""
     datamodule.setup()
     train, test = datamodule.train_dataset, datamodule.test_dataset
     if train is None or test is None or len(test) == 0:
-        raise DPLightningError("membership inference needs a test split of non-members; set data.test_fraction > 0")
-    n_members = len(train) - sum(getattr(datamodule, "canary_repeats", []))  # canaries are appended at the end
+        raise DPLightningError(
+            "membership inference needs a test split of non-members; set data.test_fraction > 0"
+        )
+    n_members = len(train) - sum(
+        getattr(datamodule, "canary_repeats", [])
+    )  # canaries are appended at the end
     n = min(n_members, len(test), max_examples)
     gen = torch.Generator().manual_seed(seed)
     members = torch.randperm(n_members, generator=gen)[:n].tolist()
     nonmembers = torch.randperm(len(test), generator=gen)[:n].tolist()
-    make = lambda ds, idx: DataLoader(Subset(ds, idx), batch_size=batch_size, collate_fn=datamodule.collate_fn)  # noqa: E731
+
+    def make(dataset: Any, indices: list[int]) -> DataLoader:
+        return DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=datamodule.collate_fn)
+
     return make(train, members), make(test, nonmembers)
 
 
@@ -73,7 +82,9 @@ class MembershipInferenceAudit(Callback):
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "test_dataset"):
-            raise DPLightningError("MembershipInferenceAudit needs a data module with a test split; use TextDataModule")
+            raise DPLightningError(
+                "MembershipInferenceAudit needs a data module with a test split; use TextDataModule"
+            )
         members, nonmembers = audit_loaders(datamodule, self.max_examples, self.batch_size, self.seed)
         self.results = membership_audit(pl_module, members, nonmembers, self.min_k_fraction)
         self.metrics = {k: v for r in self.results.values() for k, v in r.metrics().items()}
@@ -83,7 +94,9 @@ class MembershipInferenceAudit(Callback):
             os.makedirs(self.roc_png_dir, exist_ok=True)
             path = save_roc_png(self.results, str(Path(self.roc_png_dir) / f"roc_{trainer.global_step}.png"))
             if path is None:
-                rank_zero_info("[dplightning] matplotlib is not installed: ROC PNG skipped (pip install matplotlib)")
+                rank_zero_info(
+                    "[dplightning] matplotlib is not installed: ROC PNG skipped (pip install matplotlib)"
+                )
         return self.metrics
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

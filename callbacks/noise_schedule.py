@@ -19,7 +19,13 @@ from typing_extensions import override
 
 from dplightning.callbacks._controller import StrategyController
 from dplightning.errors import DPLightningError, PrivacyBudgetError
-from dplightning.privacy.accounting import AccountantKind, StepEvent, make_accountant, noise_for_target
+from dplightning.privacy.accounting import (
+    AccountantKind,
+    StepEvent,
+    make_accountant,
+    noise_for_target,
+    smallest_passing,
+)
 from dplightning.strategies.protocol import PrivateStrategy
 
 ScheduleKind = Literal["linear", "exponential", "step"]
@@ -35,9 +41,13 @@ def schedule_shape(kind: ScheduleKind, steps: int, final_ratio: float, num_stage
     if kind not in SCHEDULES:
         raise DPLightningError(f"unknown schedule '{kind}'; use one of {', '.join(SCHEDULES)}")
     if steps < 1:
-        raise DPLightningError(f"a noise schedule needs >= 1 planned step, got {steps}; set trainer.max_steps")
+        raise DPLightningError(
+            f"a noise schedule needs >= 1 planned step, got {steps}; set trainer.max_steps"
+        )
     if not 0.0 < final_ratio <= 1.0:
-        raise DPLightningError(f"final_ratio must be in (0, 1], got {final_ratio}; e.g. 0.5 halves σ by the end")
+        raise DPLightningError(
+            f"final_ratio must be in (0, 1], got {final_ratio}; e.g. 0.5 halves σ by the end"
+        )
     if num_stages < 1:
         raise DPLightningError(f"num_stages must be >= 1, got {num_stages}")
     t = np.arange(steps) / max(steps - 1, 1)  # progress in [0, 1]
@@ -57,7 +67,11 @@ def grid_down(values: np.ndarray, levels_per_decade: int) -> np.ndarray:
 
 
 def schedule_epsilon(
-    sigmas: np.ndarray, sample_rate: float, delta: float, accountant: AccountantKind = "pld", history: Any = None
+    sigmas: np.ndarray,
+    sample_rate: float,
+    delta: float,
+    accountant: AccountantKind = "pld",
+    history: Any = None,
 ) -> float:
     """ε at ``delta`` of one step at each σ in ``sigmas`` (composed as ``(event, count)`` pairs), on top of
     ``history`` (an accountant whose steps are already spent) if given."""
@@ -95,19 +109,17 @@ def calibrate_schedule(
         return schedule_epsilon(sigmas_at(k), sample_rate, delta, kind, hist) <= target_epsilon
 
     def search(kind: AccountantKind, lo: int, hi: int) -> int:
-        """Smallest passing k, starting from a guess bracket (widened as needed)."""
-        step = max(hi - lo, 1)
-        while not ok(hi, kind):
-            lo, hi, step = hi, hi + step, step * 2
-            if hi > 4 * fine:
-                raise PrivacyBudgetError(
-                    f"ε={target_epsilon:g} at δ={delta:g} is unreachable with this noise schedule even at σ_0=1e4; "
-                    "raise ε, take fewer steps or use a final_ratio closer to 1"
-                )
-        while ok(lo, kind):
-            lo, hi, step = lo - step, lo, step * 2
-            if lo < -2 * fine:  # σ_0 < 0.01 already meets the target: nothing to gain below
-                return hi
+        """Smallest passing k, widening the guessed bracket (lo, hi] as needed; below σ_0 = 0.01 any passing k
+        will do (nothing to gain there)."""
+        k = smallest_passing(
+            lambda k: ok(k, kind), lambda k: k, hi, hi - lo, lower=-2 * fine, upper=4 * fine, clamp=False
+        )
+        if k is None:
+            raise PrivacyBudgetError(
+                f"ε={target_epsilon:g} at δ={delta:g} is unreachable with this noise schedule even at σ_0=1e4; "
+                "raise ε, take fewer steps or use a final_ratio closer to 1"
+            )
+        return k
         while hi - lo > 1:  # invariant: lo fails, hi passes
             mid = (lo + hi) // 2
             if ok(mid, kind):
@@ -157,7 +169,9 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
         super().__init__()
         schedule_shape(schedule, 2, final_ratio, num_stages)  # validates the arguments
         if target_epsilon is not None and target_epsilon <= 0:
-            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget")
+            raise PrivacyBudgetError(
+                f"target_epsilon must be > 0, got {target_epsilon}; pick a positive budget"
+            )
         if levels_per_decade < 10:
             raise DPLightningError(f"levels_per_decade must be >= 10, got {levels_per_decade}")
         self.schedule: ScheduleKind = schedule
@@ -185,18 +199,27 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
         if self.sigmas is not None:  # resumed: keep the schedule planned at the start
             strategy.set_noise_multiplier(self.sigma_at(strategy.accountant.steps))
             return
-        budgets = [e for e in (self.target_epsilon, strategy.target_epsilon, strategy.max_epsilon) if e is not None]
+        budgets = [
+            e for e in (self.target_epsilon, strategy.target_epsilon, strategy.max_epsilon) if e is not None
+        ]
         if not budgets:
             raise DPLightningError("NoiseSchedule needs a budget; set its target_epsilon or the strategy's")
         target = min(budgets)
         steps = trainer.estimated_stepping_batches
         if not math.isfinite(steps):
-            raise DPLightningError("NoiseSchedule needs a planned length; set trainer max_steps or max_epochs")
+            raise DPLightningError(
+                "NoiseSchedule needs a planned length; set trainer max_steps or max_epochs"
+            )
         remaining = int(steps) - strategy.accountant.steps
         shape = schedule_shape(self.schedule, remaining, self.final_ratio, self.num_stages)
         sigmas = calibrate_schedule(
-            target, strategy.target_delta, strategy.sample_rate, shape, strategy.accountant_kind,
-            self.levels_per_decade, history=strategy.accountant,
+            target,
+            strategy.target_delta,
+            strategy.sample_rate,
+            shape,
+            strategy.accountant_kind,
+            self.levels_per_decade,
+            history=strategy.accountant,
         )
         self.sigmas = [float(s) for s in sigmas]
         self._offset = strategy.accountant.steps
@@ -207,7 +230,9 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
         )
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # Step t of the schedule is the accountant's step count (micro-batches of one step see the same t).
         strategy = self.strategy
         assert strategy is not None

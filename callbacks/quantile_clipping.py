@@ -24,8 +24,13 @@ import torch
 from typing_extensions import override
 
 from dplightning.callbacks._controller import StrategyController
-from dplightning.envs.rldp_core import ClipCountRelease, count_noise_source, count_noise_state, split_sigma
 from dplightning.errors import DPLightningError
+from dplightning.privacy.count_release import (
+    ClipCountRelease,
+    count_noise_source,
+    count_noise_state,
+    split_sigma,
+)
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PerExampleClippingStrategy
 
@@ -64,11 +69,15 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
     ) -> None:
         super().__init__()
         if not 0.0 < target_quantile < 1.0:
-            raise DPLightningError(f"target_quantile must be in (0, 1), got {target_quantile}; e.g. 0.5 for the median")
+            raise DPLightningError(
+                f"target_quantile must be in (0, 1), got {target_quantile}; e.g. 0.5 for the median"
+            )
         if learning_rate <= 0:
             raise DPLightningError(f"learning_rate must be > 0, got {learning_rate}; Andrew et al. use 0.2")
         if count_noise_std is not None and count_noise_std <= 0:
-            raise DPLightningError(f"count_noise_std must be > 0, got {count_noise_std}; e.g. batch size / 20")
+            raise DPLightningError(
+                f"count_noise_std must be > 0, got {count_noise_std}; e.g. batch size / 20"
+            )
         if not 0.0 < count_budget_fraction < 1.0:
             raise DPLightningError(f"count_budget_fraction must be in (0, 1), got {count_budget_fraction}")
         if not 0 < min_threshold < max_threshold:
@@ -135,19 +144,27 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
 
     # ----------------------------------------------------------------------------------------- loop
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.release is None and self.strategy is not None:
             self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
 
     @override
     def on_step_released(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy, step: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        strategy: PerExampleClippingStrategy,
+        step: int,
     ) -> None:
         self.update(strategy.private_step_norms)
         strategy.private_step_norms = {}
         if trainer.logger is not None:
-            metrics = {f"quantile_clip/unclipped_fraction/{short_group_name(g)}": f
-                       for g, f in self.last_unclipped_fraction.items()}
+            metrics = {
+                f"quantile_clip/unclipped_fraction/{short_group_name(g)}": f
+                for g, f in self.last_unclipped_fraction.items()
+            }
             metrics["quantile_clip/total_clip_norm"] = strategy.total_clip_norm
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -157,12 +174,16 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         assert self.release is not None and self.strategy is not None
         strategy = self.strategy
         groups = strategy.group_names
-        clipped = self.release.release(norms, strategy.clip_thresholds, self.sigma_count)  # noisy clipped fraction
+        clipped = self.release.release(
+            norms, strategy.clip_thresholds, self.sigma_count
+        )  # noisy clipped fraction
         new: dict[str, float] = {}
         for g, c_frac in zip(groups, clipped):
             unclipped = 1.0 - float(c_frac)
             self.last_unclipped_fraction[g] = unclipped
-            c = strategy.clip_thresholds[g] * math.exp(-self.learning_rate * (unclipped - self.target_quantile))
+            c = strategy.clip_thresholds[g] * math.exp(
+                -self.learning_rate * (unclipped - self.target_quantile)
+            )
             new[g] = min(max(c, self.min_threshold), self.max_threshold)
         # Thresholds move, per-group σ_g stay: re-apply the split so every group's noise is σ_grad·C_total again.
         strategy.set_clip_thresholds(new)

@@ -24,18 +24,15 @@ from typing_extensions import override
 from dplightning.callbacks._controller import StrategyController
 from dplightning.checkpoint_io import atomic_write
 from dplightning.envs.dp_training_env import DPTrainingEnv
-from dplightning.envs.rldp_core import (
-    ActionMapper,
-    BudgetGuard,
+from dplightning.envs.rldp_core import ActionMapper, action_groups, build_observation, reward
+from dplightning.errors import DPLightningError
+from dplightning.privacy.budget_guard import BudgetGuard
+from dplightning.privacy.count_release import (
     ClipCountRelease,
-    action_groups,
-    build_observation,
     count_noise_source,
     count_noise_state,
-    reward,
     split_sigma,
 )
-from dplightning.errors import DPLightningError
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PerExampleClippingStrategy
@@ -104,7 +101,9 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
                 f"sigma_bounds {sigma_bounds} must contain 1 and clip_bounds {clip_bounds} be positive and ordered"
             )
         if policy_path is not None and not Path(policy_path).exists():
-            raise DPLightningError(f"policy file '{policy_path}' not found; train one with save_policy_to first")
+            raise DPLightningError(
+                f"policy file '{policy_path}' not found; train one with save_policy_to first"
+            )
         self.rl_interval = rl_interval
         self.warmup_steps = warmup_steps
         self.action_scope = action_scope
@@ -145,14 +144,20 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
 
     # ------------------------------------------------------------------------------------------ setup
     @override
-    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy) -> None:
+    def attach(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy
+    ) -> None:
         if strategy.target_epsilon is None and strategy.max_epsilon is None:
             raise DPLightningError("RLDPController needs a privacy budget; set the strategy's target_epsilon")
         if not hasattr(pl_module, "per_example_loss"):
-            raise DPLightningError("RLDPController needs a module with per_example_loss(batch) (e.g. DPLoRAModule)")
+            raise DPLightningError(
+                "RLDPController needs a module with per_example_loss(batch) (e.g. DPLoRAModule)"
+            )
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "public_dataloader"):
-            raise DPLightningError("RLDPController needs a data module with a public split; use TextDataModule")
+            raise DPLightningError(
+                "RLDPController needs a data module with a public split; use TextDataModule"
+            )
         try:
             self._public_loader = datamodule.public_dataloader()
         except DPLightningError as exc:
@@ -169,9 +174,15 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
         target = min(e for e in (strategy.target_epsilon, strategy.max_epsilon) if e is not None)
         base_sigma = strategy.effective_noise_multiplier
         groups = action_groups(strategy.group_names, self.action_scope, self.num_layer_groups)
-        self.mapper = ActionMapper(base_sigma, dict(strategy.clip_thresholds), groups, self.sigma_bounds, self.clip_bounds)
+        self.mapper = ActionMapper(
+            base_sigma, dict(strategy.clip_thresholds), groups, self.sigma_bounds, self.clip_bounds
+        )
         self.guard = BudgetGuard(
-            strategy.accountant, target, strategy.target_delta, strategy.sample_rate, strategy.planned_steps,
+            strategy.accountant,
+            target,
+            strategy.target_delta,
+            strategy.sample_rate,
+            strategy.planned_steps,
             self.mapper.sigma_max,
         )
         self.counts = ClipCountRelease(groups, strategy.expected_batch_size, self._count_noise(strategy))
@@ -186,8 +197,13 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
                 )
         else:
             self.agent = SAC(
-                "MlpPolicy", env, learning_starts=0, seed=self.seed, device="cpu",
-                policy_kwargs={"net_arch": [64, 64]}, **self.sac_kwargs,
+                "MlpPolicy",
+                env,
+                learning_starts=0,
+                seed=self.seed,
+                device="cpu",
+                policy_kwargs={"net_arch": [64, 64]},
+                **self.sac_kwargs,
             )
         self.agent.set_logger(configure(None, []))
         if self._pending_state is not None:
@@ -222,13 +238,19 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
 
     # ----------------------------------------------------------------------------------------- loop
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.mapper is None and self.strategy is not None:
             self.initialise(self.strategy)  # the strategy has calibrated σ by now
 
     @override
     def on_step_released(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PerExampleClippingStrategy, step: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        strategy: PerExampleClippingStrategy,
+        step: int,
     ) -> None:
         assert self.counts is not None
         # The clip counts of this step were paid for by the auxiliary channel in this step's σ_eff.
@@ -239,7 +261,11 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._prev is not None and self.strategy is not None and self.strategy.accountant.steps != self._prev["step"]:
+        if (
+            self._prev is not None
+            and self.strategy is not None
+            and self.strategy.accountant.steps != self._prev["step"]
+        ):
             self._decide(trainer, pl_module, done=True)
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
             self.save_policy(self.save_policy_to)
@@ -268,16 +294,21 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
         groups = self.mapper.groups
         clips = [np.mean([s.clip_thresholds[g] / self.mapper.base_clips[g] for g in m]) for m in groups]
         norms = [
-            np.mean([s.last_noisy_grad_norms.get(g, 0.0) / s.clip_thresholds[g] for g in m]) * s.expected_batch_size
+            np.mean([s.last_noisy_grad_norms.get(g, 0.0) / s.clip_thresholds[g] for g in m])
+            * s.expected_batch_size
             for m in groups
         ]
         assert self.guard is not None and self._initial_loss is not None
         return build_observation(
-            loss, prev_loss, self._initial_loss,
+            loss,
+            prev_loss,
+            self._initial_loss,
             s.accountant.epsilon(s.target_delta) / self.guard.target_epsilon,
             s.accountant.steps / s.planned_steps,
             s.effective_noise_multiplier / self.mapper.base_sigma,
-            clips, self.counts.interval_mean(), norms,
+            clips,
+            self.counts.interval_mean(),
+            norms,
         )
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool) -> None:
@@ -294,10 +325,17 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
             r = reward(self._prev["loss"], loss, eps - self._prev["eps"], self.reward_privacy_weight)
             metrics["rldp/reward"] = r
             self.agent.replay_buffer.add(
-                self._prev["obs"][None], obs[None], self._prev["action"][None], np.array([r]), np.array([done]), [{}]
+                self._prev["obs"][None],
+                obs[None],
+                self._prev["action"][None],
+                np.array([r]),
+                np.array([done]),
+                [{}],
             )
             if not self.deterministic and self.agent.replay_buffer.size() >= self.learning_starts:
-                self.agent.train(gradient_steps=self.sac_kwargs["gradient_steps"], batch_size=self.sac_kwargs["batch_size"])
+                self.agent.train(
+                    gradient_steps=self.sac_kwargs["gradient_steps"], batch_size=self.sac_kwargs["batch_size"]
+                )
                 for key in ("train/actor_loss", "train/critic_loss", "train/ent_coef"):
                     if key in self.agent.logger.name_to_value:
                         metrics[f"rldp/sac_{key.split('/')[1]}"] = float(self.agent.logger.name_to_value[key])
@@ -307,7 +345,9 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
             if used is None:
                 self.stopped_on_budget = True
                 trainer.should_stop = True
-                rank_zero_info("[dplightning] RLDP: no σ within sigma_bounds keeps the budget; stopping cleanly")
+                rank_zero_info(
+                    "[dplightning] RLDP: no σ within sigma_bounds keeps the budget; stopping cleanly"
+                )
             else:
                 self.decisions += 1
                 metrics["rldp/sigma"] = used
@@ -316,8 +356,13 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
                     metrics[f"rldp/clip/{short_group_name(g)}"] = c
                 for i, f in enumerate(obs[5 + len(self.mapper.groups) : 5 + 2 * len(self.mapper.groups)]):
                     metrics[f"rldp/clip_fraction_{i}"] = float(f)
-            self._prev = {"obs": obs, "action": np.asarray(action, dtype=np.float32), "loss": loss, "eps": eps,
-                          "step": s.accountant.steps}
+            self._prev = {
+                "obs": obs,
+                "action": np.asarray(action, dtype=np.float32),
+                "loss": loss,
+                "eps": eps,
+                "step": s.accountant.steps,
+            }
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -374,6 +419,8 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
         self.strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
             self.save_policy(self.save_policy_to)

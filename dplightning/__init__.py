@@ -39,8 +39,20 @@ _EXPORTS: dict[str, str] = {
 # Subpackages reachable as attributes after a bare ``import dplightning`` (``dplightning.privacy.compute_epsilon``),
 # also imported on first access only.
 _SUBMODULES = frozenset(
-    {"auditing", "callbacks", "checkpoint_io", "cli", "data", "envs", "errors", "evaluation", "models", "module",
-     "privacy", "strategies"}
+    {
+        "auditing",
+        "callbacks",
+        "checkpoint_io",
+        "cli",
+        "data",
+        "envs",
+        "errors",
+        "evaluation",
+        "models",
+        "module",
+        "privacy",
+        "strategies",
+    }
 )
 
 # Spelled out (not derived from _EXPORTS) so that linters and IDEs see the re-exports; a test keeps the two

@@ -37,7 +37,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O with atomic writes."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO does not take storage_options")
         atomic_torch_save(checkpoint, path)

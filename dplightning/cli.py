@@ -62,7 +62,9 @@ def auto_precision_trainer_class() -> type:
             self, *args: Any, precision: _PRECISION_INPUT | Literal["auto"] | None = "auto", **kwargs: Any
         ) -> None:
             self.requested_precision = precision
-            resolved = resolve_precision(precision, accelerator=kwargs.get("accelerator"), strategy=kwargs.get("strategy"))
+            resolved = resolve_precision(
+                precision, accelerator=kwargs.get("accelerator"), strategy=kwargs.get("strategy")
+            )
             super().__init__(*args, precision=resolved, **kwargs)
 
     # This module's annotations are strings (postponed evaluation) naming a local import; the parser can only
@@ -100,7 +102,9 @@ def _lightning_cli_class() -> type:
             lines = [f"steps: {trainer.global_step}", f"wall time: {wall:.1f} s"]
             if "val/perplexity" in metrics:
                 before = self._initial_perplexity
-                prefix = f"val perplexity: {before:.3f} before -> " if before is not None else "val perplexity: "
+                prefix = (
+                    f"val perplexity: {before:.3f} before -> " if before is not None else "val perplexity: "
+                )
                 lines.append(f"{prefix}{float(metrics['val/perplexity']):.3f} after (final val perplexity)")
             strategy = trainer.strategy
             if hasattr(strategy, "accountant"):
@@ -117,7 +121,9 @@ def _lightning_cli_class() -> type:
             auto = " (auto)" if isinstance(requested, str) and requested.strip().lower() == "auto" else ""
             lines.append(f"precision: {trainer.precision}{auto}, {torch.get_num_threads()} threads")
             if trainer.logger is not None and trainer.log_dir:
-                lines.append(f"TensorBoard logs: {trainer.log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})")
+                lines.append(
+                    f"TensorBoard logs: {trainer.log_dir}  (view: tensorboard --logdir {trainer.logger.save_dir})"
+                )
             print("\n== dplightning summary ==\n" + "\n".join(f"  {line}" for line in lines), flush=True)
 
     return DPLightningCLI
@@ -134,7 +140,11 @@ def one_line_error_parser_class() -> type:
             first = " ".join(parts)
             if len(first) > 400:
                 first = first[:397] + "..."
-            hint = "check the path" if "does not exist" in first else "check the keys against `dplightning fit --help`"
+            hint = (
+                "check the path"
+                if "does not exist" in first
+                else "check the keys against `dplightning fit --help`"
+            )
             raise DPLightningError(f"{first}; {hint}")
 
     return OneLineErrorParser
@@ -159,7 +169,10 @@ def run_lightning(argv: Sequence[str] | None) -> int:
         parser_class=OneLineErrorParser,
         parser_kwargs={
             "description": f"dplightning: differentially private LoRA fine-tuning. {HARDWARE_HELP}",
-            **{sub: {"description": f"Runs the {sub} stage. {HARDWARE_HELP}"} for sub in ("fit", "validate", "test")},
+            **{
+                sub: {"description": f"Runs the {sub} stage. {HARDWARE_HELP}"}
+                for sub in ("fit", "validate", "test")
+            },
         },
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

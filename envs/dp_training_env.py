@@ -21,6 +21,9 @@ from typing import Any, ClassVar, Literal
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium import spaces
+from torch import nn
+
 from dplightning.envs.rldp_core import (
     OBS_LIMIT,
     ActionMapper,
@@ -31,9 +34,6 @@ from dplightning.envs.rldp_core import (
     reward,
     split_sigma,
 )
-from gymnasium import spaces
-from torch import nn
-
 from dplightning.privacy.accounting import make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.clipping import clip_to_grid_and_sum, group_grids
@@ -52,7 +52,9 @@ def make_spaces(num_groups: int) -> tuple[spaces.Box, spaces.Box]:
 class _Task:
     """A small private learning problem: an MLP classifier on Gaussian blobs; each Linear layer is a group."""
 
-    def __init__(self, num_groups: int, num_examples: int, dim: int, seed: int, private_seed: int | None = None) -> None:
+    def __init__(
+        self, num_groups: int, num_examples: int, dim: int, seed: int, private_seed: int | None = None
+    ) -> None:
         g = torch.Generator().manual_seed(seed)
         centers = torch.randn(4, dim, generator=g) * 1.5
 
@@ -61,7 +63,9 @@ class _Task:
             return centers[y] + torch.randn(n, dim, generator=gen), y
 
         self.public_x, self.public_y = sample(256, g)  # declared public: drawn apart from the private set
-        private_gen = torch.Generator().manual_seed(seed + 1 if private_seed is None else 10**6 + private_seed)
+        private_gen = torch.Generator().manual_seed(
+            seed + 1 if private_seed is None else 10**6 + private_seed
+        )
         self.x, self.y = sample(num_examples, private_gen)
         torch.manual_seed(seed)
         widths = [dim] + [32] * (num_groups - 1) + [4]
@@ -141,7 +145,9 @@ class DPTrainingEnv(gym.Env):
         self._episode = 0
 
     # --------------------------------------------------------------------------------------- episode
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
         if self.mode == "live":
             return np.zeros(self.observation_space.shape, dtype=np.float32), {}
@@ -152,16 +158,23 @@ class DPTrainingEnv(gym.Env):
         self.task = _Task(self.num_groups, self.num_examples, self.dim, run_seed, self.private_data_seed)
         self.engine = PerExampleGradients(self.task.model, loss_reduction="mean")
         layer_names = [n.rsplit(".", 1)[0] for n in self.engine.param_names]
-        self.groups = {m: [n for n in self.engine.param_names if n.rsplit(".", 1)[0] == m] for m in dict.fromkeys(layer_names)}
+        self.groups = {
+            m: [n for n in self.engine.param_names if n.rsplit(".", 1)[0] == m]
+            for m in dict.fromkeys(layer_names)
+        }
         self.params = dict(self.task.model.named_parameters())
         self.q = self.batch_size / self.num_examples
         self.total_steps = self.episode_steps * self.rl_interval
         self.accountant = make_accountant("rdp")
         self.noise = NoiseSource(seed=run_seed)
         self.sampler = PoissonBatchSampler(self.num_examples, self.q, seed=run_seed)
-        self.base_sigma = noise_for_target(self.target_epsilon, self.delta, self.q, self.total_steps, accountant="rdp")
+        self.base_sigma = noise_for_target(
+            self.target_epsilon, self.delta, self.q, self.total_steps, accountant="rdp"
+        )
         base_clips = dict.fromkeys(self.groups, 1.0 / math.sqrt(len(self.groups)))
-        self.mapper = ActionMapper(self.base_sigma, base_clips, [[g] for g in self.groups], self.sigma_bounds, self.clip_bounds)
+        self.mapper = ActionMapper(
+            self.base_sigma, base_clips, [[g] for g in self.groups], self.sigma_bounds, self.clip_bounds
+        )
         self.guard = BudgetGuard(
             self.accountant, self.target_epsilon, self.delta, self.q, self.total_steps, self.mapper.sigma_max
         )

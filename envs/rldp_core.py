@@ -70,7 +70,9 @@ def observation_size(num_groups: int) -> int:
     return 5 + 3 * num_groups
 
 
-def action_groups(group_names: Sequence[str], scope: ActionScope, num_layer_groups: int = 4) -> list[list[str]]:
+def action_groups(
+    group_names: Sequence[str], scope: ActionScope, num_layer_groups: int = 4
+) -> list[list[str]]:
     """Partition clipping groups into the sets one action coordinate controls (order preserved)."""
     names = list(group_names)
     if scope == "per_adapter":
@@ -148,7 +150,9 @@ def build_observation(
     return np.clip(np.nan_to_num(obs, nan=0.0, posinf=OBS_LIMIT, neginf=-OBS_LIMIT), -OBS_LIMIT, OBS_LIMIT)
 
 
-def reward(public_loss_before: float, public_loss_after: float, epsilon_spent: float, privacy_weight: float) -> float:
+def reward(
+    public_loss_before: float, public_loss_after: float, epsilon_spent: float, privacy_weight: float
+) -> float:
     """``(L_before − L_after) − λ·Δε``: held-out log-perplexity improvement over the interval minus the weighted
     privacy spent in it."""
     return float(public_loss_before - public_loss_after - privacy_weight * epsilon_spent)

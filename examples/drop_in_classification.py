@@ -12,10 +12,10 @@ import argparse
 
 import lightning.pytorch as pl
 import torch
-from dplightning.callbacks import PrivacyBudget
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import PrivacyBudget
 from dplightning.strategies import DPSGDStrategy
 
 
@@ -65,7 +65,9 @@ def main(epsilon: float = 3.0, max_epochs: int = 5, seed: int = 0) -> dict[str, 
     model = Classifier()
     trainer.fit(model, train, val)
     result = {"epsilon": trainer.strategy.epsilon(), "val_acc": float(trainer.callback_metrics["val/acc"])}
-    print(f"trained privately: ε = {result['epsilon']:.3f} (δ = 1e-5), validation accuracy = {result['val_acc']:.3f}")
+    print(
+        f"trained privately: ε = {result['epsilon']:.3f} (δ = 1e-5), validation accuracy = {result['val_acc']:.3f}"
+    )
     return result
 
 

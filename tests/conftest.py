@@ -45,7 +45,9 @@ class GradRecorder(pl.Callback):
         self.flat = flat
         self.grads: list[Any] = []
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
         named = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
         self.grads.append(torch.cat([g.flatten() for g in named.values()]) if self.flat else named)
 

@@ -13,7 +13,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from dplightning.callbacks import CanaryAudit, MembershipInferenceAudit
 from torch import Tensor, nn
 
 from dplightning.auditing.canaries import (
@@ -32,6 +31,7 @@ from dplightning.auditing.membership import (
     roc_auc,
     roc_curve,
 )
+from dplightning.callbacks import CanaryAudit, MembershipInferenceAudit
 from dplightning.errors import DPLightningError
 from dplightning.models import load_tokenizer
 
@@ -149,20 +149,38 @@ def test_canaries_are_reproducible_and_distinct() -> None:
 
 
 # ---------------------------------------------------------------------------------- training end to end
-def _fit(private: bool, tmp_path: Path, steps: int, callbacks: list[pl.Callback]) -> tuple[pl.Trainer, Any, Any]:
+def _fit(
+    private: bool, tmp_path: Path, steps: int, callbacks: list[pl.Callback]
+) -> tuple[pl.Trainer, Any, Any]:
     from dplightning.data import TextDataModule
     from dplightning.module import DPLoRAModule
     from dplightning.strategies import DPSGDStrategy
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=8, learning_rate=0.05, seed=0)
-    data = TextDataModule(tokenizer="tiny-llama", num_records=48, max_length=40, batch_size=8, test_fraction=0.25,
-                          val_fraction=0.0, data_seed=0)
+    data = TextDataModule(
+        tokenizer="tiny-llama",
+        num_records=48,
+        max_length=40,
+        batch_size=8,
+        test_fraction=0.25,
+        val_fraction=0.0,
+        data_seed=0,
+    )
     kw: dict[str, Any] = {"accelerator": "cpu"}
     if private:
-        kw = {"strategy": DPSGDStrategy(target_epsilon=1.0, target_delta=1e-3, max_grad_norm=1.0, device="cpu")}
-    trainer = pl.Trainer(max_steps=steps, logger=pl.loggers.CSVLogger(tmp_path), callbacks=callbacks,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, **kw)
+        kw = {
+            "strategy": DPSGDStrategy(target_epsilon=1.0, target_delta=1e-3, max_grad_norm=1.0, device="cpu")
+        }
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        **kw,
+    )
     trainer.fit(model, datamodule=data)
     return trainer, model, data
 
@@ -173,8 +191,12 @@ def test_audits_have_power_without_privacy_and_respect_the_accountant_with_it(tm
     lower bound ≤ accountant ε and clearly below the non-private one."""
 
     def callbacks() -> tuple[CanaryAudit, MembershipInferenceAudit]:
-        return (CanaryAudit(num_canaries=32, secret_length=6, template="ID {tag}: ", reference_samples=50, seed=1),
-                MembershipInferenceAudit(max_examples=64, roc_png_dir=str(tmp_path / "roc")))
+        return (
+            CanaryAudit(
+                num_canaries=32, secret_length=6, template="ID {tag}: ", reference_samples=50, seed=1
+            ),
+            MembershipInferenceAudit(max_examples=64, roc_png_dir=str(tmp_path / "roc")),
+        )
 
     open_canary, open_mia = callbacks()
     _fit(False, tmp_path, 300, [open_canary, open_mia])
@@ -216,18 +238,38 @@ def test_audit_command_prints_table_and_json(tmp_path: Path) -> None:
     assert main(["fit", "--config", str(cfg)]) == 0
     ckpt = tmp_path / "ck" / "last.ckpt"
     exe = Path(sys.executable).parent / "dplightning"
-    out = subprocess.run([str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--json"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 < figures["privacy/epsilon"] <= 4.0
     assert 0.0 <= figures["audit/mia/loss/auc"] <= 1.0 and "audit/mia/reference/auc" in figures
-    assert "audit/epsilon_lower_bound" in figures and figures["audit/epsilon_lower_bound"] <= figures["privacy/epsilon"]
-    table = subprocess.run([str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--max-examples", "8"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert table.returncode == 0 and "audit/mia/loss/auc" in table.stdout and "privacy/epsilon" in table.stdout
-    bad = subprocess.run([str(exe), "audit", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert (
+        "audit/epsilon_lower_bound" in figures
+        and figures["audit/epsilon_lower_bound"] <= figures["privacy/epsilon"]
+    )
+    table = subprocess.run(
+        [str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--max-examples", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert (
+        table.returncode == 0 and "audit/mia/loss/auc" in table.stdout and "privacy/epsilon" in table.stdout
+    )
+    bad = subprocess.run(
+        [str(exe), "audit", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "nope.ckpt" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -236,8 +278,10 @@ def test_audit_of_a_peft_adapter_directory_and_mismatch_error(tmp_path: Path) ->
     from dplightning.module import DPLoRAModule
 
     cfg = tmp_path / "a.yaml"
-    cfg.write_text("model:\n  model_name: tiny-llama\n  lora_rank: 2\ndata:\n  num_records: 40\n  max_length: 24\n"
-                   "  test_fraction: 0.25\ntrainer:\n  max_steps: 1\n")
+    cfg.write_text(
+        "model:\n  model_name: tiny-llama\n  lora_rank: 2\ndata:\n  num_records: 40\n  max_length: 24\n"
+        "  test_fraction: 0.25\ntrainer:\n  max_steps: 1\n"
+    )
     DPLoRAModule(model_name="tiny-llama", lora_rank=2).save_adapter(tmp_path / "ok")
     figures = run_audit(str(tmp_path / "ok"), str(cfg), max_examples=8)
     assert figures["audit/mia/reference/auc"] == 0.5  # untrained adapter = base model: every score ties

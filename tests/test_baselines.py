@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import fake_dpsgd_strategy, quiet_trainer
-from dplightning.callbacks import AutomaticClipping, NoiseSchedule, QuantileClipping
-from dplightning.callbacks.noise_schedule import calibrate_schedule, schedule_epsilon, schedule_shape
-from dplightning.callbacks.quantile_clipping import COUNT_CHANNEL
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import AutomaticClipping, NoiseSchedule, QuantileClipping
+from dplightning.callbacks.noise_schedule import calibrate_schedule, schedule_epsilon, schedule_shape
+from dplightning.callbacks.quantile_clipping import COUNT_CHANNEL
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import compute_epsilon
 from dplightning.privacy.clipping import clip_and_sum
@@ -63,7 +63,9 @@ def test_quantile_threshold_converges_to_target_quantile(quantile: float) -> Non
     true_q = math.exp(torch.distributions.Normal(0, 1).icdf(torch.tensor(quantile)).item())
     estimate = float(np.mean(history[-100:]))
     assert estimate == pytest.approx(true_q, rel=0.1), (estimate, true_q)
-    assert history[0] != pytest.approx(true_q, rel=0.1) or quantile == 0.5  # it moved there (C_0 = 1 = median)
+    assert (
+        history[0] != pytest.approx(true_q, rel=0.1) or quantile == 0.5
+    )  # it moved there (C_0 = 1 = median)
 
 
 def test_quantile_split_costs_exactly_sigma_and_count_noise_is_sigma_b() -> None:
@@ -77,8 +79,10 @@ def test_quantile_split_costs_exactly_sigma_and_count_noise_is_sigma_b() -> None
     assert strategy.effective_noise_multiplier >= 1.2
     assert qc.count_noise_std_per_count == pytest.approx(10.0, rel=1e-9)
     # the released fraction has noise std σ_b / m around the true unclipped fraction (all unclipped here)
-    draws = [1.0 - qc.release.release({"g0": torch.zeros(200)}, strategy.clip_thresholds, qc.sigma_count)[0]
-             for _ in range(3000)]
+    draws = [
+        1.0 - qc.release.release({"g0": torch.zeros(200)}, strategy.clip_thresholds, qc.sigma_count)[0]
+        for _ in range(3000)
+    ]
     assert np.mean(draws) == pytest.approx(1.0, abs=0.005)
     assert np.std(draws) == pytest.approx(10.0 / 200.0, rel=0.05)
     with pytest.raises(DPLightningError, match="count_noise_std"):
@@ -86,8 +90,14 @@ def test_quantile_split_costs_exactly_sigma_and_count_noise_is_sigma_b() -> None
 
 
 def test_quantile_clipping_in_training_moves_thresholds_and_charges_budgeted_sigma() -> None:
-    strategy = DPSGDStrategy(noise_multiplier=1.1, max_grad_norm=100.0, clipping="per_layer", accountant="rdp",
-                             device="cpu", seed=0)
+    strategy = DPSGDStrategy(
+        noise_multiplier=1.1,
+        max_grad_norm=100.0,
+        clipping="per_layer",
+        accountant="rdp",
+        device="cpu",
+        seed=0,
+    )
     qc = QuantileClipping(target_quantile=0.5, learning_rate=0.5, count_budget_fraction=0.1)
     quiet_trainer(strategy, [qc], max_steps=15).fit(Linear(), _data())
     assert strategy.accountant.steps == 15
@@ -124,16 +134,24 @@ def test_automatic_clipping_callback_normalises_in_training() -> None:
         strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=1.0, device="cpu")
 
         class Spy(pl.Callback):
-            def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+            def on_train_batch_start(
+                self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+            ) -> None:
                 sizes.append(len(batch[0]))
 
-            def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+            def on_before_optimizer_step(
+                self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any
+            ) -> None:
                 g = torch.cat([p.grad.flatten() for p in pl_module.parameters()])
                 norms.append(float(g.norm()) * strategy.expected_batch_size)  # norm of the clipped sum
 
         g = torch.Generator().manual_seed(0)
-        data = TensorDataset(torch.randn(100, 8, generator=g) * 1e-3, torch.randint(0, 3, (100,), generator=g))
-        quiet_trainer(strategy, [*callbacks, Spy()], max_steps=3).fit(Linear(bias=False), DataLoader(data, batch_size=20))
+        data = TensorDataset(
+            torch.randn(100, 8, generator=g) * 1e-3, torch.randint(0, 3, (100,), generator=g)
+        )
+        quiet_trainer(strategy, [*callbacks, Spy()], max_steps=3).fit(
+            Linear(bias=False), DataLoader(data, batch_size=20)
+        )
         return norms, sizes, strategy
 
     auto, sizes, strategy = run([AutomaticClipping(stability=1e-5)])
@@ -203,11 +221,18 @@ def test_baseline_configs_parse(name: str) -> None:
 
     root = Path(__file__).resolve().parents[1]
     exe = Path(sys.executable).parent / "dplightning"
-    out = subprocess.run([str(exe), "fit", "--config", str(root / "configs" / f"{name}.yaml"), "--print_config"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(exe), "fit", "--config", str(root / "configs" / f"{name}.yaml"), "--print_config"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    callback = {"quantile_clipping": "QuantileClipping", "automatic_clipping": "AutomaticClipping",
-                "noise_schedule": "NoiseSchedule"}[name]
+    callback = {
+        "quantile_clipping": "QuantileClipping",
+        "automatic_clipping": "AutomaticClipping",
+        "noise_schedule": "NoiseSchedule",
+    }[name]
     assert f"dplightning.callbacks.{callback}" in out.stdout
 
 
@@ -217,14 +242,34 @@ def test_resume_continues_the_baseline_exactly(tmp_path: Any, which: str) -> Non
 
     def parts() -> tuple[DPSGDStrategy, pl.Callback]:
         if which == "quantile":
-            return (DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=10.0, clipping="per_layer", accountant="rdp",
-                                  device="cpu", seed=5), QuantileClipping(learning_rate=0.3, seed=2))
-        return (DPSGDStrategy(target_epsilon=3.0, accountant="rdp", device="cpu", seed=5),
-                NoiseSchedule(schedule="exponential", final_ratio=0.5))
+            return (
+                DPSGDStrategy(
+                    noise_multiplier=1.0,
+                    max_grad_norm=10.0,
+                    clipping="per_layer",
+                    accountant="rdp",
+                    device="cpu",
+                    seed=5,
+                ),
+                QuantileClipping(learning_rate=0.3, seed=2),
+            )
+        return (
+            DPSGDStrategy(target_epsilon=3.0, accountant="rdp", device="cpu", seed=5),
+            NoiseSchedule(schedule="exponential", final_ratio=0.5),
+        )
 
-    def trainer(strategy: DPSGDStrategy, callbacks: list[pl.Callback], steps: int, ckpt: bool = False) -> pl.Trainer:
-        return pl.Trainer(strategy=strategy, callbacks=callbacks, max_steps=steps, logger=False,
-                          enable_checkpointing=ckpt, enable_progress_bar=False, enable_model_summary=False)
+    def trainer(
+        strategy: DPSGDStrategy, callbacks: list[pl.Callback], steps: int, ckpt: bool = False
+    ) -> pl.Trainer:
+        return pl.Trainer(
+            strategy=strategy,
+            callbacks=callbacks,
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=ckpt,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
 
     s_full, cb_full = parts()
     trainer(s_full, [cb_full], 8).fit(Linear(), _data(200))
@@ -245,7 +290,9 @@ def test_resume_continues_the_baseline_exactly(tmp_path: Any, which: str) -> Non
     for g, c in s_full.clip_thresholds.items():
         assert s_res.clip_thresholds[g] == pytest.approx(c, rel=1e-9), g
     if which == "quantile":
-        assert s_full.clip_thresholds != {g: 10.0 / math.sqrt(2) for g in s_full.clip_thresholds}  # they moved
+        assert s_full.clip_thresholds != {
+            g: 10.0 / math.sqrt(2) for g in s_full.clip_thresholds
+        }  # they moved
 
 
 @pytest.mark.parametrize("callback", [NoiseSchedule, QuantileClipping])

@@ -20,8 +20,18 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 def test_fit_tiny_config_prints_summary_and_writes_tensorboard(tmp_path: Path) -> None:
-    out = _run(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "4",
-                "--trainer.val_check_interval", "2"], tmp_path)
+    out = _run(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== dplightning summary ==" in out.stdout
     assert "steps: 4" in out.stdout
@@ -35,10 +45,14 @@ def test_fit_tiny_config_prints_summary_and_writes_tensorboard(tmp_path: Path) -
     ("yaml", "expected"),
     [
         ("model:\n  model_name: tiny-llama\n  bogus_key: 1\n", "bogus_key"),
-        ("model:\n  model_name: tiny-llama\n  lora_target_modules: [c_attn]\ntrainer:\n  max_steps: 1\n",
-         "lora_target_modules"),
-        ("model:\n  model_name: tiny-llama\ndata:\n  dataset: /nonexistent/notes.txt\ntrainer:\n  max_steps: 1\n",
-         "/nonexistent/notes.txt"),
+        (
+            "model:\n  model_name: tiny-llama\n  lora_target_modules: [c_attn]\ntrainer:\n  max_steps: 1\n",
+            "lora_target_modules",
+        ),
+        (
+            "model:\n  model_name: tiny-llama\ndata:\n  dataset: /nonexistent/notes.txt\ntrainer:\n  max_steps: 1\n",
+            "/nonexistent/notes.txt",
+        ),
         ("model:\n  model_name: /nonexistent/model\n", "/nonexistent/model"),
     ],
 )

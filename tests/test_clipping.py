@@ -97,7 +97,12 @@ def test_group_keys_pair_lora_adapters() -> None:
 @pytest.mark.parametrize("mode", ["flat", "per_layer", "per_adapter"])
 def test_clipped_contributions_bounded_in_every_mode(mode: str) -> None:
     torch.manual_seed(1)
-    names = ["a.lora_A.default.weight", "a.lora_B.default.weight", "b.lora_A.default.weight", "b.lora_B.default.weight"]
+    names = [
+        "a.lora_A.default.weight",
+        "a.lora_B.default.weight",
+        "b.lora_A.default.weight",
+        "b.lora_B.default.weight",
+    ]
     grads = {n: torch.randn(9, 4, 3) * torch.logspace(-2, 2, 9).view(9, 1, 1) for n in names}
     groups = make_groups(names, mode)  # type: ignore[arg-type]
     thresholds = {g: 0.7 for g in groups}

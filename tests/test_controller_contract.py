@@ -44,7 +44,11 @@ def _members(protocol: type) -> set[str]:
         if cls in (object,) or not getattr(cls, "_is_protocol", False):
             continue
         names |= set(getattr(cls, "__annotations__", {}))
-        names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+        names |= {
+            n
+            for n, v in vars(cls).items()
+            if not n.startswith("_") and (callable(v) or isinstance(v, property))
+        }
     return names
 
 
@@ -58,11 +62,26 @@ def test_every_strategy_satisfies_the_private_protocol(cls: type, _: str, extra:
 
 def test_protocols_name_what_controllers_use() -> None:
     private = _members(PrivateStrategy)
-    assert {"accountant", "sample_rate", "expected_batch_size", "effective_noise_multiplier", "within_budget",
-            "set_clip_thresholds", "set_noise_multiplier", "set_noise_multipliers", "group_names", "clip_thresholds",
-            "secure_rng", "seed", "max_epsilon", "target_delta"} <= private
+    assert {
+        "accountant",
+        "sample_rate",
+        "expected_batch_size",
+        "effective_noise_multiplier",
+        "within_budget",
+        "set_clip_thresholds",
+        "set_noise_multiplier",
+        "set_noise_multipliers",
+        "group_names",
+        "clip_thresholds",
+        "secure_rng",
+        "seed",
+        "max_epsilon",
+        "target_delta",
+    } <= private
     assert _members(PerExampleClippingStrategy) - private == {
-        "private_step_norms", "last_noisy_grad_norms", "normalization_stability"
+        "private_step_norms",
+        "last_noisy_grad_norms",
+        "normalization_stability",
     }
 
 
@@ -87,7 +106,11 @@ def test_constructors_take_keywords_only(cls: type) -> None:
         ({}, DPLightningError, "X needs noise_multiplier or target_epsilon"),
         ({"noise_multiplier": -1.0}, DPLightningError, "noise_multiplier must be >= 0"),
         ({"target_epsilon": 0.0}, PrivacyBudgetError, "target_epsilon must be > 0"),
-        ({"noise_multiplier": 1.0, "target_delta": 1.0}, DPLightningError, r"target_delta must be in \(0, 1\)"),
+        (
+            {"noise_multiplier": 1.0, "target_delta": 1.0},
+            DPLightningError,
+            r"target_delta must be in \(0, 1\)",
+        ),
     ],
 )
 def test_shared_settings_are_checked_in_one_place(kwargs: dict[str, Any], error: type, match: str) -> None:
@@ -117,8 +140,10 @@ def test_controllers_declare_their_requirements() -> None:
         "RLDPController": (True, True, True),
         "NoiseSchedule": (False, False, True),
     }
-    assert all(issubclass(cls, StrategyController) for cls in (AutomaticClipping, QuantileClipping, RLDPController,
-                                                              NoiseSchedule))
+    assert all(
+        issubclass(cls, StrategyController)
+        for cls in (AutomaticClipping, QuantileClipping, RLDPController, NoiseSchedule)
+    )
 
 
 class _Probe(StrategyController[PrivateStrategy]):
@@ -170,7 +195,9 @@ def test_requirements_are_checked_in_the_declared_order() -> None:
     with pytest.raises(DPLightningError, match="without DDP"):
         QuantileClipping().setup(_trainer(strategy), pl.LightningModule(), "fit")
     with pytest.raises(DPLightningError, match="DPZOStrategy"):
-        QuantileClipping().setup(_trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu")), pl.LightningModule(), "fit")
+        QuantileClipping().setup(
+            _trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu")), pl.LightningModule(), "fit"
+        )
 
 
 # ------------------------------------------------------------------------ only the protocol, in a real fit
@@ -233,8 +260,14 @@ def _fit(
     """Fit with ``callbacks``; returns the strategy members the ``watched`` (callback, attribute) pairs used."""
     swap = _Swap(watched)
     trainer = pl.Trainer(
-        strategy=strategy, callbacks=[*callbacks, swap], max_steps=max_steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        strategy=strategy,
+        callbacks=[*callbacks, swap],
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     if datamodule is not None:
         trainer.fit(model, datamodule=datamodule)
@@ -250,8 +283,11 @@ def test_clipping_controllers_use_only_the_protocol() -> None:
     strategy = DPSGDStrategy(target_epsilon=8.0, clipping="per_layer", accountant="rdp", device="cpu")
     budget, quantile = PrivacyBudget(), QuantileClipping(count_noise_std=4.0)
     automatic = AutomaticClipping()
-    used = _fit(strategy, [budget, quantile, automatic], [(budget, "strategy"), (quantile, "strategy"),
-                                                         (automatic, "strategy")])
+    used = _fit(
+        strategy,
+        [budget, quantile, automatic],
+        [(budget, "strategy"), (quantile, "strategy"), (automatic, "strategy")],
+    )
     assert {"private_step_norms", "normalization_stability", "within_budget", "set_clip_thresholds"} <= used
     assert used <= _members(PerExampleClippingStrategy)
     assert strategy.normalization_stability is None  # AutomaticClipping's teardown went through the recorder
@@ -271,9 +307,12 @@ def test_rldp_controller_uses_only_the_protocol(tmp_path: Path) -> None:
     from dplightning.module import DPLoRAModule
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=2, learning_rate=0.01, seed=0)
-    data = TextDataModule(tokenizer="tiny-llama", num_records=160, max_length=32, batch_size=8, public_fraction=0.1)
-    strategy = DPSGDStrategy(target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp",
-                             device="cpu")
+    data = TextDataModule(
+        tokenizer="tiny-llama", num_records=160, max_length=32, batch_size=8, public_fraction=0.1
+    )
+    strategy = DPSGDStrategy(
+        target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp", device="cpu"
+    )
     controller = RLDPController(rl_interval=2, warmup_steps=2, batch_size=4, learning_starts=1)
     used = _fit(strategy, [controller], [(controller, "strategy")], max_steps=6, model=model, datamodule=data)
     assert controller.decisions >= 1

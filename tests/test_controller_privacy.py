@@ -11,12 +11,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from dplightning.callbacks import AutomaticClipping, NoiseSchedule, QuantileClipping, RLDPController
-from dplightning.envs import DPTrainingEnv
-from dplightning.envs.rldp_core import ClipCountRelease
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import AutomaticClipping, NoiseSchedule, QuantileClipping, RLDPController
+from dplightning.envs import DPTrainingEnv
+from dplightning.envs.rldp_core import ClipCountRelease
 from dplightning.errors import DPLightningError
 from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 
@@ -29,7 +29,9 @@ def _record_count_noise(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     draws: list[np.ndarray] = []
     original = ClipCountRelease.release
 
-    def spy(self: ClipCountRelease, norms: dict[str, Tensor], thresholds: dict[str, float], sigma: float) -> np.ndarray:
+    def spy(
+        self: ClipCountRelease, norms: dict[str, Tensor], thresholds: dict[str, float], sigma: float
+    ) -> np.ndarray:
         fractions = original(self, norms, thresholds, sigma)
         exact = np.zeros(len(self.groups))
         for j, members in enumerate(self.groups):
@@ -47,7 +49,9 @@ def _record_count_noise(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
 
 def _strategy(secure: bool, groups: int = 3) -> DPSGDStrategy:
     """A DPSGDStrategy as after setup/on_train_start, without a model."""
-    s = DPSGDStrategy(target_epsilon=4.0, target_delta=1e-5, accountant="rdp", secure_rng=secure, device="cpu")
+    s = DPSGDStrategy(
+        target_epsilon=4.0, target_delta=1e-5, accountant="rdp", secure_rng=secure, device="cpu"
+    )
     s.groups = {f"layers.{i}.q_proj": [f"layers.{i}.q_proj.lora_A.default.weight"] for i in range(groups)}
     s.clip_thresholds = dict.fromkeys(s.groups, 1.0)
     s.sample_rate, s.planned_steps, s.expected_batch_size = 0.05, 100, 32.0
@@ -73,7 +77,9 @@ def _draws(callback: CountCallback, strategy: DPSGDStrategy, n: int = 3) -> np.n
 
 
 # ------------------------------------------------------------------------------------- resume: no replay
-def _tiny_rldp_fit(tmp_path: Path, max_steps: int, stop_after: int | None = None, ckpt: str | None = None) -> None:
+def _tiny_rldp_fit(
+    tmp_path: Path, max_steps: int, stop_after: int | None = None, ckpt: str | None = None
+) -> None:
     from dplightning.data import TextDataModule
     from dplightning.module import DPLoRAModule
 
@@ -81,16 +87,31 @@ def _tiny_rldp_fit(tmp_path: Path, max_steps: int, stop_after: int | None = None
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
             trainer.should_stop = stop_after is not None and trainer.global_step >= stop_after
 
-    callbacks: list[pl.Callback] = [RLDPController(warmup_steps=100, seed=1), Interrupt()]  # counts only, no SAC
+    callbacks: list[pl.Callback] = [
+        RLDPController(warmup_steps=100, seed=1),
+        Interrupt(),
+    ]  # counts only, no SAC
     if stop_after is not None:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_after, save_top_k=-1))
-    strategy = DPSGDStrategy(target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp",
-                             device="cpu", seed=0)
-    trainer = pl.Trainer(max_steps=max_steps, strategy=strategy, callbacks=callbacks, logger=False,
-                         enable_checkpointing=stop_after is not None, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0)
+        callbacks.append(
+            pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_after, save_top_k=-1)
+        )
+    strategy = DPSGDStrategy(
+        target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp", device="cpu", seed=0
+    )
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        strategy=strategy,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=stop_after is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=2, learning_rate=0.01, seed=0)
-    data = TextDataModule(tokenizer="tiny-llama", num_records=160, max_length=16, batch_size=8, public_fraction=0.1)
+    data = TextDataModule(
+        tokenizer="tiny-llama", num_records=160, max_length=16, batch_size=8, public_fraction=0.1
+    )
     trainer.fit(model, datamodule=data, ckpt_path=ckpt)
 
 
@@ -144,7 +165,9 @@ def test_resumed_secure_run_never_falls_back_to_seeded_count_noise(kind: str) ->
 
 # ----------------------------------------------------------------------------------- standalone env
 def test_standalone_env_draws_fresh_poisson_batches_every_epoch() -> None:
-    env = DPTrainingEnv(num_examples=128, batch_size=16, episode_steps=6, rl_interval=4, seed=2)  # 8 batches/epoch
+    env = DPTrainingEnv(
+        num_examples=128, batch_size=16, episode_steps=6, rl_interval=4, seed=2
+    )  # 8 batches/epoch
     env.reset(seed=2)
     masks: list[frozenset[int]] = []
     logical_batch = env.sampler.logical_batch
@@ -180,9 +203,16 @@ def test_dpsgd_only_callbacks_refuse_dpzo(callback: type[pl.Callback]) -> None:
 def test_dpsgd_only_callbacks_refuse_look_alikes(callback: type[pl.Callback]) -> None:
     """Refused by class, not by attributes: a strategy with DP-SGD's attributes but not DP-SGD (as DP-ZO would be
     if it stopped subclassing DPSGDStrategy) is refused too."""
-    look_alike = SimpleNamespace(set_clip_thresholds=None, private_step_norms={}, auxiliary_noise_multipliers={},
-                                 normalization_stability=None, world_size=1, noise="gaussian", target_epsilon=8.0,
-                                 max_epsilon=None)
+    look_alike = SimpleNamespace(
+        set_clip_thresholds=None,
+        private_step_norms={},
+        auxiliary_noise_multipliers={},
+        normalization_stability=None,
+        world_size=1,
+        noise="gaussian",
+        target_epsilon=8.0,
+        max_epsilon=None,
+    )
     with pytest.raises(DPLightningError, match="DPSGDStrategy"):
         callback().setup(_trainer_with(look_alike), pl.LightningModule(), "fit")
 
@@ -214,9 +244,15 @@ def test_noise_schedule_is_meaningful_on_gaussian_dpzo() -> None:
             used.append(strategy.accountant.history[-1][0].noise_multiplier)
 
     points = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)))
-    pl.Trainer(strategy=strategy, callbacks=[NoiseSchedule(schedule="linear", final_ratio=0.5), Spy()], max_steps=8,
-               logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False).fit(_Mean(), DataLoader(points, batch_size=8))
+    pl.Trainer(
+        strategy=strategy,
+        callbacks=[NoiseSchedule(schedule="linear", final_ratio=0.5), Spy()],
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(_Mean(), DataLoader(points, batch_size=8))
     assert used[0] > used[-1] and used[-1] == pytest.approx(used[0] * 0.5, rel=0.1)  # charged σ decayed
     assert strategy.epsilon() <= 3.0
 
@@ -224,7 +260,6 @@ def test_noise_schedule_is_meaningful_on_gaussian_dpzo() -> None:
 @pytest.mark.parametrize("centered", [False, True])
 def test_clip_count_releases_are_on_the_count_grid(centered: bool) -> None:
     from dplightning.envs.rldp_core import COUNT_GRID, ClipCountRelease
-
     from dplightning.privacy.noise_addition import NoiseSource
 
     release = ClipCountRelease([["a"], ["b", "c"]], 16.0, NoiseSource(seed=0), centered=centered)

@@ -110,35 +110,94 @@ def test_note_mentions_record_facts() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CSV
-def _write_diabetes_csv(path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = CSV_COLUMNS) -> Path:
+def _write_diabetes_csv(
+    path: Path, rows: list[dict[str, str]], columns: tuple[str, ...] = CSV_COLUMNS
+) -> Path:
     header = ["encounter_id", "patient_nbr", *columns, "diag_2", "diag_3", "metformin"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=header)
         writer.writeheader()
         for i, row in enumerate(rows):
-            full = {"encounter_id": str(1000 + i), "patient_nbr": str(9000 + i), "diag_2": "401", "diag_3": "?",
-                    "metformin": "No"}
+            full = {
+                "encounter_id": str(1000 + i),
+                "patient_nbr": str(9000 + i),
+                "diag_2": "401",
+                "diag_3": "?",
+                "metformin": "No",
+            }
             writer.writerow({**full, **{k: v for k, v in row.items() if k in header}})
     return path
 
 
 _CSV_ROWS = [
-    {"race": "Caucasian", "gender": "Female", "age": "[70-80)", "admission_type_id": "1", "admission_source_id": "7",
-     "time_in_hospital": "5", "num_lab_procedures": "44", "num_medications": "16", "number_diagnoses": "9",
-     "diag_1": "428", "max_glu_serum": "None", "A1Cresult": ">8", "insulin": "Up", "diabetesMed": "Yes",
-     "readmitted": "<30"},
-    {"race": "?", "gender": "Male", "age": "[50-60)", "admission_type_id": "6", "admission_source_id": "4",
-     "time_in_hospital": "2", "num_lab_procedures": "10", "num_medications": "8", "number_diagnoses": "5",
-     "diag_1": "250.83", "max_glu_serum": ">300", "A1Cresult": "", "insulin": "No", "diabetesMed": "No",
-     "readmitted": "NO"},
-    {"race": "AfricanAmerican", "gender": "Unknown/Invalid", "age": "[80-90)", "admission_type_id": "3",
-     "admission_source_id": "1", "time_in_hospital": "14", "num_lab_procedures": "70", "num_medications": "30",
-     "number_diagnoses": "16", "diag_1": "V57", "max_glu_serum": "Norm", "A1Cresult": "Norm", "insulin": "Steady",
-     "diabetesMed": "Yes", "readmitted": ">30"},
-    {"race": "Hispanic", "gender": "Female", "age": "[40-50)", "admission_type_id": "2", "admission_source_id": "2",
-     "time_in_hospital": "3", "num_lab_procedures": "30", "num_medications": "12", "number_diagnoses": "7",
-     "diag_1": "786", "max_glu_serum": ">200", "A1Cresult": ">7", "insulin": "Down", "diabetesMed": "Yes",
-     "readmitted": "NO"},
+    {
+        "race": "Caucasian",
+        "gender": "Female",
+        "age": "[70-80)",
+        "admission_type_id": "1",
+        "admission_source_id": "7",
+        "time_in_hospital": "5",
+        "num_lab_procedures": "44",
+        "num_medications": "16",
+        "number_diagnoses": "9",
+        "diag_1": "428",
+        "max_glu_serum": "None",
+        "A1Cresult": ">8",
+        "insulin": "Up",
+        "diabetesMed": "Yes",
+        "readmitted": "<30",
+    },
+    {
+        "race": "?",
+        "gender": "Male",
+        "age": "[50-60)",
+        "admission_type_id": "6",
+        "admission_source_id": "4",
+        "time_in_hospital": "2",
+        "num_lab_procedures": "10",
+        "num_medications": "8",
+        "number_diagnoses": "5",
+        "diag_1": "250.83",
+        "max_glu_serum": ">300",
+        "A1Cresult": "",
+        "insulin": "No",
+        "diabetesMed": "No",
+        "readmitted": "NO",
+    },
+    {
+        "race": "AfricanAmerican",
+        "gender": "Unknown/Invalid",
+        "age": "[80-90)",
+        "admission_type_id": "3",
+        "admission_source_id": "1",
+        "time_in_hospital": "14",
+        "num_lab_procedures": "70",
+        "num_medications": "30",
+        "number_diagnoses": "16",
+        "diag_1": "V57",
+        "max_glu_serum": "Norm",
+        "A1Cresult": "Norm",
+        "insulin": "Steady",
+        "diabetesMed": "Yes",
+        "readmitted": ">30",
+    },
+    {
+        "race": "Hispanic",
+        "gender": "Female",
+        "age": "[40-50)",
+        "admission_type_id": "2",
+        "admission_source_id": "2",
+        "time_in_hospital": "3",
+        "num_lab_procedures": "30",
+        "num_medications": "12",
+        "number_diagnoses": "7",
+        "diag_1": "786",
+        "max_glu_serum": ">200",
+        "A1Cresult": ">7",
+        "insulin": "Down",
+        "diabetesMed": "Yes",
+        "readmitted": "NO",
+    },
 ]
 
 
@@ -147,10 +206,21 @@ def test_csv_loader_maps_the_uci_columns(tmp_path: Path) -> None:
     assert len(records) == 4
     first, second, third, fourth = records
     assert first == {
-        "age": "[70-80)", "gender": "Female", "race": "Caucasian", "admission_type": "Emergency",
-        "admission_source": "Emergency Room", "time_in_hospital": 5, "num_lab_procedures": 44,
-        "num_medications": 16, "number_diagnoses": 9, "primary_diagnosis": "Circulatory", "A1Cresult": ">8",
-        "max_glu_serum": "None", "insulin": "Up", "diabetesMed": "Yes", "readmitted": "<30",
+        "age": "[70-80)",
+        "gender": "Female",
+        "race": "Caucasian",
+        "admission_type": "Emergency",
+        "admission_source": "Emergency Room",
+        "time_in_hospital": 5,
+        "num_lab_procedures": 44,
+        "num_medications": 16,
+        "number_diagnoses": 9,
+        "primary_diagnosis": "Circulatory",
+        "A1Cresult": ">8",
+        "max_glu_serum": "None",
+        "insulin": "Up",
+        "diabetesMed": "Yes",
+        "readmitted": "<30",
     }
     assert second["race"] == "Unknown" and second["admission_type"] == "Unknown"
     assert second["admission_source"] == "Transfer" and second["primary_diagnosis"] == "Diabetes"
@@ -164,10 +234,23 @@ def test_csv_loader_maps_the_uci_columns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("code", "group"),
-    [("428", "Circulatory"), ("785", "Circulatory"), ("486", "Respiratory"), ("250.01", "Diabetes"),
-     ("250", "Diabetes"), ("530", "Digestive"), ("820", "Injury"), ("715", "Musculoskeletal"),
-     ("599", "Genitourinary"), ("162", "Neoplasms"), ("V57", "Other"), ("E909", "Other"), ("?", "Other"),
-     ("", "Other"), ("780", "Other")],
+    [
+        ("428", "Circulatory"),
+        ("785", "Circulatory"),
+        ("486", "Respiratory"),
+        ("250.01", "Diabetes"),
+        ("250", "Diabetes"),
+        ("530", "Digestive"),
+        ("820", "Injury"),
+        ("715", "Musculoskeletal"),
+        ("599", "Genitourinary"),
+        ("162", "Neoplasms"),
+        ("V57", "Other"),
+        ("E909", "Other"),
+        ("?", "Other"),
+        ("", "Other"),
+        ("780", "Other"),
+    ],
 )
 def test_icd9_grouping(code: str, group: str) -> None:
     assert icd9_group(code) == group
@@ -188,7 +271,9 @@ def test_csv_loader_errors(tmp_path: Path) -> None:
 
 def test_csv_dataset_in_the_data_module(tmp_path: Path) -> None:
     path = _write_diabetes_csv(tmp_path / "diabetic_data.csv", _CSV_ROWS * 5)
-    data = TextDataModule(dataset=str(path), tokenizer=TINY, val_fraction=0.1, test_fraction=0.1, max_length=64)
+    data = TextDataModule(
+        dataset=str(path), tokenizer=TINY, val_fraction=0.1, test_fraction=0.1, max_length=64
+    )
     data.setup("fit")
     assert len(data.train_texts) + len(data.val_texts) + len(data.test_texts) == 20
     assert len(data.train_dataset) == 16
@@ -266,14 +351,22 @@ def test_pseudo_clinical_splits_are_deterministic() -> None:
 
 
 def test_num_records_subsamples_files(tmp_path: Path) -> None:
-    data = TextDataModule(dataset=str(_lines_file(tmp_path)), tokenizer=TINY, num_records=50, test_fraction=0.2)
+    data = TextDataModule(
+        dataset=str(_lines_file(tmp_path)), tokenizer=TINY, num_records=50, test_fraction=0.2
+    )
     assert len(data.train_texts) + len(data.val_texts) + len(data.test_texts) == 50
 
 
 def test_public_split(tmp_path: Path) -> None:
     path = str(_lines_file(tmp_path))
-    data = TextDataModule(dataset=path, tokenizer=TINY, val_fraction=0.1, test_fraction=0.1, public_fraction=0.15,
-                          eval_batch_size=7)
+    data = TextDataModule(
+        dataset=path,
+        tokenizer=TINY,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        public_fraction=0.15,
+        eval_batch_size=7,
+    )
     data.setup("fit")
     public = set(data.public_texts)
     assert len(public) == 30
@@ -323,7 +416,9 @@ def test_canaries_after_setup_are_applied(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------- collate
 def test_collate_pads_right_masks_labels_and_truncates() -> None:
     collate = CausalLMCollator(pad_token_id=PAD, max_length=4)
-    batch = collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4]}, {"input_ids": torch.tensor([5, 6, 7, 8, 9, 10])}])
+    batch = collate(
+        [{"input_ids": [1, 2, 3]}, {"input_ids": [4]}, {"input_ids": torch.tensor([5, 6, 7, 8, 9, 10])}]
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 3, PAD], [4, PAD, PAD, PAD], [5, 6, 7, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert batch["labels"].tolist() == [[1, 2, 3, -100], [4, -100, -100, -100], [5, 6, 7, 8]]

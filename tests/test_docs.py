@@ -69,8 +69,11 @@ def run_command(argv: list[str]) -> tuple[int, str]:
     """Check one ``dplightning`` command as described in the module docstring: (exit code, stdout + stderr)."""
     out, err = io.StringIO(), io.StringIO()
     # LightningCLI warns when it gets `args` while sys.argv holds arguments too (here, pytest's own).
-    with mock.patch.object(sys, "argv", ["dplightning"]), contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
+    with (
+        mock.patch.object(sys, "argv", ["dplightning"]),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         try:
             code = _dispatch(argv)
         except SystemExit as exc:  # --print_config and --help end the parse with SystemExit
@@ -127,7 +130,9 @@ def _documented() -> Iterator[tuple[str, list[str]]]:
 DOCUMENTED = list(_documented())
 
 
-@pytest.mark.parametrize(("doc", "argv"), DOCUMENTED, ids=[f"{d}: {' '.join(a)}"[:100] for d, a in DOCUMENTED])
+@pytest.mark.parametrize(
+    ("doc", "argv"), DOCUMENTED, ids=[f"{d}: {' '.join(a)}"[:100] for d, a in DOCUMENTED]
+)
 def test_documented_command_parses(doc: str, argv: list[str]) -> None:
     code, output = run_command(argv)
     assert code == 0, f"{doc}: `dplightning {' '.join(argv)}` fails:\n{output[-3000:]}"
@@ -138,7 +143,12 @@ def test_docs_quote_every_kind_of_command() -> None:
     kinds = {" ".join(argv[:2]) if argv[0] == "privacy" else argv[0] for _, argv in DOCUMENTED}
     assert {"fit", "privacy epsilon", "privacy noise", "privacy lmo-search", "audit"} <= kinds, kinds
     quoted_configs = {a for _, argv in DOCUMENTED for a in argv if a.startswith("configs/")}
-    assert {"configs/dpsgd.yaml", "configs/rldp.yaml", "configs/dpzo.yaml", "configs/tiny.yaml"} <= quoted_configs
+    assert {
+        "configs/dpsgd.yaml",
+        "configs/rldp.yaml",
+        "configs/dpzo.yaml",
+        "configs/tiny.yaml",
+    } <= quoted_configs
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -159,7 +169,9 @@ def _anchors(markdown: str) -> set[str]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(doc: Path) -> None:
-    text = FENCE.sub("", doc.read_text())  # `# comments` in code blocks are not headings, links there not links
+    text = FENCE.sub(
+        "", doc.read_text()
+    )  # `# comments` in code blocks are not headings, links there not links
     broken = []
     for target in LINK.findall(text):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
@@ -168,7 +180,11 @@ def test_relative_links_resolve(doc: Path) -> None:
         resolved = (doc.parent / path).resolve() if path else doc
         if not resolved.exists():
             broken.append(f"{target} (no such file)")
-        elif anchor and resolved.suffix == ".md" and anchor not in _anchors(FENCE.sub("", resolved.read_text())):
+        elif (
+            anchor
+            and resolved.suffix == ".md"
+            and anchor not in _anchors(FENCE.sub("", resolved.read_text()))
+        ):
             broken.append(f"{target} (no such heading)")
     assert not broken, f"{doc.name}: {broken}"
 
@@ -203,15 +219,50 @@ def test_extractor_reads_code_blocks_and_inline_spans() -> None:
     ("argv", "expected"),
     [
         # An unknown key inside a strategy's init_args.
-        (["fit", "--config", "configs/tiny.yaml", "--trainer.strategy.init_args.bogus_knob", "1"], "bogus_knob"),
+        (
+            ["fit", "--config", "configs/tiny.yaml", "--trainer.strategy.init_args.bogus_knob", "1"],
+            "bogus_knob",
+        ),
         # The flag the README used to document: the strategy lives under trainer.
-        (["fit", "--config", "configs/dpsgd.yaml", "--strategy.init_args.target_epsilon", "2"],
-         "--strategy.init_args.target_epsilon"),
+        (
+            ["fit", "--config", "configs/dpsgd.yaml", "--strategy.init_args.target_epsilon", "2"],
+            "--strategy.init_args.target_epsilon",
+        ),
         (["fit", "--config", "configs/no_such_config.yaml"], "no_such_config.yaml"),
-        (["privacy", "epsilon", "--sigma", "1", "--sample-rate", "0.01", "--steps", "10", "--delta", "1e-5",
-          "--bogus", "1"], "--bogus"),
-        (["privacy", "lmo-search", "--epsilon", "2", "--delta", "1e-5", "--sample-rate", "0.01", "--steps", "10",
-          "--release", "matrix"], "matrix"),
+        (
+            [
+                "privacy",
+                "epsilon",
+                "--sigma",
+                "1",
+                "--sample-rate",
+                "0.01",
+                "--steps",
+                "10",
+                "--delta",
+                "1e-5",
+                "--bogus",
+                "1",
+            ],
+            "--bogus",
+        ),
+        (
+            [
+                "privacy",
+                "lmo-search",
+                "--epsilon",
+                "2",
+                "--delta",
+                "1e-5",
+                "--sample-rate",
+                "0.01",
+                "--steps",
+                "10",
+                "--release",
+                "matrix",
+            ],
+            "matrix",
+        ),
         (["audit", "--ckpt", "run.ckpt", "--config", "run.yaml", "--bogus"], "--bogus"),
         (["audit", "--config", "run.yaml"], "--ckpt"),
     ],

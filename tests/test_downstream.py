@@ -13,8 +13,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from dplightning.callbacks import DownstreamAccuracy
 
+from dplightning.callbacks import DownstreamAccuracy
 from dplightning.data import NOTE_TEMPLATES, TextDataModule, generate_records, render_note
 from dplightning.data.notes import QA_ANSWERS, QA_QUESTIONS, qa_answer, qa_prompt
 from dplightning.errors import DPLightningError
@@ -94,7 +94,9 @@ def test_reader_stub_scores_100_percent_and_majority_rate_is_right() -> None:
         assert r.accuracy == 1.0 and r.n == len(examples)
     assert result.majority_rate == pytest.approx(sum(r.majority_rate for r in result.per_field.values()) / 2)
     metrics = result.metrics()
-    assert metrics["downstream/accuracy"] == 1.0 and metrics["downstream/majority_rate"] == result.majority_rate
+    assert (
+        metrics["downstream/accuracy"] == 1.0 and metrics["downstream/majority_rate"] == result.majority_rate
+    )
 
 
 def test_constant_answer_scores_its_frequency() -> None:
@@ -136,8 +138,15 @@ def test_qa_off_is_bit_identical_to_the_data_before_the_option() -> None:
     """The digest was taken from the data module as it was before ``qa_fraction`` existed."""
     data = _data(qa_fraction=0.0)
     data.setup("fit")
-    blob = json.dumps([data.train_texts, data.val_texts, data.test_texts, data.train_dataset.input_ids,
-                       data.test_dataset.input_ids])
+    blob = json.dumps(
+        [
+            data.train_texts,
+            data.val_texts,
+            data.test_texts,
+            data.train_dataset.input_ids,
+            data.test_dataset.input_ids,
+        ]
+    )
     assert hashlib.sha256(blob.encode()).hexdigest() == (
         "fa64c83754e99d480365b28a374d89debc4414e529d9b89fdeee8f7f21901e32"
     )
@@ -188,7 +197,10 @@ def test_lm_scorer_is_the_log_probability_of_answer_and_eos() -> None:
     from dplightning.models import load_causal_lm, load_tokenizer
 
     model, tok = load_causal_lm(TINY, seed=0), load_tokenizer(TINY)
-    prompts, answers = ["A note. Question: Q? Answer:", "Another, longer note. Question: Q? Answer:"], [" no", " yes!"]
+    prompts, answers = (
+        ["A note. Question: Q? Answer:", "Another, longer note. Question: Q? Answer:"],
+        [" no", " yes!"],
+    )
     scores = lm_scorer(model, tok, batch_size=3)(prompts, answers)
     for i, prompt in enumerate(prompts):
         for j, answer in enumerate(answers):
@@ -209,10 +221,16 @@ def test_callback_smoke_in_a_two_step_dp_fit(tmp_path: Path) -> None:
     callback = DownstreamAccuracy(num_notes=6, every_n_val_epochs=1, batch_size=32)
     data = TextDataModule(tokenizer=TINY, num_records=40, max_length=64, batch_size=8, qa_fraction=1.0)
     trainer = pl.Trainer(
-        max_steps=2, val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0,
+        max_steps=2,
+        val_check_interval=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         strategy=DPSGDStrategy(target_epsilon=8.0, target_delta=1e-3, max_grad_norm=1.0, device="cpu"),
-        logger=pl.loggers.CSVLogger(tmp_path), callbacks=[callback], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(DPLoRAModule(model_name=TINY, lora_rank=2, seed=0), datamodule=data)
     result = callback.result

@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import GradRecorder, quiet_trainer
-from dplightning.callbacks import PrivacyBudget
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import PrivacyBudget
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import compute_epsilon
 from dplightning.strategies import DPSGDStrategy
@@ -47,7 +47,9 @@ def test_noiseless_step_is_mean_of_clipped_per_example_grads() -> None:
     model = Linear()
     rec = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5)
-    quiet_trainer(strategy, [rec], max_steps=1).fit(model, DataLoader(data, batch_size=16))  # q = 1: every example
+    quiet_trainer(strategy, [rec], max_steps=1).fit(
+        model, DataLoader(data, batch_size=16)
+    )  # q = 1: every example
     ref = Linear()
     expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
     for i in range(16):
@@ -117,7 +119,9 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
     def run(batch_size: int, accumulate: int) -> dict[str, torch.Tensor]:
         model = Linear()
         strategy = DPSGDStrategy(noise_multiplier=0.8, max_grad_norm=1.0, seed=7)
-        quiet_trainer(strategy, max_steps=4, accumulate_grad_batches=accumulate).fit(model, DataLoader(data, batch_size=batch_size))
+        quiet_trainer(strategy, max_steps=4, accumulate_grad_batches=accumulate).fit(
+            model, DataLoader(data, batch_size=batch_size)
+        )
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     one, accumulated = run(12, 1), run(6, 2)
@@ -182,7 +186,9 @@ def test_resume_gives_same_weights_and_epsilon(tmp_path: Path) -> None:
 
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
     part = Linear()
-    quiet_trainer(strategy(), [ckpt_cb], max_steps=3, enable_checkpointing=True).fit(part, DataLoader(data, batch_size=8))
+    quiet_trainer(strategy(), [ckpt_cb], max_steps=3, enable_checkpointing=True).fit(
+        part, DataLoader(data, batch_size=8)
+    )
     ckpt = next(tmp_path.glob("*step=3.ckpt"))
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
     resumed = Linear()
@@ -208,17 +214,23 @@ def test_clear_errors() -> None:
         )
     # q > 1
     with pytest.raises(DPLightningError, match="sample rate"):
-        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(Linear(), DataLoader(_data(8), batch_size=16))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(
+            Linear(), DataLoader(_data(8), batch_size=16)
+        )
     # batch norm
     bn = Linear()
     bn.fc = nn.Sequential(nn.Linear(8, 3), nn.BatchNorm1d(3))  # type: ignore[assignment]
     with pytest.raises(DPLightningError, match="batch norm"):
-        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(bn, DataLoader(_data(16), batch_size=4))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(
+            bn, DataLoader(_data(16), batch_size=4)
+        )
     # nothing trainable
     frozen = Linear()
     frozen.fc.requires_grad_(False)
     with pytest.raises(DPLightningError, match="no trainable parameters"):
-        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(frozen, DataLoader(_data(16), batch_size=4))
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1).fit(
+            frozen, DataLoader(_data(16), batch_size=4)
+        )
 
 
 def test_each_epoch_draws_fresh_poisson_batches() -> None:
@@ -227,7 +239,9 @@ def test_each_epoch_draws_fresh_poisson_batches() -> None:
     seen: list[torch.Tensor] = []
 
     class Batches(pl.Callback):
-        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        def on_train_batch_start(
+            self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+        ) -> None:
             seen.append(batch[0].sum())
 
     data = _data(40)

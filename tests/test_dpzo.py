@@ -11,11 +11,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer
-from dplightning.callbacks import PrivacyBudget
 from scipy import stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import PrivacyBudget
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import (
     compute_epsilon,
@@ -47,7 +47,9 @@ class Center(nn.Module):
 class Quadratic(pl.LightningModule):
     """Per-example loss ``f_i(θ) = ½ Σ_j a_j (x_ij − θ_j)²`` ``[B]``; gradient of the mean ``Σ_i a (θ − x_i) / B``."""
 
-    def __init__(self, d: int = 6, lr: float = 0.05, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, d: int = 6, lr: float = 0.05, scale: float = 1.0, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.center = Center(d, dtype)
         self.register_buffer("a", torch.linspace(0.5, 2.0, d, dtype=dtype) * scale)
@@ -145,11 +147,15 @@ def test_swap_mode_matches_inplace_estimates_on_the_tiny_lm(tiny_batch: dict[str
     named = [(n, p) for n, p in module.named_parameters()]  # all params, base and LoRA
     before = {n: p.detach().clone() for n, p in named}
     swap = ZerothOrderEstimator(module, named, mu=1e-3, perturbation="swap")
-    d_swap = [swap.directional_derivatives(lambda: module.per_example_loss(tiny_batch), s)[0] for s in range(3)]
+    d_swap = [
+        swap.directional_derivatives(lambda: module.per_example_loss(tiny_batch), s)[0] for s in range(3)
+    ]
     swap.remove()
     assert all(torch.equal(p.detach(), before[n]) for n, p in named)
     inplace = ZerothOrderEstimator(module, named, mu=1e-3, perturbation="inplace")
-    d_inplace = [inplace.directional_derivatives(lambda: module.per_example_loss(tiny_batch), s)[0] for s in range(3)]
+    d_inplace = [
+        inplace.directional_derivatives(lambda: module.per_example_loss(tiny_batch), s)[0] for s in range(3)
+    ]
     for a, b in zip(d_swap, d_inplace):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert max(d.abs().max().item() for d in d_swap) > 0  # the perturbation reached the loss
@@ -193,7 +199,9 @@ def test_num_directions_average_their_updates() -> None:
     data = _points(16, 6)
     model, reference = Quadratic(d=6, lr=0.2), Quadratic(d=6)
     theta0 = model.center.theta.detach().clone()
-    strategy = DPZOStrategy(mu=1e-3, max_loss_diff=100.0, noise_multiplier=0.0, num_directions=3, device="cpu")
+    strategy = DPZOStrategy(
+        mu=1e-3, max_loss_diff=100.0, noise_multiplier=0.0, num_directions=3, device="cpu"
+    )
     quiet_trainer(strategy, max_steps=1).fit(model, DataLoader(data, batch_size=16))
     est = ZerothOrderEstimator(reference, [("center.theta", reference.center.theta)], mu=1e-3)
     grads = strategy.last_projected_grads
@@ -221,9 +229,16 @@ def test_gaussian_noise_has_std_sigma_c_sqrt_n(n: int) -> None:
 @pytest.mark.parametrize(("n", "delta"), [(1, 1e-5), (2, 0.0)])
 def test_laplace_noise_has_scale_lambda_n_c(n: int, delta: float) -> None:
     strategy = DPZOStrategy(
-        noise="laplace", noise_multiplier=0.5, max_loss_diff=0.2, target_delta=delta, num_directions=n, device="cpu"
+        noise="laplace",
+        noise_multiplier=0.5,
+        max_loss_diff=0.2,
+        target_delta=delta,
+        num_directions=n,
+        device="cpu",
     )
-    draws = torch.stack([strategy.privatize(torch.ones(n)) for _ in range(20000 // n)]).flatten().numpy() - 1.0
+    draws = (
+        torch.stack([strategy.privatize(torch.ones(n)) for _ in range(20000 // n)]).flatten().numpy() - 1.0
+    )
     b = 0.5 * 0.2 * n
     assert strategy.noise_scale() == pytest.approx(b)
     assert stats.kstest(draws / b, "laplace").pvalue > 1e-3
@@ -236,11 +251,17 @@ def test_laplace_noise_has_scale_lambda_n_c(n: int, delta: float) -> None:
     ("noise", "delta", "accountant"),
     [("gaussian", 1e-5, "pld"), ("gaussian", 1e-5, "rdp"), ("laplace", 1e-5, "pld"), ("laplace", 0.0, "pld")],
 )
-def test_epsilon_logged_matches_the_accountant_for_the_mechanism(noise: str, delta: float, accountant: str) -> None:
+def test_epsilon_logged_matches_the_accountant_for_the_mechanism(
+    noise: str, delta: float, accountant: str
+) -> None:
     data = _points(64, 6)
     sigma, q, steps = 1.3, 8 / 64, 5
     strategy = DPZOStrategy(
-        noise=noise, noise_multiplier=sigma, target_delta=delta, accountant=accountant, device="cpu"  # type: ignore[arg-type]
+        noise=noise,
+        noise_multiplier=sigma,
+        target_delta=delta,
+        accountant=accountant,
+        device="cpu",  # type: ignore[arg-type]
     )
     trainer = quiet_trainer(strategy, [PrivacyBudget()], max_steps=steps)
     trainer.fit(Quadratic(), DataLoader(data, batch_size=8))
@@ -296,7 +317,9 @@ class BatchRecorder(pl.Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[int, float, list[float]]] = []
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
         grads = trainer.strategy.last_projected_grads  # type: ignore[attr-defined]
         self.rows.append((trainer.global_step, float(batch[0].sum()), grads.tolist()))
 
@@ -338,10 +361,14 @@ def test_resume_with_a_different_mechanism_is_refused(tmp_path: Path) -> None:
     data = _points(64, 6)
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
     strategy = DPZOStrategy(noise_multiplier=1.0, device="cpu")
-    quiet_trainer(strategy, [ckpt_cb], max_steps=2, enable_checkpointing=True).fit(Quadratic(), DataLoader(data, batch_size=8))
+    quiet_trainer(strategy, [ckpt_cb], max_steps=2, enable_checkpointing=True).fit(
+        Quadratic(), DataLoader(data, batch_size=8)
+    )
     other = DPZOStrategy(noise="laplace", noise_multiplier=1.0, target_delta=0.0, device="cpu")
     with pytest.raises(DPLightningError, match="noise=gaussian"):
-        quiet_trainer(other, max_steps=4).fit(Quadratic(), DataLoader(data, batch_size=8), ckpt_path=str(next(tmp_path.glob("*.ckpt"))))
+        quiet_trainer(other, max_steps=4).fit(
+            Quadratic(), DataLoader(data, batch_size=8), ckpt_path=str(next(tmp_path.glob("*.ckpt")))
+        )
 
 
 # ---------------------------------------------------------------------------------------- tiny language model
@@ -349,7 +376,9 @@ def test_resume_with_a_different_mechanism_is_refused(tmp_path: Path) -> None:
 def tiny_data() -> Any:
     from dplightning.data import TextDataModule
 
-    dm = TextDataModule(tokenizer="tiny-llama", num_records=240, max_length=32, batch_size=16, eval_batch_size=32)
+    dm = TextDataModule(
+        tokenizer="tiny-llama", num_records=240, max_length=32, batch_size=16, eval_batch_size=32
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -374,12 +403,16 @@ def _heldout_loss(module: Any, batch: dict[str, Tensor]) -> float:
     return loss
 
 
-def test_tiny_lm_loss_goes_down_without_noise_and_more_slowly_with_noise(tiny_data: Any, tiny_batch: Any) -> None:
+def test_tiny_lm_loss_goes_down_without_noise_and_more_slowly_with_noise(
+    tiny_data: Any, tiny_batch: Any
+) -> None:
     drops = {}
     for sigma in (0.0, 6.0):
         module = _tiny_module(lr=3e-3)
         start = _heldout_loss(module, tiny_batch)
-        strategy = DPZOStrategy(mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu")
+        strategy = DPZOStrategy(
+            mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu"
+        )
         quiet_trainer(strategy, max_steps=25, limit_val_batches=0).fit(module, datamodule=tiny_data)
         drops[sigma] = start - _heldout_loss(module, tiny_batch)
     assert drops[0.0] > 0.05

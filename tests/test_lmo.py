@@ -19,11 +19,11 @@ import torch
 from conftest import GradRecorder, quiet_trainer
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
-from dplightning.callbacks import PrivacyBudget
 from scipy import integrate, stats
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import PrivacyBudget
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import (
     StepEvent,
@@ -101,7 +101,9 @@ def test_degenerate_mixture_is_laplace() -> None:
 def test_variance_matches_monte_carlo_and_is_infinite_when_u_has_mass_at_zero() -> None:
     draws = MIX.sample((400_000,), torch.Generator().manual_seed(1)).numpy()
     assert draws.var() == pytest.approx(MIX.variance(), rel=0.03)
-    assert math.isinf(LMOMechanism(a1=1.0, a3=0.0, a4=0.0, gamma_shape=1.5).variance())  # E[1/G²] = ∞ for k ≤ 2
+    assert math.isinf(
+        LMOMechanism(a1=1.0, a3=0.0, a4=0.0, gamma_shape=1.5).variance()
+    )  # E[1/G²] = ∞ for k ≤ 2
 
 
 def test_sampler_matches_the_density_ks() -> None:
@@ -137,7 +139,10 @@ def test_epsilon_is_monotone_in_the_noise_scale() -> None:
     assert all(a > b for a, b in itertools.pairwise(scalar)), scalar
     vector = [compute_epsilon(s, 0.02, 200, 1e-5, "rdp", "lmo", GAMMA, "vector") for s in (3.0, 4.0, 6.0)]
     assert all(a > b for a, b in itertools.pairwise(vector)), vector
-    lap = [compute_epsilon(s, 0.02, 200, 1e-5, "rdp", "lmo", LMOMechanism.laplace(1.0), "vector") for s in (0.5, 1, 2)]
+    lap = [
+        compute_epsilon(s, 0.02, 200, 1e-5, "rdp", "lmo", LMOMechanism.laplace(1.0), "vector")
+        for s in (0.5, 1, 2)
+    ]
     assert all(a > b for a, b in itertools.pairwise(lap)), lap
 
 
@@ -150,7 +155,11 @@ def test_refining_the_grid_never_lowers_epsilon_by_more_than_the_tolerance(
     mech: LMOMechanism, s: float, q: float, steps: int
 ) -> None:
     reported = lmo_pld(mech, 1 / s, q, 5e-4).self_compose(steps).get_epsilon_for_delta(1e-5)
-    finer = lmo_pld(mech, 1 / s, q, 2.5e-4, DEFAULT_GRID.refined()).self_compose(steps).get_epsilon_for_delta(1e-5)
+    finer = (
+        lmo_pld(mech, 1 / s, q, 2.5e-4, DEFAULT_GRID.refined())
+        .self_compose(steps)
+        .get_epsilon_for_delta(1e-5)
+    )
     assert reported >= finer * (1 - GRID_TOLERANCE)
     assert finer >= reported * (1 - GRID_TOLERANCE)  # and the discretisation error is not hiding a big gap
     rdp_rep = lmo_rdp(mech, 1 / s, q, [2, 4, 8, 16, 32])
@@ -163,10 +172,13 @@ def test_pld_is_an_upper_bound_on_a_direct_numerical_hockey_stick() -> None:
     shift = 0.7
     pld = lmo_pld(MIX, shift, 1.0, 1e-4)
     for eps in (0.2, 0.5, 1.0):
+
         def hs(x: float, e: float = eps) -> float:
             return max(float(MIX.pdf(x)) - math.exp(e) * float(MIX.pdf(x - shift)), 0.0)
 
-        direct = sum(integrate.quad(hs, a, b, limit=400)[0] for a, b in ((-np.inf, 0), (0, shift), (shift, np.inf)))
+        direct = sum(
+            integrate.quad(hs, a, b, limit=400)[0] for a, b in ((-np.inf, 0), (0, shift), (shift, np.inf))
+        )
         ours = pld.get_delta_for_epsilon(eps)
         assert direct <= ours <= direct * 1.01 + 1e-9
 
@@ -176,7 +188,8 @@ def test_a_full_shift_is_the_worst_case_of_the_clipped_contribution() -> None:
     numerically on this mixture after composition: δ(ε) grows with the shift)."""
     eps = np.array([0.5, 1.0, 2.0])
     deltas = [
-        lmo_pld(MIX, shift, 0.05, 5e-4).self_compose(50).get_delta_for_epsilon(eps) for shift in (0.25, 0.5, 0.75, 1.0)
+        lmo_pld(MIX, shift, 0.05, 5e-4).self_compose(50).get_delta_for_epsilon(eps)
+        for shift in (0.25, 0.5, 0.75, 1.0)
     ]
     assert np.all(np.diff(np.stack(deltas), axis=0) > 0)
 
@@ -184,7 +197,9 @@ def test_a_full_shift_is_the_worst_case_of_the_clipped_contribution() -> None:
 # -------------------------------------------------------------------------------------------------- RDP
 def test_base_rdp_of_the_degenerate_mixture_is_the_laplace_formula() -> None:
     alpha = np.array([2.0, 3.0, 8.0, 32.0])
-    exact = np.log(alpha / (2 * alpha - 1) * np.exp(alpha - 1) + (alpha - 1) / (2 * alpha - 1) * np.exp(-alpha))
+    exact = np.log(
+        alpha / (2 * alpha - 1) * np.exp(alpha - 1) + (alpha - 1) / (2 * alpha - 1) * np.exp(-alpha)
+    )
     exact /= alpha - 1
     ours = base_rdp(LMOMechanism.laplace(1.0), 1.0, [2, 3, 8, 32])
     assert np.all(ours >= exact - 1e-12)
@@ -214,7 +229,9 @@ def test_convexity_check_refuses_a_concave_curve_and_accepts_a_convex_one() -> N
 def test_vector_accounting_refuses_a_mixture_whose_rdp_is_not_convex_in_the_shift() -> None:
     orders = [2, 8, 32]
     lap = lmo_rdp(LMOMechanism.laplace(1.0), 1.0, 0.01, orders, vector=True)  # Laplace: log-sum-exp, convex
-    assert np.all(np.isfinite(lap)) and lap == pytest.approx(lmo_rdp(LMOMechanism.laplace(1.0), 1.0, 0.01, orders))
+    assert np.all(np.isfinite(lap)) and lap == pytest.approx(
+        lmo_rdp(LMOMechanism.laplace(1.0), 1.0, 0.01, orders)
+    )
     # a mixture: convex at low orders only (R(α; s) → D_∞(s), concave in s): high orders get no bound
     partial = lmo_rdp(GAMMA, 0.5, 0.01, orders, vector=True)
     assert np.isfinite(partial[0]) and np.isinf(partial[-1])
@@ -270,8 +287,22 @@ def test_lmo_search_returns_a_mechanism_meeting_the_target_per_the_accountant() 
 
 def test_lmo_search_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     code = privacy_main(
-        ["lmo-search", "--epsilon", "4", "--delta", "1e-5", "-q", "0.05", "-T", "50", "--release", "vector",
-         "--time-budget", "4", "--json"]
+        [
+            "lmo-search",
+            "--epsilon",
+            "4",
+            "--delta",
+            "1e-5",
+            "-q",
+            "0.05",
+            "-T",
+            "50",
+            "--release",
+            "vector",
+            "--time-budget",
+            "4",
+            "--json",
+        ]
     )
     assert code == 0
     record = json.loads(capsys.readouterr().out)
@@ -279,8 +310,12 @@ def test_lmo_search_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     eps = compute_epsilon(record["noise_multiplier"], 0.05, 50, 1e-5, "rdp", "lmo", mech, "vector")
     assert eps <= 4.0
     assert record["variance_ratio"] > 0 and "L2 clipping" in record["compared"]
-    assert privacy_main(["lmo-search", "--epsilon", "1", "--delta", "1e-5", "-q", "0.1", "-T", "5",
-                         "--time-budget", "-1"]) == 2
+    assert (
+        privacy_main(
+            ["lmo-search", "--epsilon", "1", "--delta", "1e-5", "-q", "0.1", "-T", "5", "--time-budget", "-1"]
+        )
+        == 2
+    )
     assert "time budget" in capsys.readouterr().err
 
 
@@ -304,7 +339,9 @@ class Quadratic(pl.LightningModule):
 
 
 def test_dpzo_lmo_noise_has_the_mechanism_law_and_scale() -> None:
-    strategy = DPZOStrategy(noise="lmo", lmo=MIX.to_dict(), noise_multiplier=0.7, max_loss_diff=0.3, device="cpu")
+    strategy = DPZOStrategy(
+        noise="lmo", lmo=MIX.to_dict(), noise_multiplier=0.7, max_loss_diff=0.3, device="cpu"
+    )
     scale = 0.7 * 0.3
     assert strategy.noise_scale() == pytest.approx(scale)
     draws = torch.cat([strategy.privatize(torch.zeros(1)) for _ in range(10000)]).numpy()
@@ -355,9 +392,18 @@ def _xy(n: int, scale: float = 1.0) -> TensorDataset:
 
 def test_dpsgd_flat_l1_clips_each_example_in_l1() -> None:
     rec = GradRecorder(flat=True)
-    strategy = DPSGDStrategy(noise="lmo", lmo=MIX, clipping="flat_l1", accountant="rdp", noise_multiplier=0.0,
-                             max_grad_norm=0.25, device="cpu")
-    quiet_trainer(strategy, [rec], max_steps=1).fit(Linear(), DataLoader(_xy(1, scale=50.0), batch_size=1))  # q = 1
+    strategy = DPSGDStrategy(
+        noise="lmo",
+        lmo=MIX,
+        clipping="flat_l1",
+        accountant="rdp",
+        noise_multiplier=0.0,
+        max_grad_norm=0.25,
+        device="cpu",
+    )
+    quiet_trainer(strategy, [rec], max_steps=1).fit(
+        Linear(), DataLoader(_xy(1, scale=50.0), batch_size=1)
+    )  # q = 1
     assert rec.grads[0].abs().sum().item() == pytest.approx(0.25, rel=1e-4)
 
 
@@ -377,7 +423,9 @@ def test_dpsgd_lmo_noise_law_and_epsilon_equals_the_standalone_accounting() -> N
     mean_abs = s * c * integrate.quad(lambda t: float(np.exp(GAMMA.log_mgf(t))), 0, np.inf)[0]
     assert np.abs(noise).mean() == pytest.approx(mean_abs, rel=0.08)
     expected = compute_epsilon(s, 1.0, steps, 1e-5, "rdp", "lmo", GAMMA, "vector")
-    assert strategy.epsilon() == pytest.approx(expected, rel=1e-9)  # σ is padded by 1e-12 (see set_noise_multiplier)
+    assert strategy.epsilon() == pytest.approx(
+        expected, rel=1e-9
+    )  # σ is padded by 1e-12 (see set_noise_multiplier)
     assert trainer.callback_metrics["privacy/epsilon"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -397,10 +445,24 @@ def test_dpsgd_lmo_errors() -> None:
 @pytest.mark.parametrize("config", ["lmo_dpzo.yaml", "lmo_dpsgd.yaml"])
 def test_lmo_configs_run_a_short_private_fine_tune(config: str, tmp_path: Path) -> None:
     args = [
-        str(Path(sys.executable).parent / "dplightning"), "fit", "--config", str(ROOT / "configs" / config),
-        "--model.model_name", "tiny-llama", "--data.num_records", "200",
-        "--data.max_length", "32", "--data.batch_size", "8", "--trainer.max_steps", "3",
-        "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        str(Path(sys.executable).parent / "dplightning"),
+        "fit",
+        "--config",
+        str(ROOT / "configs" / config),
+        "--model.model_name",
+        "tiny-llama",
+        "--data.num_records",
+        "200",
+        "--data.max_length",
+        "32",
+        "--data.batch_size",
+        "8",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
     ]
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

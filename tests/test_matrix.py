@@ -25,7 +25,9 @@ def test_quick_matrix_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.Ca
     run_matrix = _load("run_matrix")
     report_matrix = _load("report_matrix")
 
-    assert run_matrix.main(["--quick", "--out", str(tmp_path), "--jobs", "2", "--threads", "1"]) == 0  # 2 cells at once
+    assert (
+        run_matrix.main(["--quick", "--out", str(tmp_path), "--jobs", "2", "--threads", "1"]) == 0
+    )  # 2 cells at once
     rows = [json.loads(line) for line in (tmp_path / "matrix.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == set(run_matrix.QUICK_METHODS)
     steps = run_matrix.QUICK_TASK["steps"]

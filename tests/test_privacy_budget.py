@@ -10,10 +10,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import quiet_trainer
-from dplightning.callbacks import PrivacyBudget
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dplightning.callbacks import PrivacyBudget
 from dplightning.errors import DPLightningError
 from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 

@@ -118,10 +118,16 @@ def test_discrete_gaussian_pld_matches_the_accounted_gaussian(sigma: float, q: f
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     interval = 1e-4
-    ours = pld.from_gaussian_mechanism(sigma, sampling_prob=q, value_discretization_interval=interval,
-                                       use_connect_dots=False).self_compose(50).get_epsilon_for_delta(1e-5)
-    discrete = pld.from_discrete_gaussian_mechanism(sigma * units, sensitivity=units, sampling_prob=q,
-                                                    value_discretization_interval=interval)
+    ours = (
+        pld.from_gaussian_mechanism(
+            sigma, sampling_prob=q, value_discretization_interval=interval, use_connect_dots=False
+        )
+        .self_compose(50)
+        .get_epsilon_for_delta(1e-5)
+    )
+    discrete = pld.from_discrete_gaussian_mechanism(
+        sigma * units, sensitivity=units, sampling_prob=q, value_discretization_interval=interval
+    )
     eps = discrete.self_compose(50).get_epsilon_for_delta(1e-5)
     assert eps <= ours + 5e-4
     assert eps == pytest.approx(ours, rel=2e-3)
@@ -139,7 +145,9 @@ class _Aligned(nn.Module):
         return self.fc(x).sum(-1)
 
 
-def _clipped_sum(model: _Aligned, x: torch.Tensor, dtype: torch.dtype | None, exact: bool, c: float) -> torch.Tensor:
+def _clipped_sum(
+    model: _Aligned, x: torch.Tensor, dtype: torch.dtype | None, exact: bool, c: float
+) -> torch.Tensor:
     engine = PerExampleGradients(model, "sum")
     try:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
@@ -158,7 +166,9 @@ def _clipped_sum(model: _Aligned, x: torch.Tensor, dtype: torch.dtype | None, ex
 
 
 @pytest.mark.parametrize("precision", [torch.bfloat16, None])
-def test_removing_one_of_1024_aligned_examples_moves_the_sum_by_at_most_c(precision: torch.dtype | None) -> None:
+def test_removing_one_of_1024_aligned_examples_moves_the_sum_by_at_most_c(
+    precision: torch.dtype | None,
+) -> None:
     torch.manual_seed(0)
     model, c = _Aligned(), 1.0
     x = torch.randn(1, 64).expand(1024, 64).clone() * 3.0 + 0.01 * torch.randn(1024, 64)
@@ -207,12 +217,20 @@ class _Linear(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(strategy: Any, data: TensorDataset, batch_size: int, callbacks: list[pl.Callback] | None = None, **kw: Any) -> pl.Trainer:
+def _fit(
+    strategy: Any, data: TensorDataset, batch_size: int, callbacks: list[pl.Callback] | None = None, **kw: Any
+) -> pl.Trainer:
     kw.setdefault("max_steps", 1)
     model = kw.pop("model", None) or _Linear()
     trainer = pl.Trainer(
-        strategy=strategy, callbacks=callbacks or [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw,
+        strategy=strategy,
+        callbacks=callbacks or [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
     )
     trainer.fit(model, DataLoader(data, batch_size=batch_size))
     return trainer
@@ -227,14 +245,21 @@ def test_one_non_finite_record_contributes_nothing_and_raises_nothing(bad: float
     grads = {}
     for name, inputs in (("clean", x), ("poisoned", poisoned)):
         recorder = GradRecorder()
-        strategy = DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu")  # q = 1: every example
+        strategy = DPSGDStrategy(
+            noise_multiplier=0.0, max_grad_norm=0.5, device="cpu"
+        )  # q = 1: every example
         _fit(strategy, TensorDataset(inputs, y), 16, [recorder])
         grads[name] = recorder.grads[0]
     for n, g in grads["poisoned"].items():
         assert torch.isfinite(g).all(), n
     # Without the record: the clean sum minus its clipped contribution (recomputed alone).
     recorder = GradRecorder()
-    _fit(DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu"), TensorDataset(x[3:4], y[3:4]), 1, [recorder])
+    _fit(
+        DPSGDStrategy(noise_multiplier=0.0, max_grad_norm=0.5, device="cpu"),
+        TensorDataset(x[3:4], y[3:4]),
+        1,
+        [recorder],
+    )
     for n in grads["clean"]:
         expected = grads["clean"][n] * 16 - recorder.grads[0][n]
         torch.testing.assert_close(grads["poisoned"][n] * 16, expected, atol=1e-5, rtol=1e-5)
@@ -247,8 +272,13 @@ def test_dpsgd_release_is_an_integer_number_of_grid_steps() -> None:
     recorder = GradRecorder()
     strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device="cpu")
     trainer = pl.Trainer(
-        strategy=strategy, callbacks=[recorder], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, max_steps=2,
+        strategy=strategy,
+        callbacks=[recorder],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=2,
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     (grid,) = strategy.grids().values()
@@ -305,8 +335,14 @@ def test_poisson_masks_follow_secure_rng() -> None:
 def test_partial_accumulation_is_refused() -> None:
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     with pytest.raises(DPLightningError, match="multiple of 2"):
-        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, accumulate_grad_batches=2,
-             limit_train_batches=3, max_steps=4)
+        _fit(
+            DPSGDStrategy(noise_multiplier=1.0, device="cpu"),
+            data,
+            4,
+            accumulate_grad_batches=2,
+            limit_train_batches=3,
+            max_steps=4,
+        )
 
 
 def test_partial_accumulation_is_refused_for_dpzo() -> None:
@@ -317,15 +353,26 @@ def test_partial_accumulation_is_refused_for_dpzo() -> None:
 
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     with pytest.raises(DPLightningError, match="multiple of 2"):
-        _fit(DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu"), data, 4, accumulate_grad_batches=2,
-             limit_train_batches=3, max_steps=4, model=Quadratic())
+        _fit(
+            DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu"),
+            data,
+            4,
+            accumulate_grad_batches=2,
+            limit_train_batches=3,
+            max_steps=4,
+            model=Quadratic(),
+        )
 
 
 def test_several_training_dataloaders_are_refused() -> None:
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     trainer = pl.Trainer(
-        strategy=DPSGDStrategy(noise_multiplier=1.0, device="cpu"), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+        strategy=DPSGDStrategy(noise_multiplier=1.0, device="cpu"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=2,
     )
     with pytest.raises(DPLightningError, match="one training dataloader"):
         trainer.fit(_Linear(), [DataLoader(data, batch_size=8), DataLoader(data, batch_size=4)])
@@ -389,8 +436,12 @@ def test_dpzo_logs_the_private_loss_only_when_opted_in(opt_in: bool) -> None:
             return {"input_ids": ids[i], "labels": ids[i], "attention_mask": torch.ones(8)}
 
     trainer = pl.Trainer(
-        strategy=DPZOStrategy(noise_multiplier=1.0, mu=1e-2, device="cpu"), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, max_steps=2,
+        strategy=DPZOStrategy(noise_multiplier=1.0, mu=1e-2, device="cpu"),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=2,
     )
     trainer.fit(model, DataLoader(Listed(), batch_size=8))
     assert ("train/loss" in trainer.callback_metrics) == opt_in
@@ -438,8 +489,9 @@ def test_automatic_clipping_with_underflowing_norms_stays_within_c() -> None:
     units, _ = clip_to_grid_and_sum(grads, {"all": ["w"]}, {"all": c}, {"all": grid}, stability=1e-300)
     assert float(from_grid(units["w"], grid).norm()) <= 3 * c
     for i in range(3):
-        one, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid},
-                                      stability=1e-300)
+        one, _ = clip_to_grid_and_sum(
+            {"w": grads["w"][i : i + 1]}, {"all": ["w"]}, {"all": c}, {"all": grid}, stability=1e-300
+        )
         assert float(from_grid(one["w"], grid).norm()) <= c
 
 

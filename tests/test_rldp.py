@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import fake_dpsgd_strategy
+from gymnasium.utils.env_checker import check_env
+
 from dplightning.callbacks import PrivacyBudget, RLDPController
 from dplightning.envs import DPTrainingEnv
 from dplightning.envs.rldp_core import ActionMapper, action_groups, split_sigma
-from gymnasium.utils.env_checker import check_env
-
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import noise_for_target
 from dplightning.privacy.noise_addition import NoiseSource
@@ -36,7 +36,9 @@ def test_sac_learns_on_standalone_env() -> None:
     from stable_baselines3 import SAC
 
     env = DPTrainingEnv(episode_steps=10, rl_interval=1, seed=1)
-    agent = SAC("MlpPolicy", env, learning_starts=10, batch_size=32, seed=0, policy_kwargs={"net_arch": [32, 32]})
+    agent = SAC(
+        "MlpPolicy", env, learning_starts=10, batch_size=32, seed=0, policy_kwargs={"net_arch": [32, 32]}
+    )
     agent.learn(total_timesteps=300)
     assert agent.num_timesteps == 300
     assert agent.replay_buffer.size() == 300
@@ -55,7 +57,9 @@ def test_episode_never_exceeds_budget_and_training_helps() -> None:
     assert info["public_loss"] < first_loss  # private training on the task really learns
 
 
-def _fake_strategy(target: float, accountant: str, groups: int = 6, steps: int = 120, q: float = 0.05) -> DPSGDStrategy:
+def _fake_strategy(
+    target: float, accountant: str, groups: int = 6, steps: int = 120, q: float = 0.05
+) -> DPSGDStrategy:
     names = {f"layers.{i}.q_proj": [f"layers.{i}.q_proj.lora_A.default.weight"] for i in range(groups)}
     sigma = _calibrated(target, q, steps, accountant)
     return fake_dpsgd_strategy(
@@ -89,7 +93,9 @@ def test_epsilon_stays_within_target_under_random_actions(accountant: str, seque
                 if controller.apply_action(action) is None:
                     stopped = True
                     break
-            strategy.accountant.step(strategy.effective_noise_multiplier, q)  # what release_noisy_gradient charges
+            strategy.accountant.step(
+                strategy.effective_noise_multiplier, q
+            )  # what release_noisy_gradient charges
         eps = strategy.accountant.epsilon(1e-5)
         assert eps <= target * (1 + 1e-9), (seq, eps)
         assert stopped or strategy.accountant.steps == steps
@@ -104,7 +110,11 @@ def test_noise_split_costs_exactly_sigma_and_actions_move_thresholds() -> None:
     assert strategy.effective_noise_multiplier == pytest.approx(controller.mapper.base_sigma)
     before = dict(strategy.clip_thresholds)
     used = controller.apply_action(np.array([1, -1, 1, -1, 1, -1, 1], dtype=np.float32))
-    assert controller.mapper.base_sigma * 1.5 <= used == pytest.approx(controller.mapper.base_sigma * 1.5, rel=0.012)
+    assert (
+        controller.mapper.base_sigma * 1.5
+        <= used
+        == pytest.approx(controller.mapper.base_sigma * 1.5, rel=0.012)
+    )
     assert strategy.effective_noise_multiplier == pytest.approx(used)
     ratios = [strategy.clip_thresholds[g] / before[g] for g in before]
     assert ratios[0] == pytest.approx(4.0) and ratios[1] == pytest.approx(0.25)
@@ -130,7 +140,9 @@ def test_observations_see_private_data_only_through_noisy_channels() -> None:
     channels must be identical; the privatised clip fractions may differ only by less than their own noise."""
 
     def rollout(private_seed: int) -> tuple[np.ndarray, DPTrainingEnv]:
-        env = DPTrainingEnv(episode_steps=6, rl_interval=2, target_epsilon=0.5, seed=5, private_data_seed=private_seed)
+        env = DPTrainingEnv(
+            episode_steps=6, rl_interval=2, target_epsilon=0.5, seed=5, private_data_seed=private_seed
+        )
         obs, _ = env.reset(seed=5)
         out = [obs]
         for _ in range(6):
@@ -154,7 +166,11 @@ def test_clip_count_release_has_stated_noise() -> None:
 
     groups = [["a"], ["b", "c"]]
     release = ClipCountRelease(groups, expected_batch_size=10.0, noise=NoiseSource(seed=0))
-    norms = {"a": torch.tensor([0.5, 2.0, 3.0]), "b": torch.tensor([2.0, 0.1, 0.1]), "c": torch.tensor([2.0, 2.0, 0.1])}
+    norms = {
+        "a": torch.tensor([0.5, 2.0, 3.0]),
+        "b": torch.tensor([2.0, 0.1, 0.1]),
+        "c": torch.tensor([2.0, 2.0, 0.1]),
+    }
     thresholds = {"a": 1.0, "b": 1.0, "c": 1.0}
     draws = np.stack([release.release(norms, thresholds, sigma_count=0.8) for _ in range(4000)])
     true = np.array([2.0, 1.5]) / 10.0  # a: 2 clipped; b,c: mean of (1,0,0) and (1,1,0)
@@ -162,13 +178,22 @@ def test_clip_count_release_has_stated_noise() -> None:
     np.testing.assert_allclose(draws.std(0), 0.8 * np.sqrt(2) / 10.0, rtol=0.05)
 
 
-def _tiny_trainer(tmp_path: Path, controller: RLDPController, max_steps: int, **kw: object) -> tuple[pl.Trainer, DPSGDStrategy]:
-    strategy = DPSGDStrategy(target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp",
-                             device="cpu", seed=0)
+def _tiny_trainer(
+    tmp_path: Path, controller: RLDPController, max_steps: int, **kw: object
+) -> tuple[pl.Trainer, DPSGDStrategy]:
+    strategy = DPSGDStrategy(
+        target_epsilon=8.0, target_delta=1e-4, clipping="per_adapter", accountant="rdp", device="cpu", seed=0
+    )
     trainer = pl.Trainer(
-        max_steps=max_steps, strategy=strategy, callbacks=[controller, PrivacyBudget(), *kw.pop("callbacks", [])],  # type: ignore[list-item]
-        logger=pl.loggers.TensorBoardLogger(tmp_path, name="rldp"), enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1, **kw,  # type: ignore[arg-type]
+        max_steps=max_steps,
+        strategy=strategy,
+        callbacks=[controller, PrivacyBudget(), *kw.pop("callbacks", [])],  # type: ignore[list-item]
+        logger=pl.loggers.TensorBoardLogger(tmp_path, name="rldp"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=1,
+        **kw,  # type: ignore[arg-type]
     )
     return trainer, strategy
 
@@ -178,15 +203,28 @@ def _tiny_parts(seed: int = 0):
     from dplightning.module import DPLoRAModule
 
     model = DPLoRAModule(model_name="tiny-llama", lora_rank=2, learning_rate=0.01, seed=seed)
-    data = TextDataModule(tokenizer="tiny-llama", num_records=160, max_length=32, batch_size=8, public_fraction=0.1,
-                          data_seed=seed)
+    data = TextDataModule(
+        tokenizer="tiny-llama",
+        num_records=160,
+        max_length=32,
+        batch_size=8,
+        public_fraction=0.1,
+        data_seed=seed,
+    )
     return model, data
 
 
 def test_live_controller_changes_thresholds_and_sigma_after_warmup(tmp_path: Path) -> None:
     model, data = _tiny_parts()
-    controller = RLDPController(rl_interval=2, warmup_steps=4, action_scope="per_layer_group", num_layer_groups=2,
-                                batch_size=4, learning_starts=1, save_policy_to=str(tmp_path / "policy.zip"))
+    controller = RLDPController(
+        rl_interval=2,
+        warmup_steps=4,
+        action_scope="per_layer_group",
+        num_layer_groups=2,
+        batch_size=4,
+        learning_starts=1,
+        save_policy_to=str(tmp_path / "policy.zip"),
+    )
     trainer, strategy = _tiny_trainer(tmp_path, controller, max_steps=12, enable_checkpointing=False)
     seen: list[tuple[float, dict[str, float]]] = []
 
@@ -226,7 +264,9 @@ def test_policy_save_load_gives_identical_deterministic_actions(tmp_path: Path) 
     controller.agent = agent
     path = controller.save_policy(tmp_path / "p.zip")
     reloaded = SAC.load(path, env=env)
-    obs = np.random.default_rng(0).uniform(-1, 1, size=(20, env.observation_space.shape[0])).astype(np.float32)
+    obs = (
+        np.random.default_rng(0).uniform(-1, 1, size=(20, env.observation_space.shape[0])).astype(np.float32)
+    )
     a1, _ = agent.predict(obs, deterministic=True)
     a2, _ = reloaded.predict(obs, deterministic=True)
     np.testing.assert_array_equal(a1, a2)
@@ -239,7 +279,9 @@ def test_policy_save_load_gives_identical_deterministic_actions(tmp_path: Path) 
 
 def test_resume_restores_agent_and_replay_buffer(tmp_path: Path) -> None:
     def controller() -> RLDPController:
-        return RLDPController(rl_interval=2, warmup_steps=2, action_scope="global", batch_size=4, learning_starts=1)
+        return RLDPController(
+            rl_interval=2, warmup_steps=2, action_scope="global", batch_size=4, learning_starts=1
+        )
 
     model, data = _tiny_parts()
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=8, save_top_k=-1)
@@ -249,7 +291,9 @@ def test_resume_restores_agent_and_replay_buffer(tmp_path: Path) -> None:
     path = next((tmp_path / "ck").glob("*step=8.ckpt"))
     saved = torch.load(path, weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("RLDPController"))
-    assert state["decisions"] == 4  # decisions at steps 2, 4, 6, 8 (the controller runs before ModelCheckpoint)
+    assert (
+        state["decisions"] == 4
+    )  # decisions at steps 2, 4, 6, 8 (the controller runs before ModelCheckpoint)
 
     model2, data2 = _tiny_parts()
     resumed = controller()

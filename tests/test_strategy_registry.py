@@ -51,7 +51,9 @@ def test_a_name_without_a_budget_cannot_make_a_private_strategy(registry_name: s
         (DPZOStrategy, {"target_epsilon": 2.0, "noise": "laplace", "device": "cpu"}),
     ],
 )
-def test_a_user_preset_with_its_budget_works(registry_name: str, cls: type, init_params: dict[str, object]) -> None:
+def test_a_user_preset_with_its_budget_works(
+    registry_name: str, cls: type, init_params: dict[str, object]
+) -> None:
     StrategyRegistry.register(registry_name, cls, description="a preset with its own budget", **init_params)
     trainer = pl.Trainer(strategy=registry_name, accelerator="cpu", logger=False, enable_progress_bar=False)
     assert type(trainer.strategy) is cls

@@ -40,7 +40,9 @@ def test_pad_to_longest_batch_layout() -> None:
     width = short["input_ids"].shape[1]
     for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(short[key], short_fixed[key][:, :width])
-    assert (short_fixed["labels"][:, width:] == -100).all() and (short_fixed["attention_mask"][:, width:] == 0).all()
+    assert (short_fixed["labels"][:, width:] == -100).all() and (
+        short_fixed["attention_mask"][:, width:] == 0
+    ).all()
     assert (short_fixed["input_ids"][:, width:] == 256).all()
     assert torch.equal(longest["labels"], fixed["labels"])
     # Right padding: each row is its tokens, then only padding.
@@ -78,13 +80,20 @@ def plain_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    info.write_text(
+        "processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\n"
+    )
     assert {"amx_bf16", "avx2"} <= cpu_flags(str(info))
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
 def test_bf16_is_fast_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    for flags, fast in [({"avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx512f", "avx2"}, False), (set(), False)]:
+    for flags, fast in [
+        ({"avx512_bf16"}, True),
+        ({"amx_bf16"}, True),
+        ({"avx512f", "avx2"}, False),
+        (set(), False),
+    ]:
         monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert bf16_is_fast("cpu") is fast
         assert bf16_is_fast(torch.device("cpu")) is fast
@@ -111,15 +120,25 @@ def test_auto_precision_keeps_dpzo_in_fp32(bf16_cpu: None) -> None:
     from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 
     assert resolve_precision("auto", strategy=DPZOStrategy(noise_multiplier=1.0, device="cpu")) == "32-true"
-    assert resolve_precision("auto", strategy=DPSGDStrategy(noise_multiplier=1.0, device="cpu")) == "bf16-mixed"
-    assert resolve_precision("bf16-mixed", strategy=DPZOStrategy(noise_multiplier=1.0, device="cpu")) == "bf16-mixed"
+    assert (
+        resolve_precision("auto", strategy=DPSGDStrategy(noise_multiplier=1.0, device="cpu")) == "bf16-mixed"
+    )
+    assert (
+        resolve_precision("bf16-mixed", strategy=DPZOStrategy(noise_multiplier=1.0, device="cpu"))
+        == "bf16-mixed"
+    )
 
 
 def test_cli_trainer_resolves_auto(bf16_cpu: None) -> None:
     from dplightning.cli import auto_precision_trainer_class
 
     trainer_cls = auto_precision_trainer_class()
-    kwargs = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    kwargs = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+    }
     assert trainer_cls(**kwargs).precision == "bf16-mixed"  # the default is "auto"
     assert trainer_cls(precision="32-true", **kwargs).precision == "32-true"
 
@@ -144,14 +163,19 @@ def test_thread_policy_order(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_threads({}) == (7, "all cores")
     assert resolve_threads({"OMP_NUM_THREADS": "3"}) == (3, "OMP_NUM_THREADS")
     assert resolve_threads({"OMP_NUM_THREADS": "4,2"}) == (4, "OMP_NUM_THREADS")
-    assert resolve_threads({"OMP_NUM_THREADS": "lots"}) == (7, "all cores")  # malformed: ignored, as OpenMP does
+    assert resolve_threads({"OMP_NUM_THREADS": "lots"}) == (
+        7,
+        "all cores",
+    )  # malformed: ignored, as OpenMP does
     assert resolve_threads({"DPLIGHTNING_THREADS": "5", "OMP_NUM_THREADS": "3"}) == (5, "DPLIGHTNING_THREADS")
     for bad in ("0", "-2", "two"):
         with pytest.raises(DPLightningError, match="DPLIGHTNING_THREADS"):
             resolve_threads({"DPLIGHTNING_THREADS": bad})
 
 
-def test_apply_thread_policy_sets_torch_threads_and_exports_an_explicit_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_apply_thread_policy_sets_torch_threads_and_exports_an_explicit_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     before = torch.get_num_threads()
     try:
         env = {"DPLIGHTNING_THREADS": "1"}

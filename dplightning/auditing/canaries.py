@@ -54,9 +54,13 @@ def make_canaries(
 ) -> list[Canary]:
     """``n`` canaries with distinct random tags and random secrets, reproducible from ``seed``."""
     if n < 1 or length < 1 or len(set(alphabet)) < 2:
-        raise DPLightningError("need n >= 1 canaries, secret length >= 1 and an alphabet of >= 2 distinct symbols")
+        raise DPLightningError(
+            "need n >= 1 canaries, secret length >= 1 and an alphabet of >= 2 distinct symbols"
+        )
     if "{tag}" not in template:
-        raise DPLightningError(f"canary template {template!r} has no '{{tag}}' field; add one so prompts differ")
+        raise DPLightningError(
+            f"canary template {template!r} has no '{{tag}}' field; add one so prompts differ"
+        )
     rng = random.Random(seed)
     tags: set[str] = set()
     out = []
@@ -85,7 +89,9 @@ def secret_token_split(tokenizer: Any, prefix: str, secret: str) -> tuple[list[i
 
 
 @torch.no_grad()
-def secret_nll(model: Any, tokenizer: Any, prefix: str, secrets: Sequence[str], batch_size: int = 64) -> Tensor:
+def secret_nll(
+    model: Any, tokenizer: Any, prefix: str, secrets: Sequence[str], batch_size: int = 64
+) -> Tensor:
     """Summed NLL of each secret's tokens given ``prefix`` ``[len(secrets)]`` (lower = more likely)."""
     was_training = model.training
     model.eval()

@@ -42,8 +42,13 @@ def _build(config: str) -> Any:
     if not Path(config).exists():
         raise DPLightningError(f"config '{config}' does not exist; pass the YAML the model was trained with")
     return _lightning_cli_class()(
-        DPLoRAModule, TextDataModule, args=["--config", config, "--trainer.logger=false"], run=False,
-        parser_class=one_line_error_parser_class(), save_config_callback=None, auto_configure_optimizers=False,
+        DPLoRAModule,
+        TextDataModule,
+        args=["--config", config, "--trainer.logger=false"],
+        run=False,
+        parser_class=one_line_error_parser_class(),
+        save_config_callback=None,
+        auto_configure_optimizers=False,
     )
 
 
@@ -56,7 +61,9 @@ def _load_weights(model: Any, ckpt: Path) -> dict[str, Any]:
 
         weights = ckpt / "adapter_model.safetensors"
         if not weights.exists():
-            raise DPLightningError(f"'{ckpt}' is a directory without adapter_model.safetensors; pass a .ckpt or a saved adapter")
+            raise DPLightningError(
+                f"'{ckpt}' is a directory without adapter_model.safetensors; pass a .ckpt or a saved adapter"
+            )
         try:
             result = set_peft_model_state_dict(model.model, load_file(str(weights)))
         except RuntimeError as exc:  # shape mismatch: another rank / model
@@ -65,7 +72,9 @@ def _load_weights(model: Any, ckpt: Path) -> dict[str, Any]:
                 "pass the config it was trained with"
             ) from None
         if any("lora" in k for k in getattr(result, "unexpected_keys", [])):
-            raise DPLightningError(f"adapter '{ckpt}' does not fit this model; pass the config it was trained with")
+            raise DPLightningError(
+                f"adapter '{ckpt}' does not fit this model; pass the config it was trained with"
+            )
         return {}
     if not ckpt.exists():
         raise DPLightningError(f"checkpoint '{ckpt}' does not exist; check the path")
@@ -121,7 +130,9 @@ def run_audit(ckpt: str, config: str, max_examples: int | None = None) -> dict[s
     for result in membership_audit(model, members, nonmembers, mia.min_k_fraction).values():
         out.update(result.metrics())
     canary = _callback(trainer.callbacks, "CanaryAudit")
-    saved = next((v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith("CanaryAudit")), None)
+    saved = next(
+        (v for k, v in checkpoint.get("callbacks", {}).items() if str(k).startswith("CanaryAudit")), None
+    )
     if saved is not None:
         canary = canary or CanaryAudit()
         canary.load_state_dict(saved)
@@ -136,9 +147,13 @@ def _format(value: float) -> str:
 
 def audit_main(argv: Sequence[str]) -> int:
     parser = _Parser(prog=PROG, description="Membership-inference and canary audits of a trained checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="Lightning .ckpt of the run, or a saved peft adapter directory")
+    parser.add_argument(
+        "--ckpt", required=True, help="Lightning .ckpt of the run, or a saved peft adapter directory"
+    )
     parser.add_argument("--config", required=True, help="the YAML config the run was trained with")
-    parser.add_argument("--max-examples", type=int, default=None, help="members / non-members audited at most")
+    parser.add_argument(
+        "--max-examples", type=int, default=None, help="members / non-members audited at most"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(list(argv))
     figures = run_audit(args.ckpt, args.config, args.max_examples)

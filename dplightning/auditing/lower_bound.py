@@ -43,7 +43,9 @@ def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
     return min(beta + alpha * delta * 2 * m, 1.0)
 
 
-def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+def epsilon_lower_bound(
+    m: int, r: int, v: int, delta: float, confidence: float = DEFAULT_CONFIDENCE
+) -> float:
     """Largest ε (bisection, 1e-6 relative) with ``p_value(m, r, v, ε, δ) < 1 − confidence``; 0 if none."""
     if not 0.0 < confidence < 1.0:
         raise DPLightningError(f"confidence must be in (0, 1), got {confidence}; e.g. 0.95")

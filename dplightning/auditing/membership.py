@@ -22,7 +22,9 @@ FPR_LEVELS = (0.01, 0.001)
 
 
 def _as_scores(values: Any, name: str) -> np.ndarray:
-    arr = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64).reshape(-1)
+    arr = np.asarray(
+        values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64
+    ).reshape(-1)
     if arr.size == 0:
         raise DPLightningError(f"{name} is empty; an attack needs at least one member and one non-member")
     if not np.all(np.isfinite(arr)):
@@ -96,7 +98,11 @@ def evaluate_attack(name: str, member_scores: Any, nonmember_scores: Any) -> Att
 
 def loss_attack(member_losses: Any, nonmember_losses: Any) -> AttackResult:
     """Loss-threshold attack (Yeom et al. 2018): low loss ⇒ member."""
-    return evaluate_attack("loss", -_as_scores(member_losses, "member losses"), -_as_scores(nonmember_losses, "non-member losses"))
+    return evaluate_attack(
+        "loss",
+        -_as_scores(member_losses, "member losses"),
+        -_as_scores(nonmember_losses, "non-member losses"),
+    )
 
 
 def reference_attack(
@@ -107,7 +113,8 @@ def reference_attack(
     return evaluate_attack(
         "reference",
         _as_scores(member_reference, "member reference losses") - _as_scores(member_losses, "member losses"),
-        _as_scores(nonmember_reference, "non-member reference losses") - _as_scores(nonmember_losses, "non-member losses"),
+        _as_scores(nonmember_reference, "non-member reference losses")
+        - _as_scores(nonmember_losses, "non-member losses"),
     )
 
 
@@ -125,7 +132,9 @@ def min_k_percent_scores(token_logprobs: Tensor, mask: Tensor, k_fraction: float
 
 
 @torch.no_grad()
-def example_statistics(module: Any, batches: Iterable[dict[str, Tensor]], k_fraction: float = 0.2) -> dict[str, Tensor]:
+def example_statistics(
+    module: Any, batches: Iterable[dict[str, Tensor]], k_fraction: float = 0.2
+) -> dict[str, Tensor]:
     """Per-example ``loss`` (token-mean NLL) and ``min_k`` scores ``[N]`` of a causal LM module (one exposing
     ``forward(input_ids, attention_mask) -> logits``) over padded causal-LM batches."""
     was_training = module.training
@@ -186,8 +195,13 @@ def save_roc_png(results: dict[str, AttackResult], path: str) -> str | None:
     for r in results.values():
         ax.plot(np.maximum(r.fpr, 1e-4), np.maximum(r.tpr, 1e-4), label=f"{r.name} (AUC {r.auc:.3f})")
     ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8, label="chance")
-    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate",
-           title="membership inference ROC")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title="membership inference ROC",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -51,7 +51,10 @@ class CausalLMCollator:
         if len(items) == 0:
             empty = torch.zeros((0, 0), dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty.clone(), "labels": empty.clone()}
-        seqs = [torch.as_tensor(item["input_ids"], dtype=torch.long).reshape(-1)[: self.max_length] for item in items]
+        seqs = [
+            torch.as_tensor(item["input_ids"], dtype=torch.long).reshape(-1)[: self.max_length]
+            for item in items
+        ]
         width = self.max_length if self.pad_to == "max_length" else max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)

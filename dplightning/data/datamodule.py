@@ -31,7 +31,9 @@ def _render_notes(records: list[Record], data_seed: int) -> list[str]:
     return [render_note(r, rng) for r in records]
 
 
-def _append_qa_lines(notes: list[str], records: list[Record], qa_fraction: float, data_seed: int) -> list[str]:
+def _append_qa_lines(
+    notes: list[str], records: list[Record], qa_fraction: float, data_seed: int
+) -> list[str]:
     """``notes`` where a seeded ``qa_fraction`` share gets one question/answer line about its own record.
 
     Every note draws its coin and its field whatever ``qa_fraction`` is, so raising the fraction only adds
@@ -91,7 +93,11 @@ class TextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
+        fractions = {
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "public_fraction": public_fraction,
+        }
         for key, value in fractions.items():
             if not 0.0 <= value < 1.0:
                 raise DPLightningError(f"data.{key} = {value} is outside [0, 1); pass a fraction such as 0.1")
@@ -101,11 +107,15 @@ class TextDataModule(pl.LightningDataModule):
                 "make their sum < 1"
             )
         if not 0.0 <= qa_fraction <= 1.0:
-            raise DPLightningError(f"data.qa_fraction = {qa_fraction} is outside [0, 1]; pass a share such as 1.0")
+            raise DPLightningError(
+                f"data.qa_fraction = {qa_fraction} is outside [0, 1]; pass a share such as 1.0"
+            )
         if max_length < 2:
             raise DPLightningError(f"data.max_length = {max_length} is too short; pass at least 2 (e.g. 128)")
         if batch_size < 1 or eval_batch_size < 1:
-            raise DPLightningError("data.batch_size and data.eval_batch_size must be >= 1; pass positive batch sizes")
+            raise DPLightningError(
+                "data.batch_size and data.eval_batch_size must be >= 1; pass positive batch sizes"
+            )
         self.canaries: list[str] = []
         self.canary_repeats: list[int] = []
         self._splits: dict[str, list[str]] | None = None
@@ -145,9 +155,13 @@ class TextDataModule(pl.LightningDataModule):
                 "pass 'pseudo_clinical' or a path to a .csv, .txt or .jsonl file"
             )
         else:
-            raise DPLightningError(f"data.dataset '{name}' has an unsupported type; pass a .csv, .txt or .jsonl file")
+            raise DPLightningError(
+                f"data.dataset '{name}' has an unsupported type; pass a .csv, .txt or .jsonl file"
+            )
         if 0 < int(hp.num_records) < len(texts):
-            logger.info("using %d of the %d examples in %s (data.num_records)", hp.num_records, len(texts), path)
+            logger.info(
+                "using %d of the %d examples in %s (data.num_records)", hp.num_records, len(texts), path
+            )
             keep = sorted(random.Random(hp.data_seed).sample(range(len(texts)), int(hp.num_records)))
             texts = [texts[i] for i in keep]
             records = None if records is None else [records[i] for i in keep]
@@ -166,7 +180,9 @@ class TextDataModule(pl.LightningDataModule):
         n = len(texts)
         order = list(range(n))
         random.Random(hp.data_seed).shuffle(order)
-        n_test, n_val, n_public = (round(f * n) for f in (hp.test_fraction, hp.val_fraction, hp.public_fraction))
+        n_test, n_val, n_public = (
+            round(f * n) for f in (hp.test_fraction, hp.val_fraction, hp.public_fraction)
+        )
         if hp.public_fraction > 0 and n_public == 0:
             n_public = 1
         bounds = np.cumsum([0, n_test, n_val, n_public])
@@ -306,7 +322,8 @@ class TextDataModule(pl.LightningDataModule):
             logger.warning(
                 "%d training texts with a question/answer line are longer than data.max_length = %d and lose "
                 "their answer; raise data.max_length",
-                cut, self.hparams.max_length,
+                cut,
+                self.hparams.max_length,
             )
 
     # ---------------------------------------------------------------------------------- dataloaders
@@ -340,6 +357,8 @@ class TextDataModule(pl.LightningDataModule):
     def public_dataloader(self) -> DataLoader:
         """Batches of the public (non-private) split, in order; needs ``public_fraction > 0``."""
         if self.hparams.public_fraction <= 0:
-            raise DPLightningError("no public split: data.public_fraction is 0; set it > 0 (e.g. 0.1) to hold out public data")
+            raise DPLightningError(
+                "no public split: data.public_fraction is 0; set it > 0 (e.g. 0.1) to hold out public data"
+            )
         self.setup()
         return self._loader(self.public_dataset, int(self.hparams.eval_batch_size), shuffle=False)

@@ -84,7 +84,9 @@ def generate_records(n: int, seed: int) -> list[Record]:
 
     # Length of stay: negative binomial (gamma-Poisson) whose mean grows with age and severity.
     mean_stay = 3.2 * (1.0 + 0.05 * (age - 6)) * np.where(elective, 0.85, 1.0)
-    mean_stay *= np.where(np.isin(diag, [DIAGNOSIS_GROUPS.index(g) for g in ("Respiratory", "Injury")]), 1.2, 1.0)
+    mean_stay *= np.where(
+        np.isin(diag, [DIAGNOSIS_GROUPS.index(g) for g in ("Respiratory", "Injury")]), 1.2, 1.0
+    )
     stay = 1 + rng.poisson(rng.gamma(2.0, np.maximum(mean_stay, 0.3) / 2.0))
     stay = np.clip(stay, 1, 14)
 
@@ -115,7 +117,9 @@ def generate_records(n: int, seed: int) -> list[Record]:
     dm_med = on_insulin | (rng.random(n) < np.where(high_a1c, 0.8, 0.5))
 
     # Readmission: multinomial logit against "NO".
-    common = 0.12 * (n_diag - 7) + 0.05 * (stay - 4) + 0.18 * insulin_changed + 0.12 * emergency + 0.04 * (age - 6)
+    common = (
+        0.12 * (n_diag - 7) + 0.05 * (stay - 4) + 0.18 * insulin_changed + 0.12 * emergency + 0.04 * (age - 6)
+    )
     logit_early = -1.75 + common + 0.10 * diabetes_dx
     logit_late = -0.62 + 0.8 * common + 0.15 * dm_med
     logits = np.stack([np.zeros(n), logit_early, logit_late], axis=1)

@@ -29,9 +29,21 @@ _ADMISSION_SOURCE_IDS = {
     **dict.fromkeys((8, 11, 12, 13, 14, 19, 23, 24), "Other"),
 }
 CSV_COLUMNS: tuple[str, ...] = (
-    "race", "gender", "age", "admission_type_id", "admission_source_id", "time_in_hospital",
-    "num_lab_procedures", "num_medications", "number_diagnoses", "diag_1", "max_glu_serum", "A1Cresult",
-    "insulin", "diabetesMed", "readmitted",
+    "race",
+    "gender",
+    "age",
+    "admission_type_id",
+    "admission_source_id",
+    "time_in_hospital",
+    "num_lab_procedures",
+    "num_medications",
+    "number_diagnoses",
+    "diag_1",
+    "max_glu_serum",
+    "A1Cresult",
+    "insulin",
+    "diabetesMed",
+    "readmitted",
 )
 """Columns of the UCI ``diabetic_data.csv`` that :func:`load_diabetes_csv` needs."""
 
@@ -86,7 +98,9 @@ def load_diabetes_csv(path: str | Path) -> list[Record]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DPLightningError(f"diabetes CSV not found at {path.resolve()}; pass the path of the UCI diabetic_data.csv")
+        raise DPLightningError(
+            f"diabetes CSV not found at {path.resolve()}; pass the path of the UCI diabetic_data.csv"
+        )
     records: list[Record] = []
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -100,7 +114,9 @@ def load_diabetes_csv(path: str | Path) -> list[Record]:
         for line, row in enumerate(reader, start=2):
             age = (row["age"] or "").strip()
             if age not in AGE_BANDS:
-                raise DPLightningError(f"{path}: line {line} has age {age!r}, expected a band like '[70-80)'; fix that row")
+                raise DPLightningError(
+                    f"{path}: line {line} has age {age!r}, expected a band like '[70-80)'; fix that row"
+                )
             gender = (row["gender"] or "").strip()
             race = (row["race"] or "").strip()
             records.append(
@@ -108,7 +124,9 @@ def load_diabetes_csv(path: str | Path) -> list[Record]:
                     "age": age,
                     "gender": gender if gender in ("Female", "Male") else "Unknown",
                     "race": race if race in RACES else ("Unknown" if race in ("", "?") else "Other"),
-                    "admission_type": _ADMISSION_TYPE_IDS.get(_csv_int(row, "admission_type_id", line, path), "Unknown"),
+                    "admission_type": _ADMISSION_TYPE_IDS.get(
+                        _csv_int(row, "admission_type_id", line, path), "Unknown"
+                    ),
                     "admission_source": _ADMISSION_SOURCE_IDS.get(
                         _csv_int(row, "admission_source_id", line, path), "Unknown"
                     ),
@@ -140,13 +158,17 @@ def read_text_file(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
-        raise DPLightningError(f"unsupported text file type '{path.suffix or path.name}'; pass a .txt, .jsonl or .csv file")
+        raise DPLightningError(
+            f"unsupported text file type '{path.suffix or path.name}'; pass a .txt, .jsonl or .csv file"
+        )
     if not path.is_file():
         raise DPLightningError(f"text file not found at {path.resolve()}; check the data.dataset path")
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DPLightningError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8") from None
+        raise DPLightningError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
+        ) from None
     lines = content.splitlines()
     if suffix == ".txt":
         filled = [i for i, line in enumerate(lines) if line.strip()]
@@ -169,10 +191,14 @@ def read_text_file(path: str | Path) -> list[str]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DPLightningError(f"{path}: line {number} is not valid JSON ({exc.msg}); write one JSON object per line") from None
+            raise DPLightningError(
+                f"{path}: line {number} is not valid JSON ({exc.msg}); write one JSON object per line"
+            ) from None
         text = item.get("text") if isinstance(item, dict) else None
         if not isinstance(text, str):
-            raise DPLightningError(f"{path}: line {number} has no 'text' string field; give every line a \"text\" key")
+            raise DPLightningError(
+                f"{path}: line {number} has no 'text' string field; give every line a \"text\" key"
+            )
         if text.strip():
             texts.append(text)
     return texts

@@ -26,8 +26,14 @@ def _person(band: str, gender: str, rng: random.Random) -> tuple[str, str, str, 
     return rng.choice(options), rng.choice([f"aged {lo}-{hi}", f"age {lo}-{hi}"]), pronoun, possessive
 
 
-_RACE_TEXT = {"Caucasian": "Caucasian", "AfricanAmerican": "African American", "Hispanic": "Hispanic",
-              "Asian": "Asian", "Other": "", "Unknown": ""}
+_RACE_TEXT = {
+    "Caucasian": "Caucasian",
+    "AfricanAmerican": "African American",
+    "Hispanic": "Hispanic",
+    "Asian": "Asian",
+    "Other": "",
+    "Unknown": "",
+}
 _ADMISSION_TEXT = {
     "Emergency": ["an emergency admission", "an emergent admission"],
     "Urgent": ["an urgent admission", "an urgent same-day admission"],
@@ -197,7 +203,14 @@ def _t_nursing(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> s
 
 
 NOTE_TEMPLATES: tuple[Callable[[Mapping[str, Any], dict[str, str], random.Random], str], ...] = (
-    _t_narrative, _t_structured, _t_soap, _t_brief, _t_course, _t_bullets, _t_reason, _t_nursing,
+    _t_narrative,
+    _t_structured,
+    _t_soap,
+    _t_brief,
+    _t_course,
+    _t_bullets,
+    _t_reason,
+    _t_nursing,
 )
 """Note templates; :func:`render_note` picks one at random for each record."""
 

@@ -11,11 +11,23 @@ GENDERS: tuple[str, ...] = ("Female", "Male", "Unknown")
 RACES: tuple[str, ...] = ("Caucasian", "AfricanAmerican", "Hispanic", "Asian", "Other", "Unknown")
 ADMISSION_TYPES: tuple[str, ...] = ("Emergency", "Urgent", "Elective", "Newborn", "Trauma Center", "Unknown")
 ADMISSION_SOURCES: tuple[str, ...] = (
-    "Emergency Room", "Physician Referral", "Clinic Referral", "Transfer", "Other", "Unknown",
+    "Emergency Room",
+    "Physician Referral",
+    "Clinic Referral",
+    "Transfer",
+    "Other",
+    "Unknown",
 )
 DIAGNOSIS_GROUPS: tuple[str, ...] = (
-    "Circulatory", "Respiratory", "Digestive", "Diabetes", "Injury", "Musculoskeletal", "Genitourinary",
-    "Neoplasms", "Other",
+    "Circulatory",
+    "Respiratory",
+    "Digestive",
+    "Diabetes",
+    "Injury",
+    "Musculoskeletal",
+    "Genitourinary",
+    "Neoplasms",
+    "Other",
 )
 A1C_RESULTS: tuple[str, ...] = ("None", "Norm", ">7", ">8")
 GLUCOSE_RESULTS: tuple[str, ...] = ("None", "Norm", ">200", ">300")

@@ -61,8 +61,11 @@ class ExtractionResult:
 
     def metrics(self, prefix: str = "downstream") -> dict[str, float]:
         """Flat ``{"<prefix>/accuracy": ..., "<prefix>/<field>/accuracy": ...}`` for a logger."""
-        out = {f"{prefix}/accuracy": self.accuracy, f"{prefix}/majority_rate": self.majority_rate,
-               f"{prefix}/n": float(self.n)}
+        out = {
+            f"{prefix}/accuracy": self.accuracy,
+            f"{prefix}/majority_rate": self.majority_rate,
+            f"{prefix}/n": float(self.n),
+        }
         for name, r in self.per_field.items():
             out[f"{prefix}/{name}/accuracy"] = r.accuracy
             out[f"{prefix}/{name}/majority_rate"] = r.majority_rate
@@ -198,7 +201,9 @@ def lm_scorer(model: Any, tokenizer: Any, batch_size: int = 16, max_length: int 
 _FRESH_SEED_SCALE, _FRESH_SEED_OFFSET = 1_000_003, 101
 
 
-def heldout_examples(datamodule: Any, split: str = "test", num_notes: int | None = None) -> list[tuple[str, Record]]:
+def heldout_examples(
+    datamodule: Any, split: str = "test", num_notes: int | None = None
+) -> list[tuple[str, Record]]:
     """``(note, record)`` pairs never trained on: the notes of ``split`` (``"val"`` or ``"test"``), in order.
 
     ``num_notes`` takes the first that many; when the split is smaller and the dataset is the synthetic

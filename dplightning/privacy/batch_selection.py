@@ -84,7 +84,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if self.secure_rng:
             uniform = np.frombuffer(os.urandom(8 * self.num_examples), dtype=np.uint64) / np.float64(2**64)
         else:
-            uniform = np.random.default_rng(_batch_seed(self.seed, self.epoch, index)).random(self.num_examples)
+            uniform = np.random.default_rng(_batch_seed(self.seed, self.epoch, index)).random(
+                self.num_examples
+            )
         chosen = np.flatnonzero(uniform < self.sample_rate)
         return chosen[chosen % self.world_size == self.rank] if self.world_size > 1 else chosen
 

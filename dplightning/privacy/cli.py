@@ -94,7 +94,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "--accountant", choices=ACCOUNTANTS, default="pld", help="PLD (tight, default) or RDP"
     )
     parser.add_argument(
-        "--mechanism", choices=("gaussian", "laplace"), default="gaussian", help="noise distribution (LMO: lmo-search)"
+        "--mechanism",
+        choices=("gaussian", "laplace"),
+        default="gaussian",
+        help="noise distribution (LMO: lmo-search)",
     )
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object with the figure and the inputs"
@@ -194,7 +197,9 @@ def _lmo_search_command(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--epsilon", type=float, required=True, help="target ε > 0")
     parser.add_argument("--delta", type=float, required=True, help="δ in (0, 1)")
-    parser.add_argument("--sample-rate", "-q", type=float, required=True, help="Poisson sampling rate q in (0, 1]")
+    parser.add_argument(
+        "--sample-rate", "-q", type=float, required=True, help="Poisson sampling rate q in (0, 1]"
+    )
     parser.add_argument("--steps", "-T", type=_positive_int, required=True, help="number of noisy releases")
     parser.add_argument("--release", choices=("scalar", "vector"), default="scalar", help="what is released")
     parser.add_argument("--time-budget", type=float, default=90.0, help="seconds for the search (default 90)")
@@ -210,7 +215,12 @@ def _run_lmo_search(args: argparse.Namespace) -> dict[str, Any]:
         print(line, file=sys.stderr)
 
     result = lmo_search(
-        args.epsilon, args.delta, args.sample_rate, args.steps, args.release, args.time_budget,
+        args.epsilon,
+        args.delta,
+        args.sample_rate,
+        args.steps,
+        args.release,
+        args.time_budget,
         log if args.verbose else None,
     )
     compared = (

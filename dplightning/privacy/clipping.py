@@ -88,7 +88,10 @@ def clip_and_sum(
 
 
 def group_grids(
-    groups: Mapping[str, Sequence[str]], sizes: Mapping[str, int], thresholds: Mapping[str, float], p: float = 2.0
+    groups: Mapping[str, Sequence[str]],
+    sizes: Mapping[str, int],
+    thresholds: Mapping[str, float],
+    p: float = 2.0,
 ) -> dict[str, float]:
     """Grid ``γ_g`` of each group (``sizes``: elements per parameter) for its threshold and dimension."""
     grid = l1_grid if p == 1.0 else l2_grid

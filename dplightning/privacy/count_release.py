@@ -100,7 +100,9 @@ class ClipCountRelease:
         self._sum = np.zeros(len(groups))
         self._n = 0
 
-    def release(self, norms: Mapping[str, Tensor], thresholds: Mapping[str, float], sigma_count: float) -> np.ndarray:
+    def release(
+        self, norms: Mapping[str, Tensor], thresholds: Mapping[str, float], sigma_count: float
+    ) -> np.ndarray:
         """One step's noisy clip fractions ``[k]`` (also accumulated for :meth:`interval_mean`).
 
         The counts are released on the grid ``γ = 2^-20`` (an integer sum plus discrete Gaussian noise, see

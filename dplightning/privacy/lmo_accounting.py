@@ -131,7 +131,9 @@ def _edges(mech: LMOMechanism, shift: float, grid: LMOGrid) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)  # ~1 MB each; the convexity check needs convexity_points + 1 of them per event
-def base_atoms(mech: LMOMechanism, shift: float, grid: LMOGrid = DEFAULT_GRID) -> tuple[np.ndarray, np.ndarray]:
+def base_atoms(
+    mech: LMOMechanism, shift: float, grid: LMOGrid = DEFAULT_GRID
+) -> tuple[np.ndarray, np.ndarray]:
     """A discrete pair dominating (μ_Δ, μ): atoms ``(m_j, log r_j)`` with ``Σ m_j = 1``, ``Σ m_j r_j = 1`` (±float).
 
     ``m`` are μ-masses, ``r = dμ_Δ/dμ`` at the atom. Read-only arrays ``[n_atoms]`` (cached).
@@ -217,7 +219,9 @@ def lmo_pld(
 # ------------------------------------------------------------------------------------------------ RDP
 
 
-def base_rdp(mech: LMOMechanism, shift: float, orders: Sequence[int], grid: LMOGrid = DEFAULT_GRID) -> np.ndarray:
+def base_rdp(
+    mech: LMOMechanism, shift: float, orders: Sequence[int], grid: LMOGrid = DEFAULT_GRID
+) -> np.ndarray:
     """Upper bounds on ``D_α(μ_Δ ‖ μ)`` (= ``D_α(μ ‖ μ_Δ)`` by symmetry) at integer ``orders`` ≥ 2, ``[len(orders)]``.
 
     Also capped by ``D_∞ = max log r`` (``≤ K·Δ``), which every order's divergence is below.
@@ -227,7 +231,9 @@ def base_rdp(mech: LMOMechanism, shift: float, orders: Sequence[int], grid: LMOG
     top = float(lr.max())
     centred = lr - top  # ≤ 0: exp(α · centred) cannot overflow
     # log Σ_j m_j e^{α lr_j} = α·top + log Σ_j m_j e^{α (lr_j − top)}, as one matrix-vector product per chunk
-    sums = np.concatenate([np.exp(np.outer(chunk, centred)) @ m for chunk in np.array_split(alphas, max(1, alphas.size // 16))])
+    sums = np.concatenate(
+        [np.exp(np.outer(chunk, centred)) @ m for chunk in np.array_split(alphas, max(1, alphas.size // 16))]
+    )
     out = (alphas * top + np.log(sums)) / (alphas - 1)
     return np.minimum(np.maximum(out, 0.0), top)
 
@@ -238,7 +244,9 @@ def convex_in_shift(shifts: np.ndarray, values: np.ndarray, tolerance: float = 1
     s = np.asarray(shifts, dtype=np.float64)
     v = np.atleast_2d(np.asarray(values, dtype=np.float64))
     if s.ndim != 1 or v.shape[1] != s.size or s.size < 3 or s[0] != 0 or np.any(np.diff(s) <= 0):
-        raise DPLightningError("convexity check needs >= 3 increasing shifts starting at 0 and one column per shift")
+        raise DPLightningError(
+            "convexity check needs >= 3 increasing shifts starting at 0 and one column per shift"
+        )
     slopes = np.diff(v, axis=1) / np.diff(s)  # [n_orders, n-1]; convex ⇔ non-decreasing slopes
     bad = (np.diff(slopes, axis=1) * np.diff(s)[1:] < -tolerance) | (slopes[:, :1] < -tolerance / s[1])
     return ~bad.any(axis=1)
@@ -282,7 +290,11 @@ def poisson_subsampled_rdp_bound(base: np.ndarray, q: float) -> np.ndarray:
 
 
 BASE_ORDERS: tuple[int, ...] = (
-    *range(2, 17), *range(18, 33, 2), *range(36, 65, 4), *range(72, 129, 8), *range(144, MAX_RDP_ORDER + 1, 16)
+    *range(2, 17),
+    *range(18, 33, 2),
+    *range(36, 65, 4),
+    *range(72, 129, 8),
+    *range(144, MAX_RDP_ORDER + 1, 16),
 )
 """Integer orders at which the base (1-D) RDP is computed; an order in between uses the next one up (RDP is
 non-decreasing in the order, so this is an upper bound)."""

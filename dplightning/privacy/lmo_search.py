@@ -187,7 +187,9 @@ def lmo_search(
         if value < best["value"] * (1 - 1e-9):  # a real improvement, not float noise between equal variances
             best.update(value=value, mechanism=mech, multiplier=s, z=np.array(z, dtype=np.float64))
             if log is not None:
-                log(f"[{time.monotonic() - start:6.1f}s] variance {value:.5g} (Gaussian {gaussian_sigma**2:.5g}) {mech}")
+                log(
+                    f"[{time.monotonic() - start:6.1f}s] variance {value:.5g} (Gaussian {gaussian_sigma**2:.5g}) {mech}"
+                )
         return value if math.isfinite(value) else 1e30
 
     try:
@@ -196,7 +198,10 @@ def lmo_search(
         simplex = np.stack([z0] + [z0 + 1.0 * np.eye(4)[i] for i in range(4)])
         while True:  # restarts around the incumbent until the budget is spent
             optimize.minimize(
-                objective, z0, method="Nelder-Mead", options={"initial_simplex": simplex, "xatol": 1e-2, "fatol": 1e-4}
+                objective,
+                z0,
+                method="Nelder-Mead",
+                options={"initial_simplex": simplex, "xatol": 1e-2, "fatol": 1e-4},
             )
             z0 = best.get("z", z0)
             simplex = np.stack([z0] + [z0 + 0.3 * np.eye(4)[i] for i in range(4)])

@@ -186,7 +186,9 @@ class LMOMechanism:
             # log((1 − e^{−w}) / w), → −w/2 as w → 0
             safe = np.where(w > _SMALL, w, 1.0)
             tiny = np.minimum(w, _SMALL)
-            ratio = np.where(w > _SMALL, np.log(-np.expm1(-safe)) - np.log(safe), -tiny / 2 + tiny * tiny / 24)
+            ratio = np.where(
+                w > _SMALL, np.log(-np.expm1(-safe)) - np.log(safe), -tiny / 2 + tiny * tiny / 24
+            )
             out += -alpha * t + ratio
         return out
 
@@ -207,7 +209,9 @@ class LMOMechanism:
             safe = np.where(w > _SMALL, w, 1.0)
             tiny = np.minimum(w, _SMALL)
             with np.errstate(over="ignore"):  # expm1(w) = inf for huge w gives the right limit, width/inf = 0
-                ratio = np.where(w > _SMALL, width / np.expm1(safe) - width / safe, width * (-0.5 + tiny / 12))
+                ratio = np.where(
+                    w > _SMALL, width / np.expm1(safe) - width / safe, width * (-0.5 + tiny / 12)
+                )
             out += -alpha + ratio
         return out
 
@@ -234,8 +238,12 @@ class LMOMechanism:
     def interval_mass(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """``P(lo < n ≤ hi)`` elementwise (``lo ≤ hi``), each side computed from its own tail (no cancellation)."""
         lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
-        left = self.cdf(np.minimum(hi, 0.0)) - self.cdf(np.minimum(lo, 0.0))  # part below 0, from the left tail
-        right = self.sf(np.maximum(lo, 0.0)) - self.sf(np.maximum(hi, 0.0))  # part above 0, from the right tail
+        left = self.cdf(np.minimum(hi, 0.0)) - self.cdf(
+            np.minimum(lo, 0.0)
+        )  # part below 0, from the left tail
+        right = self.sf(np.maximum(lo, 0.0)) - self.sf(
+            np.maximum(hi, 0.0)
+        )  # part above 0, from the right tail
         return np.maximum(left, 0.0) + np.maximum(right, 0.0)
 
     def quantile_abs(self, tail: float) -> float:

@@ -155,7 +155,9 @@ class NoiseSource:
             pending = pending[~accepted]
         return out.view(tuple(shape))
 
-    def discrete_lmo(self, shape: torch.Size | tuple[int, ...], mechanism: LMOMechanism, scale: float) -> Tensor:
+    def discrete_lmo(
+        self, shape: torch.Size | tuple[int, ...], mechanism: LMOMechanism, scale: float
+    ) -> Tensor:
         """LMO noise on the integer grid, int64: a discrete Laplace of scale ``scale / U`` per coordinate, U the
         mechanism's mixing variable. Refuses (ValueError) a draw whose scale leaves int64: use
         :meth:`add_discrete_lmo`, which has no such limit."""
@@ -174,7 +176,9 @@ class NoiseSource:
         return self.add_discrete_laplace(units, scale / mixing)
 
     # ------------------------------------------------------------------------------ continuous (not releases)
-    def gaussian(self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device | str = "cpu") -> Tensor:
+    def gaussian(
+        self, shape: torch.Size | tuple[int, ...], std: float, device: torch.device | str = "cpu"
+    ) -> Tensor:
         """``N(0, std^2)`` i.i.d., float32, on ``device``. Float noise has gaps that leak the low bits of what it is
         added to: use :meth:`discrete_gaussian` for anything released."""
         n = math.prod(shape)
@@ -185,7 +189,11 @@ class NoiseSource:
         return (torch.randn(n, generator=self.generator) * std).view(shape).to(device)
 
     def lmo(
-        self, shape: torch.Size | tuple[int, ...], mechanism: LMOMechanism, scale: float, device: torch.device | str = "cpu"
+        self,
+        shape: torch.Size | tuple[int, ...],
+        mechanism: LMOMechanism,
+        scale: float,
+        device: torch.device | str = "cpu",
     ) -> Tensor:
         """``scale · n`` with n ~ ``mechanism`` i.i.d. (one U per coordinate), float64, on ``device``. Continuous: use
         :meth:`discrete_lmo` for anything released.

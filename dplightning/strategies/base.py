@@ -136,7 +136,9 @@ class PrivateStrategyMixin(Strategy):
         self._params: dict[str, torch.nn.Parameter] = {}
         self._trainable: set[str] = set()
         self._shard = (0, 1)  # (rank, world size) of Poisson sampling; set by a DDP variant
-        self._safe_region: tuple[float, float, int] | None = None  # (σ_min, q_max, steps) proven within budget
+        self._safe_region: tuple[float, float, int] | None = (
+            None  # (σ_min, q_max, steps) proven within budget
+        )
         self._min_sigma_used = math.inf
         self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
@@ -184,10 +186,16 @@ class PrivateStrategyMixin(Strategy):
 
     def set_clip_thresholds(self, thresholds: float | Mapping[str, float]) -> None:
         """Set ``C_g`` for every group (a float sets all). Per-group σ_g stay, so noise std σ_g·C_g follows."""
-        values = dict.fromkeys(self.groups, float(thresholds)) if isinstance(thresholds, (int, float)) else dict(thresholds)
+        values = (
+            dict.fromkeys(self.groups, float(thresholds))
+            if isinstance(thresholds, (int, float))
+            else dict(thresholds)
+        )
         unknown = set(values) - set(self.groups)
         if unknown:
-            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+            raise DPLightningError(
+                f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names"
+            )
         if not all(0 < v < math.inf for v in values.values()):  # also refuses NaN
             raise DPLightningError("clip thresholds must be finite and > 0")
         self.clip_thresholds.update(values)
@@ -196,7 +204,9 @@ class PrivateStrategyMixin(Strategy):
         """Set per-group σ_g directly (heteroscedastic noise); the step is charged σ_eff."""
         unknown = set(multipliers) - set(self.groups)
         if unknown:
-            raise DPLightningError(f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names")
+            raise DPLightningError(
+                f"unknown clipping groups {sorted(unknown)[:3]}; use names from strategy.group_names"
+            )
         if not all(0 <= v < math.inf for v in multipliers.values()):  # also refuses NaN
             raise DPLightningError("noise multipliers must be finite and >= 0")
         self.noise_multipliers.update({k: float(v) for k, v in multipliers.items()})
@@ -228,13 +238,19 @@ class PrivateStrategyMixin(Strategy):
     @override
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is None or trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+        if (
+            trainer is None
+            or trainer.state.stage != RunningStage.TRAINING
+            or not isinstance(dataloader, DataLoader)
+        ):
             return dataloader
         dataset = dataloader.dataset
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise DPLightningError("the training set is empty; check the data module")
-        batch_size = dataloader.batch_size or (dataloader.batch_sampler.batch_size if dataloader.batch_sampler else 1)  # type: ignore[union-attr]
+        batch_size = dataloader.batch_size or (
+            dataloader.batch_sampler.batch_size if dataloader.batch_sampler else 1
+        )  # type: ignore[union-attr]
         accumulate = trainer.accumulate_grad_batches
         expected = batch_size * accumulate
         q = expected / n
@@ -244,7 +260,10 @@ class PrivateStrategyMixin(Strategy):
             )
         self.sample_rate, self.num_examples, self.expected_batch_size = q, n, float(expected)
         if not self.poisson_sampling:
-            warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate", stacklevel=2)
+            warnings.warn(
+                "poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate",
+                stacklevel=2,
+            )
             return dataloader
         sampler = PoissonBatchSampler(
             n,
@@ -293,7 +312,9 @@ class PrivateStrategyMixin(Strategy):
     def _plan_steps(self) -> int:
         """Set ``planned_steps`` from the trainer's plan; returns the planned steps not yet taken."""
         if self.sample_rate is None:
-            raise DPLightningError(f"{type(self).__name__} could not find the training dataloader to set the sample rate")
+            raise DPLightningError(
+                f"{type(self).__name__} could not find the training dataloader to set the sample rate"
+            )
         self._check_training_batches()
         steps = self.lightning_module.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
@@ -313,7 +334,9 @@ class PrivateStrategyMixin(Strategy):
             return
         assert self.sample_rate is not None
         sigma = self.effective_noise_multiplier
-        final = self.accountant.epsilon_with(self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)])
+        final = self.accountant.epsilon_with(
+            self.target_delta, [(self.step_event(sigma, self.sample_rate), remaining)]
+        )
         fresh = self.accountant.steps == 0
         overspends = self.target_epsilon is not None and final > self.target_epsilon * (1 + 1e-9)
         if overspends and (fresh or self._refuse_overspending_resume):
@@ -334,8 +357,15 @@ class PrivateStrategyMixin(Strategy):
             sigma_min, q_max, steps = self._safe_region
             # Monotone: fewer steps, larger σ and smaller q each lower ε, so this dominates the planned run.
             # LMO: ε is not proven monotone in the multiplier, so only the exact planned multiplier is covered
-            exact = self.noise != "lmo" or (sigma == sigma_min and self._min_sigma_used in (math.inf, sigma_min))
-            if exact and min(self._min_sigma_used, sigma) >= sigma_min and q <= q_max and self.accountant.steps + 1 <= steps:
+            exact = self.noise != "lmo" or (
+                sigma == sigma_min and self._min_sigma_used in (math.inf, sigma_min)
+            )
+            if (
+                exact
+                and min(self._min_sigma_used, sigma) >= sigma_min
+                and q <= q_max
+                and self.accountant.steps + 1 <= steps
+            ):
                 return True
         if sigma <= 0:
             return False
@@ -351,7 +381,9 @@ class PrivateStrategyMixin(Strategy):
         """The step was refused (nothing released): stop training cleanly."""
         self.budget_exhausted = True
         self.lightning_module.trainer.should_stop = True
-        rank_zero_info(f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step")
+        rank_zero_info(
+            f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step"
+        )
 
     # ------------------------------------------------------------------------------------ checkpoints
     def dp_state_dict(self) -> dict[str, Any]:
@@ -379,7 +411,9 @@ class PrivateStrategyMixin(Strategy):
         self._min_sigma_used = state["min_sigma_used"]
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
         checkpoint["dplightning"] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 

@@ -55,10 +55,17 @@ class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
             checkpoint_io=checkpoint_io or AtomicCheckpointIO(),
         )
         settings = PrivacySettings(
-            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta,
-            accountant=accountant, poisson_sampling=poisson_sampling, secure_rng=secure_rng, seed=seed,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            secure_rng=secure_rng,
+            seed=seed,
         )
-        self._init_dpsgd(settings, max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction)
+        self._init_dpsgd(
+            settings, max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction
+        )
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

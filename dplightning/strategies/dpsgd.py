@@ -65,18 +65,28 @@ def check_dpsgd_settings(
     only with per-example L1 clipping and RDP accounting), the shared privacy settings, the clip norm."""
     accountant = settings.accountant
     if clipping not in CLIPPING_MODES:
-        raise DPLightningError(f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter, flat_l1")
+        raise DPLightningError(
+            f"unknown clipping '{clipping}'; use one of flat, per_layer, per_adapter, flat_l1"
+        )
     if noise not in ("gaussian", "lmo"):
         raise DPLightningError(f"unknown noise '{noise}'; use gaussian or lmo")
     if noise == "lmo":
         if lmo is None:
-            raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
+            raise DPLightningError(
+                "noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)"
+            )
         if clipping != "flat_l1":
-            raise DPLightningError("noise='lmo' needs clipping='flat_l1' (its vector accounting is for L1 clipping)")
+            raise DPLightningError(
+                "noise='lmo' needs clipping='flat_l1' (its vector accounting is for L1 clipping)"
+            )
         if accountant != "rdp":
-            raise DPLightningError("noise='lmo' on gradients is accounted with RDP (its convexity check is for RDP); set accountant='rdp'")
+            raise DPLightningError(
+                "noise='lmo' on gradients is accounted with RDP (its convexity check is for RDP); set accountant='rdp'"
+            )
     elif clipping == "flat_l1":
-        raise DPLightningError("clipping='flat_l1' bounds the L1 norm, which Gaussian accounting ignores; set noise='lmo'")
+        raise DPLightningError(
+            "clipping='flat_l1' bounds the L1 norm, which Gaussian accounting ignores; set noise='lmo'"
+        )
     elif lmo is not None:
         raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
     settings.validate("DPSGDStrategy")
@@ -150,7 +160,9 @@ class DPSGDMixin(PrivateStrategyMixin):
         if self.noise != "lmo":
             return StepEvent(sigma, q)
         if self.auxiliary_noise_multipliers:
-            raise DPLightningError("auxiliary Gaussian releases cannot be combined with LMO noise; use noise='gaussian'")
+            raise DPLightningError(
+                "auxiliary Gaussian releases cannot be combined with LMO noise; use noise='gaussian'"
+            )
         return StepEvent(sigma, q, "lmo", self.lmo, "vector")
 
     def _noise_kwargs(self) -> dict[str, Any]:
@@ -163,7 +175,11 @@ class DPSGDMixin(PrivateStrategyMixin):
     def calibrate(self, target_epsilon: float, steps: int) -> float:
         assert self.sample_rate is not None
         return noise_for_target(
-            target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
+            target_epsilon,
+            self.target_delta,
+            self.sample_rate,
+            steps,
+            accountant=self.accountant_kind,
             **self._noise_kwargs(),
         )
 
@@ -174,11 +190,17 @@ class DPSGDMixin(PrivateStrategyMixin):
         module = self.lightning_module
         assert module is not None
         if not module.automatic_optimization:
-            raise DPLightningError("DPSGDStrategy needs automatic optimization; set automatic_optimization = True")
+            raise DPLightningError(
+                "DPSGDStrategy needs automatic optimization; set automatic_optimization = True"
+            )
         if trainer.gradient_clip_val:
-            raise DPLightningError("Trainer(gradient_clip_val=...) conflicts with DP clipping; remove it and set max_grad_norm")
+            raise DPLightningError(
+                "Trainer(gradient_clip_val=...) conflicts with DP clipping; remove it and set max_grad_norm"
+            )
         if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
-            raise DPLightningError(f"DPSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}")
+            raise DPLightningError(
+                f"DPSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}"
+            )
         if self._engine is not None:
             self._engine.remove()
         self._engine = PerExampleGradients(module, self.loss_reduction)
@@ -209,13 +231,19 @@ class DPSGDMixin(PrivateStrategyMixin):
         return super().training_step(*args, **kwargs)
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
         assert self._engine is not None
         grads = self._engine.pop()
         if grads:
             summed, norms = clip_to_grid_and_sum(
-                grads, self.groups, self.clip_thresholds, self.grids(), p=self._norm_order,
+                grads,
+                self.groups,
+                self.clip_thresholds,
+                self.grids(),
+                p=self._norm_order,
                 stability=self.normalization_stability,
             )
             for name, value in summed.items():
@@ -277,7 +305,9 @@ class DPSGDMixin(PrivateStrategyMixin):
                 p = self._params[name]
                 released = self._add_noise(sums[name], std) if std > 0 else sums[name].double()
                 p.grad = (from_grid(released, grid) / self.expected_batch_size).to(p.dtype)
-            self.last_noisy_grad_norms[group] = math.sqrt(sum(float(self._params[n].grad.pow(2).sum()) for n in names))
+            self.last_noisy_grad_norms[group] = math.sqrt(
+                sum(float(self._params[n].grad.pow(2).sum()) for n in names)
+            )
         self._summed.clear()
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
         self.private_step_norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
@@ -333,11 +363,21 @@ class DPSGDStrategy(DPSGDMixin, SingleDeviceStrategy):
     ) -> None:
         super().__init__(device=resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
         settings = PrivacySettings(
-            noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta,
-            accountant=accountant, poisson_sampling=poisson_sampling, secure_rng=secure_rng, seed=seed,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            accountant=accountant,
+            poisson_sampling=poisson_sampling,
+            secure_rng=secure_rng,
+            seed=seed,
         )
         self._init_dpsgd(
-            settings, max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction, noise=noise, lmo=lmo
+            settings,
+            max_grad_norm=max_grad_norm,
+            clipping=clipping,
+            loss_reduction=loss_reduction,
+            noise=noise,
+            lmo=lmo,
         )
 
 
@@ -348,7 +388,6 @@ def __getattr__(name: str) -> Any:
 
         return DDPDPSGDStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 
 __all__ = [

@@ -45,9 +45,7 @@ schedulers work) and ``optimizer.step`` is never called.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -62,312 +60,51 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from dplightning.checkpoint_io import AtomicCheckpointIO
-from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting import (
     AccountantKind,
     Mechanism,
+    PureLaplaceAccountant,
     StepEvent,
     noise_for_target,
-    pure_epsilon_laplace,
 )
+from dplightning.privacy.accounting import laplace_scale_for_pure_epsilon as pure_laplace_multiplier
 from dplightning.privacy.discretization import from_grid, scalar_grid, to_grid
 from dplightning.privacy.mechanisms import LMOMechanism
+from dplightning.privacy.zeroth_order import (
+    Perturbation,
+    ZerothOrderEstimator,
+    direction_seed,
+    parameter_seed,
+)
 from dplightning.strategies.base import PrivateStrategyMixin, batch_size_of, resolve_device
 from dplightning.strategies.settings import PrivacySettings
 
 NoiseKind = Literal["gaussian", "laplace", "lmo"]
 Trainable = Literal["lora", "all"]
-Perturbation = Literal["swap", "inplace"]
 
 SCALAR_GROUP = "scalar"
-DEFAULT_CHUNK = 1 << 20  # elements of z drawn at once (4 MB in float32)
-_MASK64 = (1 << 64) - 1
-
-
-# ------------------------------------------------------------------------------------------------ seeds
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def direction_seed(seed: int, step: int, direction: int) -> int:
-    """Seed of direction ``direction`` at optimizer step ``step``: a pure function of its arguments (counter-based),
-    so a resumed run regenerates the same directions. 63 bits."""
-    digest = hashlib.sha256(f"dplightning-dpzo:{seed}:{step}:{direction}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def parameter_seed(direction: int, index: int) -> int:
-    """Seed of the slice of a direction that lies on trainable parameter number ``index``. 63 bits."""
-    return _splitmix64(direction ^ _splitmix64(index + 1)) >> 1
-
-
-# ------------------------------------------------------------------------------------------ estimator
-class ZerothOrderEstimator:
-    """Two-point (SPSA) directional derivatives over a fixed list of parameters; ``z`` regenerated from seeds.
-
-    Args:
-        root: module whose forward computes the loss (hooks are installed on its submodules in swap mode).
-        params: ``(name, parameter)`` pairs to perturb, in a fixed order (the order is part of the direction).
-        mu: perturbation scale μ.
-        perturbation: ``"swap"`` (θ never written, exact) or ``"inplace"`` (MeZO, rounding drift).
-        chunk_size: elements of ``z`` drawn at once.
-    """
-
-    def __init__(
-        self,
-        root: nn.Module,
-        params: Sequence[tuple[str, nn.Parameter]],
-        mu: float,
-        perturbation: Perturbation = "swap",
-        chunk_size: int = DEFAULT_CHUNK,
-    ) -> None:
-        if perturbation not in ("swap", "inplace"):
-            raise DPLightningError(f"unknown perturbation '{perturbation}'; use swap or inplace")
-        if mu <= 0:
-            raise DPLightningError(f"mu must be > 0, got {mu}")
-        self.names = [n for n, _ in params]
-        self.params = [p for _, p in params]
-        for name, p in params:
-            if not p.is_contiguous():
-                raise DPLightningError(f"parameter '{name}' is not contiguous; call .contiguous() on it before training")
-        self.mu = float(mu)
-        self.perturbation: Perturbation = perturbation
-        self.chunk_size = int(chunk_size)
-        self._active: tuple[int, float] | None = None  # (direction seed, scale) while a perturbed forward runs
-        self._touched: set[int] = set()
-        self._warned_untouched = False
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        if perturbation == "swap":
-            self._install_hooks(root)
-
-    @property
-    def numel(self) -> int:
-        """Dimension ``d`` of the directions."""
-        return sum(p.numel() for p in self.params)
-
-    # ------------------------------------------------------------------------------------ directions
-    def chunks(self, index: int, seed: int) -> Iterator[tuple[slice, Tensor]]:
-        """``(slice of the flattened parameter, z chunk)`` pairs of parameter ``index`` under direction ``seed``.
-        Each chunk is ``[min(chunk_size, remaining)]`` standard normals in the parameter's dtype and device."""
-        p = self.params[index]
-        gen = torch.Generator(device=p.device)
-        gen.manual_seed(parameter_seed(seed, index))
-        n = p.numel()
-        for start in range(0, n, self.chunk_size):
-            size = min(self.chunk_size, n - start)
-            yield slice(start, start + size), torch.randn(size, generator=gen, device=p.device, dtype=p.dtype)
-
-    def direction(self, seed: int) -> list[Tensor]:
-        """The whole direction ``z`` as one tensor per parameter (shapes of ``params``). Diagnostics/tests only:
-        training never materialises it."""
-        out = []
-        for i, p in enumerate(self.params):
-            z = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-            for sl, chunk in self.chunks(i, seed):
-                z[sl] = chunk
-            out.append(z.view_as(p))
-        return out
-
-    @torch.no_grad()
-    def add_direction(self, seed: int, alpha: float) -> None:
-        """``θ += alpha · z(seed)`` in place, chunk by chunk."""
-        for i, p in enumerate(self.params):
-            flat = p.detach().view(-1)
-            for sl, chunk in self.chunks(i, seed):
-                flat[sl].add_(chunk, alpha=alpha)
-
-    def perturbed_tensor(self, index: int, seed: int, scale: float) -> Tensor:
-        """A new tensor ``θ_index + scale · z_index(seed)`` (shape of the parameter); θ is not touched."""
-        p = self.params[index].detach()
-        out = torch.empty_like(p)
-        flat_out, flat_p = out.view(-1), p.view(-1)
-        for sl, chunk in self.chunks(index, seed):
-            torch.add(flat_p[sl], chunk, alpha=scale, out=flat_out[sl])
-        return out
-
-    # ------------------------------------------------------------------------------------ swap hooks
-    def _install_hooks(self, root: nn.Module) -> None:
-        index = {id(p): i for i, p in enumerate(self.params)}
-        owners: dict[nn.Module, list[tuple[str, int]]] = {}
-        for module in root.modules():
-            for pname, p in module._parameters.items():  # direct params, tied ones appear in every owner
-                if p is not None and id(p) in index:
-                    owners.setdefault(module, []).append((pname, index[id(p)]))
-        self._owners = owners
-
-        def pre_hook(module: nn.Module, args: Any) -> None:
-            if self._active is None:
-                return
-            seed, scale = self._active
-            for pname, i in owners[module]:
-                module._parameters[pname] = self.perturbed_tensor(i, seed, scale)  # type: ignore[assignment]
-                self._touched.add(i)
-
-        def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-            for pname, i in owners[module]:
-                module._parameters[pname] = self.params[i]
-
-        for module in owners:
-            self._handles.append(module.register_forward_pre_hook(pre_hook))
-            self._handles.append(module.register_forward_hook(post_hook, always_call=True))
-
-    def _restore_all(self) -> None:
-        for module, entries in getattr(self, "_owners", {}).items():
-            for pname, i in entries:
-                module._parameters[pname] = self.params[i]
-
-    def remove(self) -> None:
-        """Remove the swap hooks."""
-        self._restore_all()
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    # ------------------------------------------------------------------------------------- estimates
-    @contextlib.contextmanager
-    def perturbed(self, seed: int, scale: float) -> Iterator[None]:
-        """Forwards run inside see ``θ + scale · z(seed)`` (swap mode only: nothing is written to θ)."""
-        if self.perturbation != "swap":
-            raise DPLightningError("perturbed() needs perturbation='swap'; use directional_derivatives()")
-        self._active = (seed, scale)
-        self._touched.clear()
-        try:
-            yield
-        finally:
-            self._active = None
-            self._restore_all()
-        missing = set(range(len(self.params))) - self._touched
-        if missing and not self._warned_untouched:
-            self._warned_untouched = True
-            names = [self.names[i] for i in sorted(missing)][:3]
-            warnings.warn(
-                f"DP-ZO: {len(missing)} trainable parameters (e.g. {names}) were not perturbed because their module's "
-                "forward did not run; if they are used outside it, set perturbation='inplace'",
-                stacklevel=3,
-            )
-
-    @torch.no_grad()
-    def directional_derivatives(self, loss_fn: Callable[[], Tensor], seed: int) -> tuple[Tensor, Tensor]:
-        """Per-example central differences along ``z(seed)``.
-
-        Args:
-            loss_fn: returns the per-example losses ``[B]`` at the current (perturbed) parameters.
-            seed: direction seed.
-
-        Returns:
-            ``((L⁺ − L⁻) / (2μ), (L⁺ + L⁻) / 2)``, both ``[B]`` float64 (the second approximates the loss at θ
-            up to O(μ²)). θ is unchanged afterwards (bit-exact in swap mode).
-        """
-        mu = self.mu
-        if self.perturbation == "swap":
-            with self.perturbed(seed, mu):
-                plus = loss_fn().detach().double()
-            with self.perturbed(seed, -mu):
-                minus = loss_fn().detach().double()
-        else:
-            applied = mu  # net multiple of z currently added to θ
-            self.add_direction(seed, mu)
-            try:
-                plus = loss_fn().detach().double()
-                self.add_direction(seed, -2.0 * mu)
-                applied = -mu
-                minus = loss_fn().detach().double()
-            finally:
-                self.add_direction(seed, -applied)
-        return (plus - minus) / (2.0 * mu), (plus + minus) / 2.0
-
-
-# ------------------------------------------------------------------------------------- pure ε accountant
-class PureLaplaceAccountant:
-    """Pure ε-DP (δ = 0) of Poisson-subsampled Laplace releases: ``log(1 + q (e^{1/λ} − 1))`` per step (an
-    ε₀-DP mechanism on a Poisson subsample is ``log(1 + q (e^{ε₀} − 1))``-DP), composed additively
-    (:func:`~dplightning.privacy.accounting.pure_epsilon_laplace`).
-
-    Same interface as :class:`~dplightning.privacy.accounting.PrivacyAccountant` (``step``, ``steps``,
-    ``history``, ``epsilon``, ``epsilon_with``, ``state_dict``, ``load_state_dict``). ``epsilon(delta)`` accepts
-    any ``delta ≥ 0`` and ignores it: a pure ε guarantee holds for every δ.
-    """
-
-    kind = "pure_laplace"
-
-    def __init__(self) -> None:
-        self._history: dict[StepEvent, int] = {}
-
-    def step(
-        self, noise_multiplier: float, sample_rate: float, num_steps: int = 1, mechanism: Mechanism = "laplace"
-    ) -> None:
-        """Record ``num_steps`` releases at Laplace multiplier ``noise_multiplier`` and sample rate ``sample_rate``."""
-        if num_steps < 0:
-            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
-        event = self._check(StepEvent(float(noise_multiplier), float(sample_rate), mechanism))
-        if num_steps:
-            self._history[event] = self._history.get(event, 0) + int(num_steps)
-
-    def record(self, event: StepEvent, num_steps: int = 1) -> None:
-        """Record ``num_steps`` releases of ``event`` (Laplace only)."""
-        self.step(event.noise_multiplier, event.sample_rate, num_steps, event.mechanism)
-
-    @staticmethod
-    def _check(event: StepEvent) -> StepEvent:
-        if event.mechanism != "laplace":
-            raise DPLightningError("the pure-ε accountant only composes Laplace releases; use accountant='pld'")
-        return event
-
-    @property
-    def steps(self) -> int:
-        return sum(self._history.values())
-
-    @property
-    def history(self) -> list[tuple[StepEvent, int]]:
-        return list(self._history.items())
-
-    def epsilon(self, delta: float = 0.0) -> float:
-        """Pure ε of all steps so far (``delta`` is ignored)."""
-        return self.epsilon_with(delta, [])
-
-    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
-        """Pure ε of the history plus hypothetical ``(event, count)`` pairs (``delta`` is ignored)."""
-        pairs = [*self._history.items(), *((self._check(e), c) for e, c in extra)]
-        return sum(pure_epsilon_laplace(e.noise_multiplier, e.sample_rate, c) for e, c in pairs if c > 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "history": [
-                {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "count": c}
-                for e, c in self._history.items()
-            ],
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("kind") != self.kind:
-            raise DPLightningError(
-                f"checkpoint holds a {state.get('kind')!r} accountant, this run uses pure ε-DP Laplace accounting; "
-                "resume with the same noise and target_delta"
-            )
-        self._history = {}
-        for entry in state["history"]:
-            self.step(entry["noise_multiplier"], entry["sample_rate"], entry["count"])
-
-
-def pure_laplace_multiplier(epsilon: float, sample_rate: float, steps: int) -> float:
-    """Smallest Laplace multiplier λ with ``pure_epsilon_laplace(λ, q, steps) ≤ epsilon`` (inverse formula:
-    ``1/λ = log(1 + (e^{ε/steps} − 1)/q)``, then nudged up past float rounding)."""
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise PrivacyBudgetError(f"target epsilon must be a positive finite number, got {epsilon}; pick ε > 0")
-    if steps <= 0:
-        raise PrivacyBudgetError(f"steps must be positive, got {steps}")
-    StepEvent(1.0, sample_rate, "laplace")  # validates q
-    lam = 1.0 / math.log1p(math.expm1(epsilon / steps) / sample_rate)
-    while pure_epsilon_laplace(lam, sample_rate, steps) > epsilon:
-        lam = math.nextafter(lam, math.inf)
-    return lam
 
 
 # ----------------------------------------------------------------------------------------- strategy
+def _check_lmo_release(noise: str, lmo: Any, pure_dp: bool, num_directions: int, accountant: str) -> None:
+    """LMO noise needs its mechanism, δ > 0, and RDP for a vector of directions; ``lmo=`` needs LMO noise."""
+    if noise != "lmo":
+        if lmo is not None:
+            raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
+        return
+    if lmo is None:
+        raise DPLightningError(
+            "noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)"
+        )
+    if pure_dp:
+        raise DPLightningError("LMO noise is accounted for δ > 0; set target_delta > 0")
+    if num_directions > 1 and accountant != "rdp":
+        raise DPLightningError(
+            "LMO noise on n > 1 directions is an L1 vector release, accounted with RDP; set accountant='rdp'"
+        )
+
+
 def check_dpzo_settings(
     settings: PrivacySettings,
     *,
@@ -387,17 +124,7 @@ def check_dpzo_settings(
     accountant = settings.accountant
     if noise not in noise_kinds:
         raise DPLightningError(f"unknown noise '{noise}'; use one of {', '.join(noise_kinds)}")
-    if noise == "lmo":
-        if lmo is None:
-            raise DPLightningError("noise='lmo' needs lmo=LMOMechanism(...) or its parameter dict (see lmo-search)")
-        if pure_dp:
-            raise DPLightningError("LMO noise is accounted for δ > 0; set target_delta > 0")
-        if num_directions > 1 and accountant != "rdp":
-            raise DPLightningError(
-                "LMO noise on n > 1 directions is an L1 vector release, accounted with RDP; set accountant='rdp'"
-            )
-    elif lmo is not None:
-        raise DPLightningError("lmo= is only used with noise='lmo'; drop it or set noise='lmo'")
+    _check_lmo_release(noise, lmo, pure_dp, num_directions, accountant)
     settings.validate("DPZOStrategy")
     if num_directions < 1:
         raise DPLightningError(f"num_directions must be >= 1, got {num_directions}")
@@ -413,7 +140,9 @@ def check_dpzo_settings(
         raise DPLightningError("target_delta=0 (pure ε-DP) needs noise='laplace'; Gaussian noise needs δ > 0")
     if noise == "laplace" and not pure_dp:
         if accountant != "pld":
-            raise DPLightningError("Laplace noise with δ > 0 needs accountant='pld' (RDP has no subsampled Laplace)")
+            raise DPLightningError(
+                "Laplace noise with δ > 0 needs accountant='pld' (RDP has no subsampled Laplace)"
+            )
         if num_directions > 1:
             raise DPLightningError(
                 "Laplace noise with δ > 0 supports num_directions=1 only; set target_delta=0 (pure ε-DP) for n > 1"
@@ -489,8 +218,15 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             seed=seed,
         )
         check_dpzo_settings(
-            settings, noise=noise, noise_kinds=self.noise_kinds(), lmo=lmo, pure_dp=pure,
-            num_directions=num_directions, trainable=trainable, perturbation=perturbation, mu=mu,
+            settings,
+            noise=noise,
+            noise_kinds=self.noise_kinds(),
+            lmo=lmo,
+            pure_dp=pure,
+            num_directions=num_directions,
+            trainable=trainable,
+            perturbation=perturbation,
+            mu=mu,
             max_loss_diff=max_loss_diff,
         )
         super().__init__(device=resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
@@ -584,8 +320,14 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             return pure_laplace_multiplier(target_epsilon, self.sample_rate, steps)
         event = self.step_event(1.0, self.sample_rate)
         return noise_for_target(
-            target_epsilon, self.target_delta, self.sample_rate, steps, accountant=self.accountant_kind,
-            mechanism=self.mechanism, lmo=event.lmo, release=event.release,
+            target_epsilon,
+            self.target_delta,
+            self.sample_rate,
+            steps,
+            accountant=self.accountant_kind,
+            mechanism=self.mechanism,
+            lmo=event.lmo,
+            release=event.release,
         )
 
     # ------------------------------------------------------------------------------------------ setup
@@ -597,16 +339,24 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict: plain forwards, nothing private to set up
         if not module.automatic_optimization:
-            raise DPLightningError("DPZOStrategy needs automatic optimization; set automatic_optimization = True")
+            raise DPLightningError(
+                "DPZOStrategy needs automatic optimization; set automatic_optimization = True"
+            )
         if trainer.gradient_clip_val:
-            raise DPLightningError("Trainer(gradient_clip_val=...) has no effect on DP-ZO; remove it and set max_loss_diff")
+            raise DPLightningError(
+                "Trainer(gradient_clip_val=...) has no effect on DP-ZO; remove it and set max_loss_diff"
+            )
         if len(self.optimizers) != 1:
-            raise DPLightningError(f"DPZOStrategy needs exactly one optimizer (for its learning rate), got {len(self.optimizers)}")
+            raise DPLightningError(
+                f"DPZOStrategy needs exactly one optimizer (for its learning rate), got {len(self.optimizers)}"
+            )
         if not callable(getattr(module, "per_example_loss", None)):
             raise DPLightningError(
                 f"{type(module).__name__} has no per_example_loss(batch) -> [B]; DP-ZO clips per-example losses"
             )
-        if not self.eval_forwards and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        if not self.eval_forwards and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()
+        ):
             raise DPLightningError(
                 "batch norm in train mode mixes examples and breaks per-example clipping; keep eval_forwards=True"
             )
@@ -615,7 +365,9 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
                 p.requires_grad_(True)  # checkpoints keep trainable params; no grads are ever computed
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
-            raise DPLightningError("the module has no trainable parameters; use trainable='all' or add LoRA adapters")
+            raise DPLightningError(
+                "the module has no trainable parameters; use trainable='all' or add LoRA adapters"
+            )
         if self._estimator is not None:
             self._estimator.remove()
         self._estimator = ZerothOrderEstimator(module, named, self.mu, self.perturbation)
@@ -670,7 +422,9 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         # fp32 projected gradients on SmolLM2 at μ = 1e-3: 0.17).
         with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
-                diffs, mid = self._estimator.directional_derivatives(lambda: module.per_example_loss(batch), seed)
+                diffs, mid = self._estimator.directional_derivatives(
+                    lambda: module.per_example_loss(batch), seed
+                )
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
                 # nothing is raised or logged because of it.
                 clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B] float64
@@ -689,7 +443,9 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
 
     @override
-    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+    def backward(
+        self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
         """No backward pass in DP-ZO."""
         return closure_loss
 
@@ -712,9 +468,17 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
     @torch.no_grad()
     def release_and_update(self, lr: float) -> None:
         """Privatise the step's clipped sums, charge the accountant, update θ along the step's directions."""
-        assert self.sample_rate is not None and self.expected_batch_size is not None and self._estimator is not None
+        assert (
+            self.sample_rate is not None
+            and self.expected_batch_size is not None
+            and self._estimator is not None
+        )
         sigma, q = self.effective_noise_multiplier, self.sample_rate
-        sums = self._zo_sums if self._zo_sums is not None else torch.zeros(self.num_directions, dtype=torch.int64)
+        sums = (
+            self._zo_sums
+            if self._zo_sums is not None
+            else torch.zeros(self.num_directions, dtype=torch.int64)
+        )
         self._zo_sums = None
         if not self.within_budget(sigma, q):
             self._stop_on_budget()
@@ -741,7 +505,11 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
         saved = state.get("dpzo")
         mine = None if self.lmo is None else self.lmo.to_dict()
-        if saved is not None and (saved["noise"], saved["pure_dp"], saved.get("lmo")) != (self.noise, self.pure_dp, mine):
+        if saved is not None and (saved["noise"], saved["pure_dp"], saved.get("lmo")) != (
+            self.noise,
+            self.pure_dp,
+            mine,
+        ):
             raise DPLightningError(
                 f"checkpoint was trained with noise={saved['noise']} (pure ε: {saved['pure_dp']}); "
                 f"this run uses noise={self.noise} (pure ε: {self.pure_dp}); resume with the same settings"

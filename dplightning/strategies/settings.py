@@ -40,7 +40,11 @@ class PrivacySettings:
         if self.noise_multiplier is not None and not 0 <= self.noise_multiplier < math.inf:
             raise DPLightningError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
         if self.target_epsilon is not None and not self.target_epsilon > 0:
-            raise PrivacyBudgetError(f"target_epsilon must be > 0, got {self.target_epsilon}; pick a positive budget")
+            raise PrivacyBudgetError(
+                f"target_epsilon must be > 0, got {self.target_epsilon}; pick a positive budget"
+            )
         if not 0.0 < self.target_delta < 1.0:
-            raise DPLightningError(f"target_delta must be in (0, 1), got {self.target_delta}; typical is 1/N^1.1")
+            raise DPLightningError(
+                f"target_delta must be in (0, 1), got {self.target_delta}; typical is 1/N^1.1"
+            )
         return self

@@ -44,7 +44,11 @@ from dplightning.privacy.accounting.pld import (
     PLD_MAX_POINTS,
     PLDAccountant,
 )
-from dplightning.privacy.accounting.pure import laplace_scale_for_pure_epsilon, pure_epsilon_laplace
+from dplightning.privacy.accounting.pure import (
+    PureLaplaceAccountant,
+    laplace_scale_for_pure_epsilon,
+    pure_epsilon_laplace,
+)
 from dplightning.privacy.accounting.rdp import RDPAccountant
 
 __all__ = [
@@ -59,6 +63,7 @@ __all__ = [
     "Mechanism",
     "PLDAccountant",
     "PrivacyAccountant",
+    "PureLaplaceAccountant",
     "RDPAccountant",
     "Release",
     "StepEvent",

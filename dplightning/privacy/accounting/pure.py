@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
-from dplightning.privacy.accounting.events import StepEvent, _as_count, _as_float
+from dplightning.privacy.accounting.events import Mechanism, StepEvent, _as_count, _as_float
 
 __all__ = ["laplace_scale_for_pure_epsilon", "pure_epsilon_laplace"]
 
@@ -87,3 +89,81 @@ def laplace_scale_for_pure_epsilon(epsilon: float, sample_rate: float, steps: in
     while pure_epsilon_laplace(scale, q, n) > target:  # float rounding: step up to the safe side
         scale = math.nextafter(scale, math.inf)
     return scale
+
+
+class PureLaplaceAccountant:
+    """Pure ε-DP (δ = 0) of Poisson-subsampled Laplace releases: ``log(1 + q (e^{1/λ} − 1))`` per step (an
+    ε₀-DP mechanism on a Poisson subsample is ``log(1 + q (e^{ε₀} − 1))``-DP), composed additively
+    (:func:`~dplightning.privacy.accounting.pure_epsilon_laplace`).
+
+    Same interface as :class:`~dplightning.privacy.accounting.PrivacyAccountant` (``step``, ``steps``,
+    ``history``, ``epsilon``, ``epsilon_with``, ``state_dict``, ``load_state_dict``). ``epsilon(delta)`` accepts
+    any ``delta ≥ 0`` and ignores it: a pure ε guarantee holds for every δ.
+    """
+
+    kind = "pure_laplace"
+
+    def __init__(self) -> None:
+        self._history: dict[StepEvent, int] = {}
+
+    def step(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_steps: int = 1,
+        mechanism: Mechanism = "laplace",
+    ) -> None:
+        """Record ``num_steps`` releases at Laplace multiplier ``noise_multiplier`` and sample rate ``sample_rate``."""
+        if num_steps < 0:
+            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
+        event = self._check(StepEvent(float(noise_multiplier), float(sample_rate), mechanism))
+        if num_steps:
+            self._history[event] = self._history.get(event, 0) + int(num_steps)
+
+    def record(self, event: StepEvent, num_steps: int = 1) -> None:
+        """Record ``num_steps`` releases of ``event`` (Laplace only)."""
+        self.step(event.noise_multiplier, event.sample_rate, num_steps, event.mechanism)
+
+    @staticmethod
+    def _check(event: StepEvent) -> StepEvent:
+        if event.mechanism != "laplace":
+            raise DPLightningError(
+                "the pure-ε accountant only composes Laplace releases; use accountant='pld'"
+            )
+        return event
+
+    @property
+    def steps(self) -> int:
+        return sum(self._history.values())
+
+    @property
+    def history(self) -> list[tuple[StepEvent, int]]:
+        return list(self._history.items())
+
+    def epsilon(self, delta: float = 0.0) -> float:
+        """Pure ε of all steps so far (``delta`` is ignored)."""
+        return self.epsilon_with(delta, [])
+
+    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float:
+        """Pure ε of the history plus hypothetical ``(event, count)`` pairs (``delta`` is ignored)."""
+        pairs = [*self._history.items(), *((self._check(e), c) for e, c in extra)]
+        return sum(pure_epsilon_laplace(e.noise_multiplier, e.sample_rate, c) for e, c in pairs if c > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "history": [
+                {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "count": c}
+                for e, c in self._history.items()
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise DPLightningError(
+                f"checkpoint holds a {state.get('kind')!r} accountant, this run uses pure ε-DP Laplace accounting; "
+                "resume with the same noise and target_delta"
+            )
+        self._history = {}
+        for entry in state["history"]:
+            self.step(entry["noise_multiplier"], entry["sample_rate"], entry["count"])
