@@ -30,7 +30,6 @@ import datetime as dt
 import json
 import math
 import resource
-import shlex
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, quiet, write_results
+from common import command_line, machine, quiet, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -258,10 +257,7 @@ def main() -> None:
 
     base = {"steps": args.steps, "delta": args.delta, "memory_gib": args.memory_gib}
     record: dict[str, Any] = {
-        "command": "cd "
-        + str(ROOT)
-        + " && .venv/bin/python benchmarks/accountant_small_sigma.py"
-        + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line("accountant_small_sigma.py"),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(packages=("numpy", "scipy")),
         "config": {

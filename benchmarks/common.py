@@ -69,3 +69,12 @@ def write_results(prefix: str, result: dict[str, Any], markdown: str) -> None:
     json_text = json.dumps(result, indent=1, default=str) + "\n"
     atomic_write(prefix + ".json", lambda fh: fh.write(json_text.encode()))
     atomic_write(prefix + ".md", lambda fh: fh.write(markdown.encode()))
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How this run was started, from the repository root (no machine-specific paths)."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    return f".venv/bin/python benchmarks/{script}" + "".join(" " + shlex.quote(a) for a in args)

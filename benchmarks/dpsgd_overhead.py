@@ -51,15 +51,13 @@ import datetime as dt
 import gc
 import math
 import resource
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import machine, quiet, status_kb, write_results
+from common import command_line, machine, quiet, status_kb, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -504,10 +502,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = args.models or (["tiny-llama"] if args.quick else ["smollm2-135m", "tiny-llama"])
     result: dict[str, Any] = {
-        "command": "cd "
-        + str(ROOT)
-        + " && .venv/bin/python benchmarks/dpsgd_overhead.py"
-        + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line("dpsgd_overhead.py"),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(packages=("opacus", "peft")),
         "device": str(device),

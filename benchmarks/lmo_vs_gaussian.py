@@ -176,6 +176,11 @@ def describe(lmo: dict[str, float]) -> str:
     return "U = " + " + ".join(parts)
 
 
+def _relative(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else path.name
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The results as a Markdown report (command first)."""
     s = record["settings"]
@@ -329,7 +334,8 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/lmo_vs_gaussian.py", *map(shlex.quote, sys.argv[1:])]),
         "machine": machine(2, ("dp_accounting", "scipy")),
         "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            # paths relative to the repository root: nothing machine-specific in the results
+            **{k: (_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "q": q,
             "train_size": train_size,
         },

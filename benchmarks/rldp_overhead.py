@@ -41,9 +41,7 @@ import argparse
 import datetime as dt
 import functools
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -51,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import machine, quiet, write_results
+from common import command_line, machine, quiet, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -407,10 +405,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = args.models or (["tiny-llama"] if args.quick else ["smollm2-135m", "tiny-llama"])
     result: dict[str, Any] = {
-        "command": "cd "
-        + str(ROOT)
-        + " && .venv/bin/python benchmarks/rldp_overhead.py"
-        + "".join(" " + shlex.quote(a) for a in sys.argv[1:]),
+        "command": command_line("rldp_overhead.py"),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(args.threads, packages=("stable_baselines3",)),
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "models")},

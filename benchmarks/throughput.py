@@ -40,14 +40,12 @@ import gc
 import itertools
 import os
 import re
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import machine, quiet, write_results
+from common import command_line, machine, quiet, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -443,10 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or ("tiny-llama" if args.quick else "smollm2-135m")
     t_start = time.perf_counter()
     result: dict[str, Any] = {
-        "command": "cd "
-        + str(ROOT)
-        + " && .venv/bin/python benchmarks/throughput.py"
-        + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": command_line("throughput.py", argv),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(threads=args.threads, packages=("lightning", "peft", "transformers")),
         "bf16_is_fast": bf16_is_fast("cpu"),
