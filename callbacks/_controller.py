@@ -72,12 +72,11 @@ class StrategyController(Callback, Generic[StrategyT]):
         if step == self._last_step:  # inside gradient accumulation, or a refused step: nothing was released
             return
         self._last_step = step
-        self.on_step_released(trainer, pl_module, strategy, step)
+        self.on_step_released(trainer, strategy, step)
 
-    def on_step_released(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: StrategyT, step: int
-    ) -> None:
-        """Called once per released step (after its last micro-batch), with the accountant's step count."""
+    def on_step_released(self, trainer: pl.Trainer, strategy: StrategyT, step: int) -> None:
+        """Called once per released step (after its last micro-batch), with the accountant's step count; the
+        module is ``trainer.lightning_module``."""
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: StrategyT) -> None:
         """Called by ``setup("fit")`` once ``strategy`` meets the requirements: the subclass's own checks (raise to

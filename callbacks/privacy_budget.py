@@ -105,9 +105,8 @@ class PrivacyBudget(StrategyController[PrivateStrategy]):
         )
 
     @override
-    def on_step_released(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PrivateStrategy, step: int
-    ) -> None:
+    def on_step_released(self, trainer: pl.Trainer, strategy: PrivateStrategy, step: int) -> None:
+        pl_module = trainer.lightning_module
         if step % self.log_every_n_steps == 0 or trainer.should_stop:
             metrics = {
                 "privacy/epsilon": strategy.accountant.epsilon(self.delta),

@@ -151,13 +151,7 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
             self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
 
     @override
-    def on_step_released(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        strategy: PerExampleClippingStrategy,
-        step: int,
-    ) -> None:
+    def on_step_released(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy, step: int) -> None:
         self.update(strategy.private_step_norms)
         strategy.private_step_norms = {}
         if trainer.logger is not None:

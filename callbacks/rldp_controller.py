@@ -245,19 +245,13 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
             self.initialise(self.strategy)  # the strategy has calibrated σ by now
 
     @override
-    def on_step_released(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        strategy: PerExampleClippingStrategy,
-        step: int,
-    ) -> None:
+    def on_step_released(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy, step: int) -> None:
         assert self.counts is not None
         # The clip counts of this step were paid for by the auxiliary channel in this step's σ_eff.
         self.counts.release(strategy.private_step_norms, strategy.clip_thresholds, self.sigma_count)
         strategy.private_step_norms = {}
         if step >= self.warmup_steps and (step - self.warmup_steps) % self.rl_interval == 0:
-            self._decide(trainer, pl_module, done=step >= strategy.planned_steps)
+            self._decide(trainer, trainer.lightning_module, done=step >= strategy.planned_steps)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
