@@ -62,6 +62,17 @@ class StrategyController(Callback, Generic[StrategyT]):
             require_gaussian_noise(strategy, name)
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.strategy is not None:
+            self.on_batch_start(trainer, self.strategy)
+
+    def on_batch_start(self, trainer: pl.Trainer, strategy: StrategyT) -> None:
+        """Called before every (micro-)batch of ``fit``, once the strategy is attached. The strategy's own
+        ``on_train_start`` runs after the callbacks', so σ is calibrated from the first batch on, not before."""
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

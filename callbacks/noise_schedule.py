@@ -230,12 +230,8 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
         )
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_batch_start(self, trainer: pl.Trainer, strategy: PrivateStrategy) -> None:
         # Step t of the schedule is the accountant's step count (micro-batches of one step see the same t).
-        strategy = self.strategy
-        assert strategy is not None
         sigma = self.sigma_at(strategy.accountant.steps)
         if sigma != strategy.noise_multiplier:
             strategy.set_noise_multiplier(sigma)

@@ -87,14 +87,10 @@ class PrivacyBudget(StrategyController[PrivateStrategy]):
         )
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_batch_start(self, trainer: pl.Trainer, strategy: PrivateStrategy) -> None:
         # Checked here, not at the end of the previous batch: controllers (RLDPController, QuantileClipping) set
         # the next σ in their own on_train_batch_end, which may run after this callback's. A σ changed later in
         # this same hook is still covered: the strategy re-checks at release and skips a step that would not fit.
-        strategy = self.strategy
-        assert strategy is not None
         if strategy.within_budget(strategy.effective_noise_multiplier, strategy.sample_rate):  # type: ignore[arg-type]
             return
         self.stopped_on_budget = True

@@ -144,11 +144,9 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
 
     # ----------------------------------------------------------------------------------------- loop
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.release is None and self.strategy is not None:
-            self.initialise(self.strategy)  # σ is calibrated by now (strategy.on_train_start)
+    def on_batch_start(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy) -> None:
+        if self.release is None:
+            self.initialise(strategy)
 
     @override
     def on_step_released(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy, step: int) -> None:

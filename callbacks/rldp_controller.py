@@ -238,11 +238,9 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
 
     # ----------------------------------------------------------------------------------------- loop
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.mapper is None and self.strategy is not None:
-            self.initialise(self.strategy)  # the strategy has calibrated σ by now
+    def on_batch_start(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy) -> None:
+        if self.mapper is None:
+            self.initialise(strategy)
 
     @override
     def on_step_released(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy, step: int) -> None:

@@ -15,38 +15,15 @@ from dplightning.data.datamodule import PSEUDO_CLINICAL, TextDataModule
 from dplightning.data.generator import generate_records
 from dplightning.data.loaders import CSV_COLUMNS, icd9_group, load_diabetes_csv, read_text_file
 from dplightning.data.notes import NOTE_TEMPLATES, render_note
-from dplightning.data.schema import (
-    A1C_RESULTS,
-    ADMISSION_SOURCES,
-    ADMISSION_TYPES,
-    AGE_BANDS,
-    DIAGNOSIS_GROUPS,
-    GENDERS,
-    GLUCOSE_RESULTS,
-    INSULIN_CHANGES,
-    RACES,
-    READMISSION,
-    SCHEMA_FIELDS,
-    YES_NO,
-    Record,
-)
+
+# The per-field value lists stay in dplightning.data.schema; the package exports the schema itself.
+from dplightning.data.schema import SCHEMA_FIELDS, Record
 
 __all__ = [
-    "A1C_RESULTS",
-    "ADMISSION_SOURCES",
-    "ADMISSION_TYPES",
-    "AGE_BANDS",
     "CSV_COLUMNS",
-    "DIAGNOSIS_GROUPS",
-    "GENDERS",
-    "GLUCOSE_RESULTS",
-    "INSULIN_CHANGES",
     "NOTE_TEMPLATES",
     "PSEUDO_CLINICAL",
-    "RACES",
-    "READMISSION",
     "SCHEMA_FIELDS",
-    "YES_NO",
     "CausalLMCollator",
     "Record",
     "TextDataModule",
