@@ -14,9 +14,10 @@ from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import Strategy
-from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
@@ -227,6 +228,20 @@ class PrivateStrategyMixin(Strategy):
         return self.accountant.epsilon(self.target_delta if delta is None else delta)
 
     # ------------------------------------------------------------------------------------------ setup
+    def _check_optimization(
+        self, trainer: pl.Trainer, module: pl.LightningModule, *, clip_conflict: str, one_optimizer: str
+    ) -> None:
+        """Refuse what the private step cannot honour: manual optimization, Lightning's own gradient clipping
+        (``clip_conflict`` says why), several optimizers when fitting (``one_optimizer`` says what is needed)."""
+        if not module.automatic_optimization:
+            raise DPLightningError(
+                f"{type(self).__name__} needs automatic optimization; set automatic_optimization = True"
+            )
+        if trainer.gradient_clip_val:
+            raise DPLightningError(f"Trainer(gradient_clip_val=...) {clip_conflict}")
+        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
+            raise DPLightningError(f"{one_optimizer}, got {len(self.optimizers)}")
+
     def _finish_setup(self) -> None:
         """End of a subclass's ``setup``, once its groups exist: apply DP state loaded before them, warn once
         about seeded noise."""

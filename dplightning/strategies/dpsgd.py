@@ -27,7 +27,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -189,18 +188,12 @@ class DPSGDMixin(PrivateStrategyMixin):
         super().setup(trainer)
         module = self.lightning_module
         assert module is not None
-        if not module.automatic_optimization:
-            raise DPLightningError(
-                "DPSGDStrategy needs automatic optimization; set automatic_optimization = True"
-            )
-        if trainer.gradient_clip_val:
-            raise DPLightningError(
-                "Trainer(gradient_clip_val=...) conflicts with DP clipping; remove it and set max_grad_norm"
-            )
-        if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
-            raise DPLightningError(
-                f"DPSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}"
-            )
+        self._check_optimization(
+            trainer,
+            module,
+            clip_conflict="conflicts with DP clipping; remove it and set max_grad_norm",
+            one_optimizer="DPSGDStrategy supports exactly one optimizer",
+        )
         if self._engine is not None:
             self._engine.remove()
         self._engine = PerExampleGradients(module, self.loss_reduction)

@@ -338,18 +338,12 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         assert module is not None
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict: plain forwards, nothing private to set up
-        if not module.automatic_optimization:
-            raise DPLightningError(
-                "DPZOStrategy needs automatic optimization; set automatic_optimization = True"
-            )
-        if trainer.gradient_clip_val:
-            raise DPLightningError(
-                "Trainer(gradient_clip_val=...) has no effect on DP-ZO; remove it and set max_loss_diff"
-            )
-        if len(self.optimizers) != 1:
-            raise DPLightningError(
-                f"DPZOStrategy needs exactly one optimizer (for its learning rate), got {len(self.optimizers)}"
-            )
+        self._check_optimization(
+            trainer,
+            module,
+            clip_conflict="has no effect on DP-ZO; remove it and set max_loss_diff",
+            one_optimizer="DPZOStrategy needs exactly one optimizer (for its learning rate)",
+        )
         if not callable(getattr(module, "per_example_loss", None)):
             raise DPLightningError(
                 f"{type(module).__name__} has no per_example_loss(batch) -> [B]; DP-ZO clips per-example losses"
