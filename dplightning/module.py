@@ -7,6 +7,7 @@ loss of the private batches is logged only with ``log_private_loss=True``: it is
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -44,6 +45,23 @@ def _check_targets(model: nn.Module, targets: list[str], model_name: str) -> Non
         )
 
 
+def _check_optimizer(optimizer: str, learning_rate: float, momentum: float, lr_schedule: str) -> None:
+    if optimizer not in ("adamw", "sgd"):
+        raise DPLightningError(f"model.optimizer = {optimizer!r} is not supported; pass 'adamw' or 'sgd'")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise DPLightningError(f"model.learning_rate = {learning_rate} must be a positive finite number")
+    if not 0.0 <= momentum < 1.0:
+        raise DPLightningError(f"model.momentum = {momentum} is outside [0, 1); pass e.g. 0.9")
+    if momentum and optimizer != "sgd":
+        raise DPLightningError(
+            f"model.momentum = {momentum} applies to SGD only; set model.optimizer: sgd, or momentum: 0 for AdamW"
+        )
+    if lr_schedule not in ("constant", "linear"):
+        raise DPLightningError(
+            f"model.lr_schedule = {lr_schedule!r} is not supported; pass 'constant' or 'linear'"
+        )
+
+
 class DPLoRAModule(pl.LightningModule):
     """Causal LM + LoRA whose ``training_step`` is the batch mean of :meth:`per_example_loss`.
 
@@ -57,6 +75,10 @@ class DPLoRAModule(pl.LightningModule):
             (Llama ``q_proj, v_proj``; GPT-2 ``c_attn``).
         learning_rate: optimizer learning rate.
         optimizer: ``"adamw"`` or ``"sgd"``.
+        momentum: SGD momentum (heavy ball, dampening 0); with every example clipped, SGD's update scales with
+            ``learning_rate × max_grad_norm``, which makes the clip norm a step size. Only with ``"sgd"``.
+        lr_schedule: ``"constant"``, or ``"linear"``: decay to 0 over the trainer's optimizer steps
+            (``max_steps``, or the epochs' worth of steps).
         weight_decay: AdamW weight decay.
         seed: seed for the random initialisation of tiny models and LoRA ``A`` matrices.
         log_private_loss: log ``train/loss``, the mean loss of each private training batch. It is computed
@@ -73,11 +95,14 @@ class DPLoRAModule(pl.LightningModule):
         lora_target_modules: list[str] | None = None,
         learning_rate: float = 2e-3,
         optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.0,
+        lr_schedule: Literal["constant", "linear"] = "constant",
         weight_decay: float = 0.0,
         seed: int = 0,
         log_private_loss: bool = False,
     ) -> None:
         super().__init__()
+        _check_optimizer(optimizer, learning_rate, momentum, lr_schedule)
         self.save_hyperparameters()
         base = load_causal_lm(model_name, seed=seed)
         targets = list(lora_target_modules) if lora_target_modules else default_lora_targets(base)
@@ -186,13 +211,20 @@ class DPLoRAModule(pl.LightningModule):
             self.log(f"{prefix}/perplexity", torch.exp(metric.compute()), prog_bar=prefix == "val")
 
     # ------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        if self.hparams.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.hparams.learning_rate)
-        return torch.optim.AdamW(
-            params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        hp = self.hparams
+        optimizer: torch.optim.Optimizer
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        # step k (0-based) uses lr·(1 − k/total): the last of `total` steps still moves, the rate never goes below 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(0.0, 1.0 - k / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, Tensor]:

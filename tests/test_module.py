@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from torch.utils.data import DataLoader
 
 from dplightning.data import TextDataModule
@@ -201,3 +202,46 @@ def test_log_private_loss_is_a_yaml_model_option(tmp_path: Path) -> None:
         DPLoRAModule, TextDataModule, run=False, args=["--config", str(cfg)], auto_configure_optimizers=False
     )
     assert cli.model.hparams.log_private_loss is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "names"),
+    [
+        ({"optimizer": "adamw", "momentum": 0.9}, "momentum"),
+        ({"optimizer": "sgd", "momentum": 1.0}, "momentum"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"lr_schedule": "cosine"}, "lr_schedule"),
+    ],
+)
+def test_bad_optimizer_settings_are_one_clear_error(kwargs: dict, names: str) -> None:
+    with pytest.raises(DPLightningError, match=f"model.{names}"):
+        DPLoRAModule(model_name="tiny-llama", lora_rank=2, **kwargs)
+
+
+class _LrRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.momenta: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.momenta.append(optimizer.param_groups[0].get("momentum", -1.0))
+
+
+def test_sgd_momentum_and_linear_schedule_reach_the_private_optimizer_steps() -> None:
+    model = DPLoRAModule(
+        model_name="tiny-llama",
+        lora_rank=2,
+        optimizer="sgd",
+        learning_rate=0.4,
+        momentum=0.9,
+        lr_schedule="linear",
+        seed=0,
+    )
+    data = TextDataModule(tokenizer="tiny-llama", num_records=64, max_length=16, batch_size=8)
+    strategy = DPSGDStrategy(noise_multiplier=1.0, target_delta=1e-5, max_grad_norm=1.0, device="cpu", seed=0)
+    recorder = _LrRecorder()
+    quiet_trainer(strategy, [recorder], max_steps=4, limit_val_batches=0).fit(model, datamodule=data)
+    assert recorder.lrs == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert recorder.momenta == [0.9] * 4
