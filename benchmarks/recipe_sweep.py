@@ -76,6 +76,11 @@ def cell_name(cell: dict[str, Any]) -> str:
     """A cell's key from its settings (stable: finished cells are found again by it)."""
     if cell["kind"] == "base":
         return "base"
+    name = _cell_stem(cell)
+    return f"{name}_s{cell['seed']}" if "seed" in cell else name
+
+
+def _cell_stem(cell: dict[str, Any]) -> str:
     name = f"{cell['kind']}_{cell['optimizer']}"
     if cell.get("momentum"):
         name += f"_m{cell['momentum']:g}"
@@ -172,14 +177,15 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
             },
         }
         trainer["callbacks"] = [{"class_path": "dplightning.callbacks.PrivacyBudget"}]
+    seed = cell.get("seed", 0)
     return {
-        "seed_everything": 0,
+        "seed_everything": seed,
         "model": {
             "model_name": task["model"],
             "lora_rank": 8,
             "lora_alpha": 16,
             "lora_target_modules": ["q_proj", "v_proj"],
-            "seed": 0,
+            "seed": seed,
             "optimizer": cell.get("optimizer", "adamw"),
             "learning_rate": cell.get("lr", 2e-3),
             # only when set, so that cells run before these options existed keep their config hash
@@ -195,7 +201,7 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
             "val_fraction": 0.1,
             "test_fraction": 0.1,
             "public_fraction": 0.0,
-            "data_seed": PUBLIC_DATA_SEED,
+            "data_seed": task.get("data_seed", PUBLIC_DATA_SEED),
         },
         "trainer": trainer,
     }
@@ -228,7 +234,7 @@ def run_one(
         "config_hash": config_hash(config),
         "settings": {**cell, "expected_batch": expected_batch, "max_length": task["max_length"]},
         "task": task,
-        "data": f"public synthetic notes: pseudo_clinical data_seed={PUBLIC_DATA_SEED} (training/test data: 0)",
+        "data": data_label(task),
         "status": "ok" if metrics is not None else "failed",
         "threads": threads,
         "loadavg_before": load_before,
@@ -263,20 +269,28 @@ def run_one(
     return row
 
 
+def data_label(task: dict[str, Any]) -> str:
+    seed = task.get("data_seed", PUBLIC_DATA_SEED)
+    if seed == PUBLIC_DATA_SEED:
+        return f"public synthetic notes: pseudo_clinical data_seed={seed} (training/test data: 0)"
+    return f"training/test notes: pseudo_clinical data_seed={seed} (tuning data: {PUBLIC_DATA_SEED})"
+
+
 def base_test_perplexity(rows: list[dict[str, Any]]) -> float | None:
     base = [r for r in rows if r["cell"] == "base" and r["status"] == "ok"]
     return base[-1]["test_perplexity_after"] if base else None
 
 
-def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
-    task = dict(QUICK_TASK if args.quick else FULL_TASK)
-    if args.steps:
-        task["steps"] = args.steps
-    out: Path = args.out
-    cells = QUICK_GRID if args.quick else grid()
-    if args.only:
-        cells = [c for c in cells if cell_name(c) in args.only]
-    command = command_line("recipe_sweep.py", argv)
+def run_cells(
+    cells: list[dict[str, Any]],
+    task: dict[str, Any],
+    out: Path,
+    args: argparse.Namespace,
+    command: str,
+    report_fn: Any,
+) -> int:
+    """Run the cells of ``cells`` not finished yet (same name and config hash), ``args.jobs`` at a time; rewrite
+    the report with ``report_fn(out)`` after each cell if ``args.report_each``. Returns the number of failures."""
     # DPLIGHTNING_THREADS is what a `dplightning fit` run reads; run_subprocess pins the cell to the same count
     os.environ["DPLIGHTNING_THREADS"] = str(args.threads)
     done = {(r["cell"], r["config_hash"]) for r in load_rows(out / JSONL) if r["status"] == "ok"}
@@ -303,16 +317,26 @@ def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
         )
         if args.report_each:
             with report_lock:
-                report(out)
+                report_fn(out)
         return True
 
     # each cell is its own subprocess; the references come first in the grid, so with --jobs 2 the base cell
     # may still run while the first trained cell does (that row then lacks test_perplexity_before; the report
     # reads the base figure from the base row)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        failures = sum(not ok for ok in pool.map(run_and_print, todo))
+        return sum(not ok for ok in pool.map(run_and_print, todo))
+
+
+def sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+    task = dict(QUICK_TASK if args.quick else FULL_TASK)
+    if args.steps:
+        task["steps"] = args.steps
+    cells = QUICK_GRID if args.quick else grid()
+    if args.only:
+        cells = [c for c in cells if cell_name(c) in args.only]
+    failures = run_cells(cells, task, args.out, args, command_line("recipe_sweep.py", argv), report)
     if not args.quick or args.report_each:
-        report(out)
+        report(args.out)
     return 1 if failures else 0
 
 
@@ -387,23 +411,28 @@ def report(out: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny-llama, 2 cells, a few steps (tests)")
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options every sweep-like benchmark shares (sizes, resuming, threads and parallel cells)."""
+    parser.add_argument("--quick", action="store_true", help="tiny-llama, a few cells and steps (tests)")
     parser.add_argument("--report", action="store_true", help="only write <out>/README.md from the JSONL")
     parser.add_argument("--report-each", action="store_true", help="rewrite the report after every cell")
-    parser.add_argument("--only", nargs="+", help="run only these cells (names as printed)")
     parser.add_argument("--steps", type=int, help="override the step count of every trained cell")
     parser.add_argument(
         "--out",
         type=Path,
-        help=f"results directory (default {OUT.relative_to(RESULTS.parents[1])}, or a temp dir with --quick)",
+        help=f"results directory (default {default_out.relative_to(RESULTS.parents[1])}, a temp dir with --quick)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per cell")
     parser.add_argument(
         "--jobs", type=int, default=1, help="cells run at once (on the 2-core machine: --jobs 2 --threads 1)"
     )
     parser.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell is killed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, OUT)
+    parser.add_argument("--only", nargs="+", help="run only these cells (names as printed)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="dplightning-recipes-")) if args.quick else OUT

@@ -1,0 +1,75 @@
+"""The gap-closure benchmark: its grid, the seed-paired gap arithmetic, and a ``--quick`` run that resumes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(cell: str, kind: str, ppl: float, seed: int | None = None, epsilon: float | None = None) -> dict:
+    settings = {
+        "kind": kind,
+        **({} if seed is None else {"seed": seed}),
+        **({} if epsilon is None else {"epsilon": epsilon}),
+    }
+    return {"cell": cell, "status": "ok", "settings": settings, "test_perplexity_after": ppl}
+
+
+def test_grid_has_base_then_whole_seeds_and_unique_names() -> None:
+    gap = _load("gap_closure")
+    cells = gap.gap_grid((0, 1), (8.0, 2.0))
+    names = [_load("recipe_sweep").cell_name(c) for c in cells]
+    assert names[0] == "base" and len(names) == len(set(names)) == 1 + 2 * 3
+    assert [c.get("seed") for c in cells[1:]] == [0, 0, 0, 1, 1, 1]
+
+
+def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
+    gap = _load("gap_closure")
+    rows = [
+        _row("base", "base", 100.0),
+        _row("np0", "nonprivate", 10.0, seed=0),
+        _row("np1", "nonprivate", 1.0, seed=1),
+        _row("dp0", "dpsgd", 10.0**0.5 * 10.0, seed=0, epsilon=8.0),  # half of seed 0's log gap
+        _row("dp1", "dpsgd", 10.0, seed=1, epsilon=8.0),  # half of seed 1's (wider) log gap
+        _row("dp2", "dpsgd", 10.0, seed=2, epsilon=8.0),  # no non-private run for seed 2 yet
+    ]
+    ((eps, items),) = gap.paired_gaps(rows).items()
+    assert eps == 8.0 and [s for s, _, _ in items] == [0, 1, 2]
+    assert items[0][2] == pytest.approx(0.5) and items[1][2] == pytest.approx(0.5) and items[2][2] is None
+
+
+@pytest.mark.slow
+def test_quick_gap_closure_runs_resumes_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gap = _load("gap_closure")
+    assert gap.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "recipe_sweep.jsonl").read_text().splitlines()]
+    assert {r["cell"] for r in rows} == {
+        "base",
+        "nonprivate_adamw_lr0.01_s0",
+        "dpsgd_adamw_lr0.01_C1_eps8_s0",
+    }
+    assert all(r["status"] == "ok" and "data_seed=0" in r["data"] for r in rows)
+    dp = next(r for r in rows if r["settings"]["kind"] == "dpsgd")
+    assert 0 < dp["epsilon_spent"] <= 8.0 + 1e-9
+    readme = (tmp_path / "README.md").read_text()
+    assert "| 8 |" in readme and (tmp_path / "perplexity_vs_epsilon.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert gap.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("done already") == 3
+    assert len((tmp_path / "recipe_sweep.jsonl").read_text().splitlines()) == 3  # nothing reran
