@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "AutomaticClipping": "automatic_clipping",
     "CanaryAudit": "canary_audit",
     "DownstreamAccuracy": "downstream_accuracy",
+    "FineTuneReport": "fine_tune_report",
     "MembershipInferenceAudit": "membership_inference_audit",
     "NoiseSchedule": "noise_schedule",
     "PrivacyBudget": "privacy_budget",
@@ -30,6 +31,7 @@ __all__ = [
     "AutomaticClipping",
     "CanaryAudit",
     "DownstreamAccuracy",
+    "FineTuneReport",
     "MembershipInferenceAudit",
     "NoiseSchedule",
     "PrivacyBudget",
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # static analysers see the real classes; nothing is imported 
     from dplightning.callbacks.automatic_clipping import AutomaticClipping
     from dplightning.callbacks.canary_audit import CanaryAudit
     from dplightning.callbacks.downstream_accuracy import DownstreamAccuracy
+    from dplightning.callbacks.fine_tune_report import FineTuneReport
     from dplightning.callbacks.membership_inference_audit import MembershipInferenceAudit
     from dplightning.callbacks.noise_schedule import NoiseSchedule
     from dplightning.callbacks.privacy_budget import PrivacyBudget

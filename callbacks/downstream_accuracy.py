@@ -38,6 +38,8 @@ class DownstreamAccuracy(Callback):
         num_notes: notes scored (``None``: the whole split); beyond the split's size, ``pseudo_clinical``
             tops up with fresh notes from the generator. 500 or more gives a standard error under ~2 %.
         every_n_val_epochs: also score after every n-th validation run (sanity check excluded).
+        score_before_fit: also score at the start of fit (the base model's zero-shot accuracy when fit starts
+            from it), kept as :attr:`result_before` and shown in the run's summary.
         batch_size: scoring batch size (prompt × answer rows per forward).
         max_length: tokens per scored text, cut on the left (``None``: the tokenizer's limit).
     """
@@ -50,6 +52,7 @@ class DownstreamAccuracy(Callback):
         every_n_val_epochs: int | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
+        score_before_fit: bool = False,
     ) -> None:
         if split not in HELDOUT_SPLITS:
             raise DPLightningError(
@@ -67,7 +70,9 @@ class DownstreamAccuracy(Callback):
         self.every_n_val_epochs = every_n_val_epochs
         self.batch_size = batch_size
         self.max_length = max_length
+        self.score_before_fit = score_before_fit
         self.result: ExtractionResult | None = None
+        self.result_before: ExtractionResult | None = None
         self.result_step: int | None = None
         self._val_runs = 0
 
@@ -76,13 +81,25 @@ class DownstreamAccuracy(Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "split_records"):
             raise DPLightningError("DownstreamAccuracy needs a data module with records; use TextDataModule")
-        self.result = evaluate_field_extraction(
-            pl_module, datamodule, self.fields, self.split, self.num_notes, self.batch_size, self.max_length
-        )
+        # the precision validation runs under (bf16 autocast under bf16-mixed): scoring costs forwards only
+        with trainer.precision_plugin.forward_context():
+            self.result = evaluate_field_extraction(
+                pl_module,
+                datamodule,
+                self.fields,
+                self.split,
+                self.num_notes,
+                self.batch_size,
+                self.max_length,
+            )
         self.result_step = trainer.global_step
         if trainer.logger is not None:
             trainer.logger.log_metrics(self.result.metrics(), step=trainer.global_step)
         return self.result
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.score_before_fit:
+            self.result_before = self.run(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not self.every_n_val_epochs:
@@ -100,3 +117,13 @@ class DownstreamAccuracy(Callback):
             f"[dplightning] downstream field extraction on {r.n} held-out notes: accuracy {r.accuracy:.3f} "
             f"(majority class {r.majority_rate:.3f})"
         )
+
+    def summary_lines(self) -> list[str]:
+        if self.result is None:
+            return []
+        r, before = self.result, self.result_before
+        start = f"{before.accuracy:.3f} before -> " if before is not None else ""
+        return [
+            f"downstream field extraction ({r.n} held-out notes): accuracy {start}{r.accuracy:.3f} after "
+            f"(majority class {r.majority_rate:.3f})"
+        ]

@@ -117,6 +117,8 @@ def _lightning_cli_class() -> type:
                 )
             else:
                 lines.append("privacy: none (non-private run)")
+            for callback in trainer.callbacks:  # e.g. FineTuneReport, DownstreamAccuracy
+                lines += getattr(callback, "summary_lines", list)()
             requested = getattr(trainer, "requested_precision", None)
             auto = " (auto)" if isinstance(requested, str) and requested.strip().lower() == "auto" else ""
             lines.append(f"precision: {trainer.precision}{auto}, {torch.get_num_threads()} threads")
