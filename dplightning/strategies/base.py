@@ -109,6 +109,8 @@ class PrivateStrategyMixin(Strategy):
     _refuse_overspending_resume: ClassVar[bool] = True
     # How that refusal names what target_epsilon would calibrate.
     _calibrated_name: ClassVar[str] = "σ"
+    # The mechanism's name ("gaussian", "laplace", "lmo"): the subclass sets it from its own ``noise`` argument.
+    noise: str
 
     def _init_private(self, settings: PrivacySettings) -> None:
         """Set the state every private strategy keeps from ``settings``, which the subclass has validated
@@ -143,6 +145,14 @@ class PrivateStrategyMixin(Strategy):
         self._min_sigma_used = math.inf
         self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
+
+    @property
+    def _attached_module(self) -> pl.LightningModule:
+        """The LightningModule being trained: every hook that reads it runs after the Trainer attached one."""
+        module = self.lightning_module
+        if module is None:
+            raise DPLightningError(f"{type(self).__name__} is not attached to a LightningModule yet")
+        return module
 
     # ------------------------------------------------------------------------------------ mechanism
     @abstractmethod
@@ -264,8 +274,10 @@ class PrivateStrategyMixin(Strategy):
         if n == 0:
             raise DPLightningError("the training set is empty; check the data module")
         batch_size = dataloader.batch_size or (
-            dataloader.batch_sampler.batch_size if dataloader.batch_sampler else 1
-        )  # type: ignore[union-attr]
+            dataloader.batch_sampler.batch_size  # type: ignore[attr-defined]
+            if dataloader.batch_sampler
+            else 1
+        )
         accumulate = trainer.accumulate_grad_batches
         expected = batch_size * accumulate
         q = expected / n
@@ -306,7 +318,7 @@ class PrivateStrategyMixin(Strategy):
 
     def _check_training_batches(self) -> None:
         """Refuse loop settings under which a step would not release exactly one complete Poisson batch."""
-        trainer = self.lightning_module.trainer
+        trainer = self._attached_module.trainer
         combined = getattr(trainer.fit_loop, "_combined_loader", None)
         if combined is not None and len(combined.flattened) > 1:
             # Each loader would get its own sampler and sample rate, and a short one is replayed within the epoch.
@@ -331,7 +343,7 @@ class PrivateStrategyMixin(Strategy):
                 f"{type(self).__name__} could not find the training dataloader to set the sample rate"
             )
         self._check_training_batches()
-        steps = self.lightning_module.trainer.estimated_stepping_batches
+        steps = self._attached_module.trainer.estimated_stepping_batches
         if not math.isfinite(steps):
             raise DPLightningError("DP training needs a planned length; set trainer max_steps or max_epochs")
         self.planned_steps = int(steps)
@@ -395,7 +407,7 @@ class PrivateStrategyMixin(Strategy):
     def _stop_on_budget(self) -> None:
         """The step was refused (nothing released): stop training cleanly."""
         self.budget_exhausted = True
-        self.lightning_module.trainer.should_stop = True
+        self._attached_module.trainer.should_stop = True
         rank_zero_info(
             f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step"
         )

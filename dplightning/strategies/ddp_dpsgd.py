@@ -54,17 +54,11 @@ class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
             start_method=start_method,
             checkpoint_io=checkpoint_io or AtomicCheckpointIO(),
         )
-        settings = PrivacySettings(
-            noise_multiplier=noise_multiplier,
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            accountant=accountant,
-            poisson_sampling=poisson_sampling,
-            secure_rng=secure_rng,
-            seed=seed,
-        )
         self._init_dpsgd(
-            settings, max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction
+            PrivacySettings.from_arguments(locals()),
+            max_grad_norm=max_grad_norm,
+            clipping=clipping,
+            loss_reduction=loss_reduction,
         )
 
     @override
@@ -73,12 +67,13 @@ class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
         super().setup(trainer)
 
     @override
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model  # no DistributedDataParallel wrapper: clipped sums are reduced explicitly
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # type: ignore[override]
+        # Not the DistributedDataParallel that DDPStrategy's version returns: clipped sums are reduced explicitly.
+        return model
 
     @override
     def _sync_initial_params(self) -> None:
-        for p in self.lightning_module.parameters():
+        for p in self._attached_module.parameters():
             torch.distributed.broadcast(p.data, src=0)
 
     @override

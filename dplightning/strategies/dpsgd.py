@@ -294,13 +294,14 @@ class DPSGDMixin(PrivateStrategyMixin):
             names = self.groups[group]
             # Noise std in grid units: σ_g · (sensitivity C_g/γ_g). The release is the integer sum + noise.
             std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group] / grid
+            squared_norm = 0.0
             for name in names:
                 p = self._params[name]
                 released = self._add_noise(sums[name], std) if std > 0 else sums[name].double()
-                p.grad = (from_grid(released, grid) / self.expected_batch_size).to(p.dtype)
-            self.last_noisy_grad_norms[group] = math.sqrt(
-                sum(float(self._params[n].grad.pow(2).sum()) for n in names)
-            )
+                grad = (from_grid(released, grid) / self.expected_batch_size).to(p.dtype)
+                p.grad = grad
+                squared_norm += float(grad.pow(2).sum())
+            self.last_noisy_grad_norms[group] = math.sqrt(squared_norm)
         self._summed.clear()
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.
         self.private_step_norms = {g: torch.cat(v) for g, v in self._last_norms.items()}
@@ -355,17 +356,8 @@ class DPSGDStrategy(DPSGDMixin, SingleDeviceStrategy):
         lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(device=resolve_device(device), checkpoint_io=checkpoint_io or AtomicCheckpointIO())
-        settings = PrivacySettings(
-            noise_multiplier=noise_multiplier,
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            accountant=accountant,
-            poisson_sampling=poisson_sampling,
-            secure_rng=secure_rng,
-            seed=seed,
-        )
         self._init_dpsgd(
-            settings,
+            PrivacySettings.from_arguments(locals()),
             max_grad_norm=max_grad_norm,
             clipping=clipping,
             loss_reduction=loss_reduction,

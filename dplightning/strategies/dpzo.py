@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -207,16 +207,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         lmo: LMOMechanism | Mapping[str, Any] | None = None,
     ) -> None:
         pure = target_delta == 0
-        settings = PrivacySettings(
-            noise_multiplier=noise_multiplier,
-            target_epsilon=target_epsilon,
-            # δ = 0 selects pure ε accounting below; the (ε, δ) checks and accountant see a placeholder δ.
-            target_delta=1e-5 if pure else target_delta,
-            accountant=accountant,
-            poisson_sampling=poisson_sampling,
-            secure_rng=secure_rng,
-            seed=seed,
-        )
+        # δ = 0 selects pure ε accounting below; the (ε, δ) checks and accountant see a placeholder δ.
+        settings = PrivacySettings.from_arguments(locals(), target_delta=1e-5 if pure else target_delta)
         check_dpzo_settings(
             settings,
             noise=noise,
@@ -376,7 +368,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
 
     # ------------------------------------------------------------------------------------- one step
     def _current_step(self) -> int:
-        return int(self.lightning_module.trainer.global_step)
+        return int(self._attached_module.trainer.global_step)
 
     def direction_seeds(self, step: int) -> list[int]:
         """Seeds of the ``num_directions`` directions of optimizer step ``step``."""
@@ -384,7 +376,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
 
     @contextlib.contextmanager
     def _forward_mode(self) -> Iterator[None]:
-        module = self.lightning_module
+        module = self._attached_module
         if not self.eval_forwards:
             yield
             return
@@ -401,7 +393,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         """Per-example central differences along each direction on this (micro-)batch, clipped to [−C, C] and
         summed into the step's ``[n]`` accumulator. Returns the detached loss estimate (for logging)."""
         batch = args[0] if args else kwargs["batch"]
-        module = self.lightning_module
+        module = self._attached_module
         assert self._estimator is not None
         n = self.num_directions
         c, grid = self.max_loss_diff, self.grid
@@ -410,15 +402,15 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             # An empty Poisson batch is still a step: the release is noise only. The model is not run.
             self._accumulate(sums)
             return torch.zeros((), device=self.root_device)
+        # setup checked that the module defines it; nn.Module's typing knows only tensors and submodules.
+        per_example_loss = cast(Callable[[Any], Tensor], module.per_example_loss)
         center: Tensor | None = None
         # The perturbed forwards run in the parameters' own precision, never under bf16 autocast: the loss
         # differences (L⁺ − L⁻) are far below bf16's resolution on a real model (measured correlation of bf16 and
         # fp32 projected gradients on SmolLM2 at μ = 1e-3: 0.17).
         with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
-                diffs, mid = self._estimator.directional_derivatives(
-                    lambda: module.per_example_loss(batch), seed
-                )
+                diffs, mid = self._estimator.directional_derivatives(lambda: per_example_loss(batch), seed)
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
                 # nothing is raised or logged because of it.
                 clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B] float64

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import AccountantKind
@@ -31,6 +33,17 @@ class PrivacySettings:
     poisson_sampling: bool = True
     secure_rng: bool = False
     seed: int = 0
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PrivacySettings:
+        """The settings among a strategy constructor's ``arguments`` (its ``locals()``), with ``overrides``.
+
+        Each constructor spells the settings out in its own signature, which is what LightningCLI reads; this
+        collects them by name so the constructor bodies do not repeat all seven. A missing name is a
+        ``KeyError``: every private strategy takes every setting. Not checked: see :meth:`validate`.
+        """
+        values = {field.name: arguments[field.name] for field in fields(cls)}
+        return cls(**(values | overrides))
 
     def validate(self, owner: str) -> PrivacySettings:
         """Raise on the first setting that cannot work, naming the fix; ``owner`` names the strategy in the
