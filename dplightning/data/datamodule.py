@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader
 
 from dplightning.data.collate import CausalLMCollator, TokenizedDataset
@@ -48,6 +49,43 @@ def _append_qa_lines(
         coin, field = rng.random(), rng.choice(fields)
         out.append(append_qa(note, record, field) if coin < qa_fraction else note)
     return out
+
+
+def check_data_settings(
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    public_fraction: float,
+    qa_fraction: float,
+    max_length: int,
+    batch_size: int,
+    eval_batch_size: int,
+) -> None:
+    """Every check of a :class:`TextDataModule` configuration that needs no data, in order: the held-out shares
+    (each in [0, 1), together < 1), the QA share, the token length, the batch sizes."""
+    fractions = {
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "public_fraction": public_fraction,
+    }
+    for key, value in fractions.items():
+        if not 0.0 <= value < 1.0:
+            raise DPLightningError(f"data.{key} = {value} is outside [0, 1); pass a fraction such as 0.1")
+    if sum(fractions.values()) >= 1.0:
+        raise DPLightningError(
+            f"val_fraction + test_fraction + public_fraction = {sum(fractions.values()):g} leaves no training data; "
+            "make their sum < 1"
+        )
+    if not 0.0 <= qa_fraction <= 1.0:
+        raise DPLightningError(
+            f"data.qa_fraction = {qa_fraction} is outside [0, 1]; pass a share such as 1.0"
+        )
+    if max_length < 2:
+        raise DPLightningError(f"data.max_length = {max_length} is too short; pass at least 2 (e.g. 128)")
+    if batch_size < 1 or eval_batch_size < 1:
+        raise DPLightningError(
+            "data.batch_size and data.eval_batch_size must be >= 1; pass positive batch sizes"
+        )
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -93,29 +131,15 @@ class TextDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        fractions = {
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "public_fraction": public_fraction,
-        }
-        for key, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise DPLightningError(f"data.{key} = {value} is outside [0, 1); pass a fraction such as 0.1")
-        if sum(fractions.values()) >= 1.0:
-            raise DPLightningError(
-                f"val_fraction + test_fraction + public_fraction = {sum(fractions.values()):g} leaves no training data; "
-                "make their sum < 1"
-            )
-        if not 0.0 <= qa_fraction <= 1.0:
-            raise DPLightningError(
-                f"data.qa_fraction = {qa_fraction} is outside [0, 1]; pass a share such as 1.0"
-            )
-        if max_length < 2:
-            raise DPLightningError(f"data.max_length = {max_length} is too short; pass at least 2 (e.g. 128)")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise DPLightningError(
-                "data.batch_size and data.eval_batch_size must be >= 1; pass positive batch sizes"
-            )
+        check_data_settings(
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            public_fraction=public_fraction,
+            qa_fraction=qa_fraction,
+            max_length=max_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+        )
         self.canaries: list[str] = []
         self.canary_repeats: list[int] = []
         self._splits: dict[str, list[str]] | None = None
@@ -127,16 +151,22 @@ class TextDataModule(pl.LightningDataModule):
         self.test_dataset: TokenizedDataset | None = None
         self.public_dataset: TokenizedDataset | None = None
 
+    @property
+    def _arguments(self) -> AttributeDict:
+        """The constructor's arguments, as ``save_hyperparameters`` keeps them (Lightning types ``hparams`` as any
+        mutable mapping; here it is always its attribute dict)."""
+        return cast(AttributeDict, self.hparams)
+
     # ---------------------------------------------------------------------------------------- texts
     @property
     def is_synthetic(self) -> bool:
         """Whether the dataset is the seeded generator (``pseudo_clinical``), not a file."""
-        return str(self.hparams.dataset).strip().lower().replace("-", "_") == PSEUDO_CLINICAL
+        return str(self._arguments.dataset).strip().lower().replace("-", "_") == PSEUDO_CLINICAL
 
     def _load_examples(self) -> tuple[list[str], list[Record] | None]:
         """All examples of the configured dataset in a deterministic order, and the record behind each one
         (``None`` for text files, which have no records)."""
-        hp = self.hparams
+        hp = self._arguments
         name = str(hp.dataset)
         records: list[Record] | None = None
         if self.is_synthetic:
@@ -170,7 +200,7 @@ class TextDataModule(pl.LightningDataModule):
     def _build_splits(self) -> dict[str, list[str]]:
         if self._splits is not None:
             return self._splits
-        hp = self.hparams
+        hp = self._arguments
         texts, records = self._load_examples()
         if hp.qa_fraction > 0 and records is None:
             raise DPLightningError(
@@ -209,7 +239,7 @@ class TextDataModule(pl.LightningDataModule):
         self._build_splits()
         if self._split_records is None:
             raise DPLightningError(
-                f"data.dataset '{self.hparams.dataset}' is a text file without records; "
+                f"data.dataset '{self._arguments.dataset}' is a text file without records; "
                 "use 'pseudo_clinical' or diabetic_data.csv for record-level tasks"
             )
         if split not in self._split_records:
@@ -272,14 +302,14 @@ class TextDataModule(pl.LightningDataModule):
         if self._tokenizer is None:
             from dplightning.models import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self._tokenizer = load_tokenizer(self._arguments.tokenizer)
         return self._tokenizer
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Batch-tokenise, append eos, truncate to ``max_length`` (eos dropped when a text is truncated)."""
         if not texts:
             return []
-        max_length = int(self.hparams.max_length)
+        max_length = int(self._arguments.max_length)
         tok = self.tokenizer
         eos = tok.eos_token_id
         encoded = tok(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
@@ -295,7 +325,7 @@ class TextDataModule(pl.LightningDataModule):
         """Runs on one process per node: loads the tokenizer once (for SmolLM2 this converts the GGUF)."""
         from dplightning.models import load_tokenizer
 
-        load_tokenizer(self.hparams.tokenizer)
+        load_tokenizer(self._arguments.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the splits and tokenise all of them (once; later calls are no-ops)."""
@@ -303,12 +333,12 @@ class TextDataModule(pl.LightningDataModule):
             return
         splits = self._build_splits()
         pad = self.tokenizer.pad_token_id
-        self.collate_fn = CausalLMCollator(pad if pad is not None else 0, self.hparams.max_length)
+        self.collate_fn = CausalLMCollator(pad if pad is not None else 0, self._arguments.max_length)
         self.val_dataset = TokenizedDataset(self._tokenize(splits["val"]))
         self.test_dataset = TokenizedDataset(self._tokenize(splits["test"]))
         self.public_dataset = TokenizedDataset(self._tokenize(splits["public"]))
         self.train_dataset = TokenizedDataset(self._tokenize(self.train_texts))
-        if self.hparams.qa_fraction > 0:
+        if self._arguments.qa_fraction > 0:
             self._warn_truncated_answers(splits["train"], self.train_dataset.input_ids)
 
     def _warn_truncated_answers(self, texts: list[str], input_ids: list[list[int]]) -> None:
@@ -323,13 +353,13 @@ class TextDataModule(pl.LightningDataModule):
                 "%d training texts with a question/answer line are longer than data.max_length = %d and lose "
                 "their answer; raise data.max_length",
                 cut,
-                self.hparams.max_length,
+                self._arguments.max_length,
             )
 
     # ---------------------------------------------------------------------------------- dataloaders
     def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         assert dataset is not None and self.collate_fn is not None, "setup() builds the datasets"
-        workers = int(self.hparams.num_workers)
+        workers = int(self._arguments.num_workers)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -342,23 +372,23 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of ``batch_size`` (a DP strategy may replace the sampler)."""
         self.setup()
-        return self._loader(self.train_dataset, int(self.hparams.batch_size), shuffle=True)
+        return self._loader(self.train_dataset, int(self._arguments.batch_size), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``eval_batch_size``, in order."""
         self.setup()
-        return self._loader(self.val_dataset, int(self.hparams.eval_batch_size), shuffle=False)
+        return self._loader(self.val_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches of ``eval_batch_size``, in order."""
         self.setup()
-        return self._loader(self.test_dataset, int(self.hparams.eval_batch_size), shuffle=False)
+        return self._loader(self.test_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 
     def public_dataloader(self) -> DataLoader:
         """Batches of the public (non-private) split, in order; needs ``public_fraction > 0``."""
-        if self.hparams.public_fraction <= 0:
+        if self._arguments.public_fraction <= 0:
             raise DPLightningError(
                 "no public split: data.public_fraction is 0; set it > 0 (e.g. 0.1) to hold out public data"
             )
         self.setup()
-        return self._loader(self.public_dataset, int(self.hparams.eval_batch_size), shuffle=False)
+        return self._loader(self.public_dataset, int(self._arguments.eval_batch_size), shuffle=False)

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
-from typing import Any
+import string
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from typing_extensions import override
+
+
+def _age_range(band: str) -> tuple[int, int]:
+    """(youngest, oldest) age of a schema age band such as ``"[70-80)"``."""
+    lo = int(band[1:].split("-")[0])
+    return lo, lo + 9
 
 
 def _person(band: str, gender: str, rng: random.Random) -> tuple[str, str, str, str]:
     """(noun phrase with age, bare age descriptor, subject pronoun, possessive) for an age band and gender."""
-    lo = int(band[1:].split("-")[0])
-    hi = lo + 9
+    lo, hi = _age_range(band)
     if gender == "Female":
         noun, pronoun, possessive = rng.choice(["woman", "female patient"]), "she", "her"
     elif gender == "Male":
@@ -89,6 +98,7 @@ _READMIT_TEXT = {
     ">30": ["readmitted after more than 30 days", "readmitted beyond 30 days"],
 }
 _SHORT_SEX = {"Female": "F", "Male": "M", "Unknown": "U"}
+_SHORT_INSULIN = {"No": "none", "Steady": "steady", "Up": "up", "Down": "down"}
 
 
 def _cap(text: str) -> str:
@@ -96,17 +106,20 @@ def _cap(text: str) -> str:
 
 
 def _phrases(record: Mapping[str, Any], rng: random.Random) -> dict[str, str]:
-    """Every field of ``record`` as a (randomly chosen) phrase; the same rng state gives the same phrases."""
+    """Every field of ``record`` as a (randomly chosen) phrase, and the short forms some templates use; the same
+    rng state gives the same phrases."""
     person, age, pronoun, possessive = _person(str(record["age"]), str(record["gender"]), rng)
     race = _RACE_TEXT.get(str(record["race"]), "")
     stay = int(record["time_in_hospital"])
+    youngest, oldest = _age_range(str(record["age"]))
     return {
         "person": person,
+        "race_person": f"{race} {person}" if race else person,
         "age": age,
+        "ages": f"{youngest}-{oldest}",
+        "sex": _SHORT_SEX.get(str(record["gender"]), "U"),
         "he": pronoun,
         "his": possessive,
-        "race": race,
-        "race_": f"{race} " if race else "",
         "admission": rng.choice(_ADMISSION_TEXT[str(record["admission_type"])]),
         "source": rng.choice(_SOURCE_TEXT[str(record["admission_source"])]),
         "diag": rng.choice(_DIAG_TEXT[str(record["primary_diagnosis"])]),
@@ -117,6 +130,7 @@ def _phrases(record: Mapping[str, Any], rng: random.Random) -> dict[str, str]:
         "a1c": rng.choice(_A1C_TEXT[str(record["A1Cresult"])]),
         "glu": rng.choice(_GLU_TEXT[str(record["max_glu_serum"])]),
         "insulin": rng.choice(_INSULIN_TEXT[str(record["insulin"])]),
+        "insulin_change": _SHORT_INSULIN.get(str(record["insulin"]), "none"),
         "dmmed": rng.choice(_MED_TEXT[str(record["diabetesMed"])]),
         "readmit": rng.choice(_READMIT_TEXT[str(record["readmitted"])]),
     }
@@ -127,90 +141,80 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[:1].lower() in "aeiou8" else "a ") + phrase
 
 
-def _t_narrative(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"Discharge summary: {_a(p['race_'] + p['person'])} seen after {p['admission']} {p['source']} for "
-        f"{p['diag']}. Stayed {p['stay']} with {p['labs']} lab procedures and {p['meds']} medications; "
-        f"{p['ndx']} diagnoses coded. {_cap(p['a1c'])}, {p['glu']}. {_cap(p['insulin'])}; {p['dmmed']}. "
-        f"Follow-up: {p['readmit']}."
-    )
+class _NoteFormatter(string.Formatter):
+    """``str.format`` with two format-spec letters for phrases, applied left to right: ``a`` puts the indefinite
+    article in front, ``c`` capitalises the first letter (``{person:ac}``: "A 70-79-year-old woman")."""
+
+    _EDITS: ClassVar[dict[str, Callable[[str], str]]] = {"a": _a, "c": _cap}
+
+    @override
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if not format_spec:
+            return super().format_field(value, format_spec)
+        text = str(value)
+        for letter in format_spec:
+            text = self._EDITS[letter](text)
+        return text
 
 
-def _t_structured(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"DISCHARGE RECORD | age {r['age']} | sex {_SHORT_SEX.get(str(r['gender']), 'U')} | race {r['race']} | "
-        f"admission {r['admission_type']} ({r['admission_source']}) | primary dx {r['primary_diagnosis']} | "
-        f"LOS {r['time_in_hospital']} d | labs {p['labs']} | meds {p['meds']} | dx count {p['ndx']} | "
-        f"A1C {r['A1Cresult']} | max glucose {r['max_glu_serum']} | insulin {r['insulin']} | "
-        f"diabetes meds {r['diabetesMed']} | readmitted {r['readmitted']}"
-    )
+_FORMATTER = _NoteFormatter()
 
 
-def _t_soap(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"S: {_cap(_a(p['person']))} presenting with {p['diag']}, {p['admission']} {p['source']}. "
-        f"O: {p['labs']} labs, {p['a1c']}, {p['glu']}. "
-        f"A: {p['ndx']} active diagnoses; inpatient for {p['stay']}. "
-        f"P: {p['insulin']}, {p['dmmed']}. Outcome: {p['readmit']}."
-    )
+@dataclass(frozen=True)
+class NoteTemplate:
+    """One way of writing a note. ``text`` is formatted with the record's phrases (``{diag}``, see
+    :func:`_phrases`), its raw fields (``{record[A1Cresult]}``) and one option of each of ``choices``, drawn from
+    the rng when the note is rendered (after the phrases, so the phrasing stream does not depend on it)."""
+
+    text: str
+    choices: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def __call__(self, record: Mapping[str, Any], phrases: Mapping[str, str], rng: random.Random) -> str:
+        drawn = {name: rng.choice(options) for name, options in self.choices.items()}
+        return _FORMATTER.format(self.text, record=record, **phrases, **drawn)
 
 
-_BRIEF_INSULIN = {"No": "none", "Steady": "steady", "Up": "up", "Down": "down"}
-
-
-def _t_brief(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    lo = int(str(r["age"])[1:].split("-")[0])
-    sex = _SHORT_SEX.get(str(r["gender"]), "U")
-    return (
-        f"Pt {lo}-{lo + 9}{sex}, {p['diag']}, LOS {r['time_in_hospital']}d, {p['meds']} meds, "
-        f"{p['ndx']} dx, A1C {r['A1Cresult']}, insulin {_BRIEF_INSULIN.get(str(r['insulin']), 'none')}, "
-        f"{p['readmit']}."
-    )
-
-
-def _t_course(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    opener = rng.choice(["Hospital course:", "Brief hospital course:"])
-    return (
-        f"{opener} this {p['race_']}{p['person']} came in as {p['admission']} with {p['diag']}. "
-        f"During {p['his']} {p['stay']} on the ward {p['he']} underwent {p['labs']} lab procedures and received "
-        f"{p['meds']} different medications. {_cap(p['a1c'])}. At discharge: {p['insulin']}, {p['dmmed']}. "
-        f"{_cap(p['readmit'])}."
-    )
-
-
-def _t_bullets(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"Discharge note - patient: {p['age']}; reason: {p['diag']}; admitted {p['source']}; "
-        f"length of stay: {p['stay']}; workup: {p['labs']} labs, {p['glu']}; glycemic control: {p['a1c']}, "
-        f"{p['insulin']}; medications: {p['meds']} ({p['dmmed']}); disposition: {p['readmit']}."
-    )
-
-
-def _t_reason(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"Reason for admission: {p['diag']} in {_a(p['person'])}. Length of stay: {p['stay']}. "
-        f"Diabetes management: {p['a1c']}; {p['insulin']}; {p['dmmed']}. "
-        f"Comorbidity burden: {p['ndx']} diagnoses. Readmission: {p['readmit']}."
-    )
-
-
-def _t_nursing(r: Mapping[str, Any], p: dict[str, str], rng: random.Random) -> str:
-    return (
-        f"Nursing discharge note. {_cap(p['person'])} discharged on day {r['time_in_hospital']} "
-        f"after {p['admission']}. {_cap(p['he'])} received {p['meds']} medications; {p['insulin']}. "
-        f"{_cap(p['glu'])}. {_cap(p['readmit'])}."
-    )
-
-
-NOTE_TEMPLATES: tuple[Callable[[Mapping[str, Any], dict[str, str], random.Random], str], ...] = (
-    _t_narrative,
-    _t_structured,
-    _t_soap,
-    _t_brief,
-    _t_course,
-    _t_bullets,
-    _t_reason,
-    _t_nursing,
+NOTE_TEMPLATES: tuple[NoteTemplate, ...] = (
+    NoteTemplate(
+        "Discharge summary: {race_person:a} seen after {admission} {source} for {diag}. Stayed {stay} with "
+        "{labs} lab procedures and {meds} medications; {ndx} diagnoses coded. {a1c:c}, {glu}. {insulin:c}; "
+        "{dmmed}. Follow-up: {readmit}."
+    ),
+    NoteTemplate(
+        "DISCHARGE RECORD | age {record[age]} | sex {sex} | race {record[race]} | "
+        "admission {record[admission_type]} ({record[admission_source]}) | "
+        "primary dx {record[primary_diagnosis]} | LOS {record[time_in_hospital]} d | labs {labs} | "
+        "meds {meds} | dx count {ndx} | A1C {record[A1Cresult]} | max glucose {record[max_glu_serum]} | "
+        "insulin {record[insulin]} | diabetes meds {record[diabetesMed]} | readmitted {record[readmitted]}"
+    ),
+    NoteTemplate(
+        "S: {person:ac} presenting with {diag}, {admission} {source}. O: {labs} labs, {a1c}, {glu}. "
+        "A: {ndx} active diagnoses; inpatient for {stay}. P: {insulin}, {dmmed}. Outcome: {readmit}."
+    ),
+    NoteTemplate(
+        "Pt {ages}{sex}, {diag}, LOS {record[time_in_hospital]}d, {meds} meds, {ndx} dx, "
+        "A1C {record[A1Cresult]}, insulin {insulin_change}, {readmit}."
+    ),
+    NoteTemplate(
+        "{opener} this {race_person} came in as {admission} with {diag}. During {his} {stay} on the ward {he} "
+        "underwent {labs} lab procedures and received {meds} different medications. {a1c:c}. "
+        "At discharge: {insulin}, {dmmed}. {readmit:c}.",
+        choices={"opener": ("Hospital course:", "Brief hospital course:")},
+    ),
+    NoteTemplate(
+        "Discharge note - patient: {age}; reason: {diag}; admitted {source}; length of stay: {stay}; "
+        "workup: {labs} labs, {glu}; glycemic control: {a1c}, {insulin}; medications: {meds} ({dmmed}); "
+        "disposition: {readmit}."
+    ),
+    NoteTemplate(
+        "Reason for admission: {diag} in {person:a}. Length of stay: {stay}. "
+        "Diabetes management: {a1c}; {insulin}; {dmmed}. Comorbidity burden: {ndx} diagnoses. "
+        "Readmission: {readmit}."
+    ),
+    NoteTemplate(
+        "Nursing discharge note. {person:c} discharged on day {record[time_in_hospital]} after {admission}. "
+        "{he:c} received {meds} medications; {insulin}. {glu:c}. {readmit:c}."
+    ),
 )
 """Note templates; :func:`render_note` picks one at random for each record."""
 
