@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "FineTuneReport": "fine_tune_report",
     "MembershipInferenceAudit": "membership_inference_audit",
     "NoiseSchedule": "noise_schedule",
+    "PlateauController": "plateau_controller",
     "PrivacyBudget": "privacy_budget",
     "QuantileClipping": "quantile_clipping",
     "RLDPController": "rldp_controller",
@@ -34,6 +35,7 @@ __all__ = [
     "FineTuneReport",
     "MembershipInferenceAudit",
     "NoiseSchedule",
+    "PlateauController",
     "PrivacyBudget",
     "QuantileClipping",
     "RLDPController",
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # static analysers see the real classes; nothing is imported 
     from dplightning.callbacks.fine_tune_report import FineTuneReport
     from dplightning.callbacks.membership_inference_audit import MembershipInferenceAudit
     from dplightning.callbacks.noise_schedule import NoiseSchedule
+    from dplightning.callbacks.plateau_controller import PlateauController
     from dplightning.callbacks.privacy_budget import PrivacyBudget
     from dplightning.callbacks.quantile_clipping import QuantileClipping
     from dplightning.callbacks.rldp_controller import RLDPController
