@@ -177,6 +177,13 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
             },
         }
         trainer["callbacks"] = [{"class_path": "dplightning.callbacks.PrivacyBudget"}]
+    if task.get("downstream_notes"):  # field extraction on held-out test notes after fit
+        trainer["callbacks"].append(
+            {
+                "class_path": "dplightning.callbacks.DownstreamAccuracy",
+                "init_args": {"num_notes": task["downstream_notes"], "batch_size": task["eval_batch_size"]},
+            }
+        )
     seed = cell.get("seed", 0)
     return {
         "seed_everything": seed,
@@ -202,6 +209,8 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
             "test_fraction": 0.1,
             "public_fraction": 0.0,
             "data_seed": task.get("data_seed", PUBLIC_DATA_SEED),
+            # the question/answer lines of the downstream task, in every method's training notes alike
+            **({"qa_fraction": task["qa_fraction"]} if task.get("qa_fraction") else {}),
         },
         "trainer": trainer,
     }
@@ -264,6 +273,8 @@ def run_one(
             # starts from exactly that model); absent until the base cell has run
             test_perplexity_before=base_test_perplexity(load_rows(out / JSONL)),
             val_curve=curve,
+            downstream_accuracy=metrics.get("downstream_accuracy"),
+            downstream_majority_rate=metrics.get("downstream_majority_rate"),
         )
     append_row(out / JSONL, row)
     return row

@@ -285,6 +285,8 @@ AUDIT_KEYS = {
     "audit/canary/r1/jaccard": "canary_jaccard",
     "audit/canary/r4/jaccard": "canary_jaccard_r4",
     "audit/epsilon_lower_bound": "empirical_epsilon_lower_bound",
+    "downstream/accuracy": "downstream_accuracy",
+    "downstream/majority_rate": "downstream_majority_rate",
 }
 
 
@@ -293,6 +295,9 @@ def _audits(trainer: Any) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for callback in trainer.callbacks:
         metrics.update(getattr(callback, "metrics", None) or {})
+        result = getattr(callback, "result", None)  # DownstreamAccuracy's last ExtractionResult
+        if hasattr(result, "metrics"):
+            metrics.update(result.metrics())
     return {name: float(metrics[key]) for key, name in AUDIT_KEYS.items() if key in metrics}
 
 

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def _row(cell: str, kind: str, ppl: float, seed: int | None = None, epsilon: float | None = None) -> dict:
@@ -30,15 +19,15 @@ def _row(cell: str, kind: str, ppl: float, seed: int | None = None, epsilon: flo
 
 
 def test_grid_has_base_then_whole_seeds_and_unique_names() -> None:
-    gap = _load("gap_closure")
+    gap = load_benchmark("gap_closure")
     cells = gap.gap_grid((0, 1), (8.0, 2.0))
-    names = [_load("recipe_sweep").cell_name(c) for c in cells]
+    names = [load_benchmark("recipe_sweep").cell_name(c) for c in cells]
     assert names[0] == "base" and len(names) == len(set(names)) == 1 + 2 * 3
     assert [c.get("seed") for c in cells[1:]] == [0, 0, 0, 1, 1, 1]
 
 
 def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
-    gap = _load("gap_closure")
+    gap = load_benchmark("gap_closure")
     rows = [
         _row("base", "base", 100.0),
         _row("np0", "nonprivate", 10.0, seed=0),
@@ -56,7 +45,7 @@ def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
 def test_quick_gap_closure_runs_resumes_and_reports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    gap = _load("gap_closure")
+    gap = load_benchmark("gap_closure")
     assert gap.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "recipe_sweep.jsonl").read_text().splitlines()]
     assert {r["cell"] for r in rows} == {
@@ -73,3 +62,20 @@ def test_quick_gap_closure_runs_resumes_and_reports(
     assert gap.main(["--quick", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("done already") == 3
     assert len((tmp_path / "recipe_sweep.jsonl").read_text().splitlines()) == 3  # nothing reran
+
+
+@pytest.mark.slow
+def test_quick_downstream_runs_score_field_extraction(tmp_path: Path) -> None:
+    gap = _load("gap_closure")
+    assert gap.main(["--quick", "--downstream", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "recipe_sweep.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert (
+            row["status"] == "ok" and row["task"]["max_length"] == 128 and row["task"]["qa_fraction"] == 1.0
+        )
+        assert 0.0 <= row["downstream_accuracy"] <= 1.0 and 0.0 < row["downstream_majority_rate"] <= 1.0
+    assert (
+        "goal met" in (tmp_path / "README.md").read_text()
+        or "goal not met" in (tmp_path / "README.md").read_text()
+    )
