@@ -144,14 +144,16 @@ def _epsilon_command(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_epsilon, key="epsilon")
 
 
+def _epsilon(args: argparse.Namespace, sigma: float, pure: bool) -> float:
+    """ε of ``args.steps`` releases at multiplier ``sigma``: pure ε-DP (Laplace, δ = 0) or at ``args.delta``."""
+    if pure:
+        return pure_epsilon_laplace(sigma, args.sample_rate, args.steps)
+    return compute_epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant, args.mechanism)
+
+
 def _run_epsilon(args: argparse.Namespace) -> dict[str, Any]:
     pure = _pure(args)
-    if pure:
-        eps = pure_epsilon_laplace(args.sigma, args.sample_rate, args.steps)
-    else:
-        eps = compute_epsilon(
-            args.sigma, args.sample_rate, args.steps, args.delta, args.accountant, args.mechanism
-        )
+    eps = _epsilon(args, args.sigma, pure)
     return {"epsilon": eps, "noise_multiplier": args.sigma, **_inputs(args, pure)}
 
 
@@ -171,14 +173,11 @@ def _run_noise(args: argparse.Namespace) -> dict[str, Any]:
     pure = _pure(args)
     if pure:
         sigma = laplace_scale_for_pure_epsilon(args.epsilon, args.sample_rate, args.steps)
-        eps = pure_epsilon_laplace(sigma, args.sample_rate, args.steps)
     else:
         sigma = noise_for_target(
             args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant, args.mechanism
         )
-        eps = compute_epsilon(
-            sigma, args.sample_rate, args.steps, args.delta, args.accountant, args.mechanism
-        )
+    eps = _epsilon(args, sigma, pure)
     return {"noise_multiplier": sigma, "epsilon": eps, "target_epsilon": args.epsilon, **_inputs(args, pure)}
 
 
