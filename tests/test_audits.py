@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import run_dplightning
 from torch import Tensor, nn
 
 from dplightning.auditing.canaries import (
@@ -237,14 +236,7 @@ def test_audit_command_prints_table_and_json(tmp_path: Path) -> None:
     )
     assert main(["fit", "--config", str(cfg)]) == 0
     ckpt = tmp_path / "ck" / "last.ckpt"
-    exe = Path(sys.executable).parent / "dplightning"
-    out = subprocess.run(
-        [str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    out = run_dplightning(["audit", "--ckpt", str(ckpt), "--config", str(cfg), "--json"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0 < figures["privacy/epsilon"] <= 4.0
@@ -253,22 +245,14 @@ def test_audit_command_prints_table_and_json(tmp_path: Path) -> None:
         "audit/epsilon_lower_bound" in figures
         and figures["audit/epsilon_lower_bound"] <= figures["privacy/epsilon"]
     )
-    table = subprocess.run(
-        [str(exe), "audit", "--ckpt", str(ckpt), "--config", str(cfg), "--max-examples", "8"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
+    table = run_dplightning(
+        ["audit", "--ckpt", str(ckpt), "--config", str(cfg), "--max-examples", "8"], cwd=tmp_path
     )
     assert (
         table.returncode == 0 and "audit/mia/loss/auc" in table.stdout and "privacy/epsilon" in table.stdout
     )
-    bad = subprocess.run(
-        [str(exe), "audit", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
+    bad = run_dplightning(
+        ["audit", "--ckpt", str(tmp_path / "nope.ckpt"), "--config", str(cfg)], cwd=tmp_path
     )
     assert bad.returncode == 2 and "nope.ckpt" in bad.stderr and "Traceback" not in bad.stderr
 

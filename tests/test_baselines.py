@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import fake_dpsgd_strategy, quiet_trainer
+from conftest import ROOT, clipped_sums, fake_dpsgd_strategy, quiet_trainer, run_dplightning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,7 +20,6 @@ from dplightning.callbacks.noise_schedule import calibrate_schedule, schedule_ep
 from dplightning.callbacks.quantile_clipping import COUNT_CHANNEL
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import compute_epsilon
-from dplightning.privacy.clipping import clip_and_sum
 from dplightning.strategies import DPSGDStrategy
 
 
@@ -116,14 +115,14 @@ def test_normalisation_bounds_each_contribution_by_threshold() -> None:
     groups = {"all": ["w"]}
     for i in range(32):  # each example's normalised contribution alone: norm < C = 1, ≈ 1 for large grads
         single = {"w": grads["w"][i : i + 1]}
-        summed, norms = clip_and_sum(single, groups, {"all": 1.0}, stability=0.01)
+        summed, norms = clipped_sums(single, groups, {"all": 1.0}, stability=0.01)
         out = summed["w"].norm().item()
         assert out < 1.0
         assert out == pytest.approx(norms["all"].item() / (norms["all"].item() + 0.01), rel=1e-5)
     # unlike clipping, small gradients are scaled *up* (normalised), not left alone
     small = {"w": grads["w"][:1]}
-    clipped, _ = clip_and_sum(small, groups, {"all": 1.0})
-    normed, _ = clip_and_sum(small, groups, {"all": 1.0}, stability=0.01)
+    clipped, _ = clipped_sums(small, groups, {"all": 1.0})
+    normed, _ = clipped_sums(small, groups, {"all": 1.0}, stability=0.01)
     assert normed["w"].norm() > 10 * clipped["w"].norm()
 
 
@@ -215,17 +214,8 @@ def test_noise_schedule_refuses_controllers_that_also_set_sigma() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["quantile_clipping", "automatic_clipping", "noise_schedule"])
 def test_baseline_configs_parse(name: str) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    exe = Path(sys.executable).parent / "dplightning"
-    out = subprocess.run(
-        [str(exe), "fit", "--config", str(root / "configs" / f"{name}.yaml"), "--print_config"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = run_dplightning(
+        ["fit", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"], timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
     callback = {

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_dplightning
 
 from dplightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).parent / "dplightning"
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_fit_tiny_config_prints_summary_and_writes_tensorboard(tmp_path: Path) -> None:
-    out = _run(
+    out = run_dplightning(
         [
             "fit",
             "--config",
@@ -30,7 +24,7 @@ def test_fit_tiny_config_prints_summary_and_writes_tensorboard(tmp_path: Path) -
             "--trainer.val_check_interval",
             "2",
         ],
-        tmp_path,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== dplightning summary ==" in out.stdout
@@ -59,7 +53,7 @@ def test_fit_tiny_config_prints_summary_and_writes_tensorboard(tmp_path: Path) -
 def test_bad_input_is_one_clear_error_line(tmp_path: Path, yaml: str, expected: str) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml)
-    out = _run(["fit", "--config", str(cfg), "--trainer.logger", "false"], tmp_path)
+    out = run_dplightning(["fit", "--config", str(cfg), "--trainer.logger", "false"], cwd=tmp_path)
     err = out.stderr
     assert out.returncode == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]

@@ -21,6 +21,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import PRIVACY_EPSILON
 
 from dplightning.cli import main
 from dplightning.errors import DPLightningError
@@ -229,23 +230,7 @@ def test_extractor_reads_code_blocks_and_inline_spans() -> None:
             "--strategy.init_args.target_epsilon",
         ),
         (["fit", "--config", "configs/no_such_config.yaml"], "no_such_config.yaml"),
-        (
-            [
-                "privacy",
-                "epsilon",
-                "--sigma",
-                "1",
-                "--sample-rate",
-                "0.01",
-                "--steps",
-                "10",
-                "--delta",
-                "1e-5",
-                "--bogus",
-                "1",
-            ],
-            "--bogus",
-        ),
+        ([*PRIVACY_EPSILON, "--bogus", "1"], "--bogus"),
         (
             [
                 "privacy",

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.mark.slow
 def test_quick_matrix_runs_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run_matrix = _load("run_matrix")
-    report_matrix = _load("report_matrix")
+    run_matrix = load_benchmark("run_matrix")
+    report_matrix = load_benchmark("report_matrix")
 
     assert (
         run_matrix.main(["--quick", "--out", str(tmp_path), "--jobs", "2", "--threads", "1"]) == 0

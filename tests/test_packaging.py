@@ -9,6 +9,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import PRIVACY_EPSILON, run_dplightning
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,24 +26,7 @@ def test_editable_install_maps_top_level_folders() -> None:
 def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "dplightning"
     assert exe.exists()
-    out = subprocess.run(
-        [
-            str(exe),
-            "privacy",
-            "epsilon",
-            "--sigma",
-            "1",
-            "--sample-rate",
-            "0.01",
-            "--steps",
-            "10",
-            "--delta",
-            "1e-5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = run_dplightning(PRIVACY_EPSILON, timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.strip().split()[-1]) > 0
 

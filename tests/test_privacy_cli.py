@@ -19,6 +19,11 @@ from dplightning.privacy.cli import build_parser, privacy_main
 COMMON = ["--sample-rate", "0.01", "--steps", "500", "--delta", "1e-5"]
 
 
+def small_epsilon(*extra: str, sigma: str = "1") -> list[str]:
+    """``epsilon`` at ``sigma``, q = 0.1, 10 steps and δ = 1e-5 (valid and instant), then ``extra``."""
+    return ["epsilon", "--sigma", sigma, "-q", "0.1", "--steps", "10", "--delta", "1e-5", *extra]
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = privacy_main(list(argv))
     out, err = capsys.readouterr()
@@ -119,43 +124,11 @@ def test_no_noise_gives_infinite_epsilon(capsys: pytest.CaptureFixture[str]) -> 
             ],
             "unreachable",
         ),
-        (
-            [
-                "epsilon",
-                "--sigma",
-                "1",
-                "-q",
-                "0.1",
-                "--steps",
-                "10",
-                "--delta",
-                "1e-5",
-                "--mechanism",
-                "laplace",
-                "--accountant",
-                "rdp",
-            ],
-            "pld",
-        ),
+        (small_epsilon("--mechanism", "laplace", "--accountant", "rdp"), "pld"),
         (["epsilon", "--sigma", "1", "--steps", "10"], "required"),
-        (["epsilon", "--sigma", "x", "-q", "0.1", "--steps", "10", "--delta", "1e-5"], "invalid float"),
+        (small_epsilon(sigma="x"), "invalid float"),
         (["epsilon", "--sigma", "1", "-q", "0.1", "--steps", "0", "--delta", "1e-5"], "positive integer"),
-        (
-            [
-                "epsilon",
-                "--sigma",
-                "1",
-                "-q",
-                "0.1",
-                "--steps",
-                "10",
-                "--delta",
-                "1e-5",
-                "--accountant",
-                "moments",
-            ],
-            "invalid choice",
-        ),
+        (small_epsilon("--accountant", "moments"), "invalid choice"),
         (["lmo"], "invalid choice"),
         ([], "required"),
     ],

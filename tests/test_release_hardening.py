@@ -10,14 +10,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import GradRecorder
+from conftest import GradRecorder, clipped_sums
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dplightning.strategies.base as strategy_base
 from dplightning.errors import DPLightningError
-from dplightning.privacy.clipping import clip_and_sum, clip_to_grid_and_sum, group_grids
+from dplightning.privacy.clipping import clip_factors, clip_to_grid_and_sum, per_example_norms
 from dplightning.privacy.discretization import from_grid, l2_grid, to_grid
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import PerExampleGradients
@@ -158,11 +158,11 @@ def _clipped_sum(
         engine.remove()
     groups = {"all": ["fc.weight"]}
     if exact:
-        grids = group_grids(groups, {"fc.weight": model.fc.weight.numel()}, {"all": c})
-        units, _ = clip_to_grid_and_sum(grads, groups, {"all": c}, grids)
-        return from_grid(units["fc.weight"], grids["all"])
-    summed, _ = clip_and_sum(grads, groups, {"all": c})
-    return summed["fc.weight"].double()
+        summed, _ = clipped_sums(grads, groups, {"all": c})
+        return summed["fc.weight"]
+    # The float path the grid replaced: norms, clip factors and the weighted sum in the gradients' precision.
+    factors = clip_factors(per_example_norms(grads, groups)["all"], c)
+    return torch.einsum("b,b...->...", factors.to(grads["fc.weight"].dtype), grads["fc.weight"]).double()
 
 
 @pytest.mark.parametrize("precision", [torch.bfloat16, None])
