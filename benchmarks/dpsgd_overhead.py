@@ -10,9 +10,9 @@ Variants (one step = everything from ``zero_grad`` to ``optimizer.step``):
 - ``dp_flat`` / ``dp_per_layer`` / ``dp_per_adapter``: the step of :class:`DPSGDStrategy`, built from the library
   pieces and the strategy object itself (no Lightning ``Trainer``, so the variants can be interleaved step by step
   in one process): :class:`PerExampleGradients` hooks on the module; forward + mean loss + backward; then
-  ``DPSGDMixin.backward``'s post-processing verbatim (``engine.pop()`` -> :func:`clip_and_sum` over
-  :func:`make_groups` groups, store sums and norms on the strategy); then the strategy's own
-  ``release_noisy_gradient()`` (budget check, Gaussian noise from its :class:`NoiseSource` per group,
+  ``DPSGDMixin.backward``'s post-processing, the strategy's own code (``engine.pop()`` -> ``_add_clipped``:
+  :func:`clip_to_grid_and_sum` over :func:`make_groups` groups, sums and norms kept on the strategy); then the
+  strategy's own ``release_noisy_gradient()`` (budget check, Gaussian noise from its :class:`NoiseSource` per group,
   ``/ expected batch size``, noisy-norm bookkeeping, accountant step); then AdamW's step. sigma = 1, C = 1.
 - ``opacus_flat``: reference. Opacus ``GradSampleModule`` (hooks mode) around the peft model + Opacus
   ``DPOptimizer`` (flat per-sample clipping, Gaussian noise, / expected batch size) wrapping AdamW. sigma = 1, C = 1.
@@ -119,7 +119,7 @@ def build_variant(
         return step, info
 
     if variant in DP_VARIANTS:
-        from dplightning.privacy.clipping import clip_and_sum, make_groups
+        from dplightning.privacy.clipping import make_groups
         from dplightning.privacy.per_example_grads import PerExampleGradients
         from dplightning.strategies.dpsgd import DPSGDStrategy
 
@@ -145,14 +145,7 @@ def build_variant(
             opt.zero_grad(set_to_none=True)
             module.per_example_loss(batch).mean().backward()
             # == DPSGDMixin.backward after super().backward():
-            grads = engine.pop()
-            if grads:
-                summed, norms = clip_and_sum(grads, strategy.groups, strategy.clip_thresholds)
-                for name, value in summed.items():
-                    prev = strategy._summed.get(name)
-                    strategy._summed[name] = value if prev is None else prev + value
-                for group, value in norms.items():
-                    strategy._last_norms.setdefault(group, []).append(value.detach())
+            strategy._add_clipped(engine.pop())
             # == DPSGDMixin.optimizer_step's private closure, then the optimizer step:
             strategy.release_noisy_gradient()
             opt.step()
@@ -391,7 +384,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "Step = `zero_grad` → forward → mean loss → backward → [per-example clip + noise] → AdamW step, LoRA r=8 on "
         "q_proj/v_proj, same fixed batches for every variant. DP variants run `DPSGDStrategy`'s own step code "
-        "(hooks, `clip_and_sum`, `release_noisy_gradient`) without a Trainer; see the script docstring. "
+        "(hooks, `clip_to_grid_and_sum`, `release_noisy_gradient`) without a Trainer; see the script docstring. "
         "Time: interleaved round-robin in one process, median over the timed rounds; *paired* = median over rounds "
         "of (variant / non-private of the same round). Memory: a fresh process per variant (forked from a "
         "forkserver that only imported the libraries); *process peak* = `ru_maxrss` (Python, libraries, model, "

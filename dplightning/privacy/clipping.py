@@ -65,28 +65,6 @@ def clip_factors(norms: Tensor, threshold: float, stability: float | None = None
     return (threshold / (norms + 1e-12)).clamp(max=1.0)
 
 
-def clip_and_sum(
-    grads: Mapping[str, Tensor],
-    groups: Mapping[str, Sequence[str]],
-    thresholds: Mapping[str, float],
-    p: float = 2.0,
-    stability: float | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Clip (or, with ``stability``, normalise: see :func:`clip_factors`) each example's group gradient to its
-    threshold and sum over examples.
-
-    Returns:
-        ``({param: summed clipped gradient [*shape]}, {group: per-example pre-clip norms [B]})``.
-    """
-    norms = per_example_norms(grads, groups, p)
-    summed: dict[str, Tensor] = {}
-    for group, names in groups.items():
-        factors = clip_factors(norms[group], thresholds[group], stability)
-        for n in names:
-            summed[n] = torch.einsum("b,b...->...", factors.to(grads[n].dtype), grads[n])
-    return summed, norms
-
-
 def group_grids(
     groups: Mapping[str, Sequence[str]],
     sizes: Mapping[str, int],

@@ -229,22 +229,27 @@ class DPSGDMixin(PrivateStrategyMixin):
     ) -> Tensor:
         out = super().backward(closure_loss, optimizer, *args, **kwargs)
         assert self._engine is not None
-        grads = self._engine.pop()
-        if grads:
-            summed, norms = clip_to_grid_and_sum(
-                grads,
-                self.groups,
-                self.clip_thresholds,
-                self.grids(),
-                p=self._norm_order,
-                stability=self.normalization_stability,
-            )
-            for name, value in summed.items():
-                prev = self._summed.get(name)
-                self._summed[name] = value if prev is None else prev + value
-            for group, value in norms.items():
-                self._last_norms.setdefault(group, []).append(value.detach())
+        self._add_clipped(self._engine.pop())
         return out
+
+    def _add_clipped(self, grads: Mapping[str, Tensor]) -> None:
+        """Clip one (micro-)batch's per-example gradients onto the grid and add them to the step's sums; keep
+        their pre-clip norms (private) for the step."""
+        if not grads:
+            return
+        summed, norms = clip_to_grid_and_sum(
+            grads,
+            self.groups,
+            self.clip_thresholds,
+            self.grids(),
+            p=self._norm_order,
+            stability=self.normalization_stability,
+        )
+        for name, value in summed.items():
+            prev = self._summed.get(name)
+            self._summed[name] = value if prev is None else prev + value
+        for group, value in norms.items():
+            self._last_norms.setdefault(group, []).append(value.detach())
 
     @override
     def optimizer_step(
