@@ -1,4 +1,5 @@
-"""Pieces shared by the benchmark scripts: quiet logging, /proc memory counters, machine description."""
+"""Pieces shared by the benchmark scripts: quiet logging and Trainers, /proc memory counters, machine description,
+writing the results."""
 
 from __future__ import annotations
 
@@ -9,7 +10,20 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+# What a timed or measured fit leaves out: logging, checkpoints, progress output and any validation.
+_TRAIN_ONLY: dict[str, Any] = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
 
 
 def status_kb(field: str) -> int:
@@ -32,6 +46,14 @@ def quiet() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+def train_only_trainer(**settings: Any) -> pl.Trainer:
+    """A Lightning ``Trainer`` that trains and does nothing else (no logger, checkpoints, progress bar, model
+    summary or validation); ``settings`` add to those (strategy, steps, callbacks, precision, ...)."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(**(_TRAIN_ONLY | settings))
 
 
 def cpu_model() -> str | None:
@@ -69,6 +91,14 @@ def write_results(prefix: str, result: dict[str, Any], markdown: str) -> None:
     json_text = json.dumps(result, indent=1, default=str) + "\n"
     atomic_write(prefix + ".json", lambda fh: fh.write(json_text.encode()))
     atomic_write(prefix + ".md", lambda fh: fh.write(markdown.encode()))
+
+
+def publish(result: dict[str, Any], markdown: str, prefix: str | None) -> None:
+    """Print the report and, with a ``prefix``, write it with the raw figures (:func:`write_results`)."""
+    print(markdown)
+    if prefix:
+        write_results(prefix, result, markdown)
+        print(f"wrote {prefix}.json and {prefix}.md")
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import command_line, machine, quiet, status_kb, write_results
+from common import command_line, machine, publish, quiet, status_kb
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -541,12 +541,9 @@ def main() -> None:
         result["models"][model] = r
     result["wall_s"] = time.perf_counter() - t_start
     result["notes"] = []
-    md = to_markdown(result)
-    print(md)
-    out = args.out or (None if args.quick else str(RESULTS / "dpsgd_overhead"))
-    if out:
-        write_results(out, result, md)
-        print(f"wrote {out}.json and {out}.md")
+    publish(
+        result, to_markdown(result), args.out or (None if args.quick else str(RESULTS / "dpsgd_overhead"))
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from common import status_kb, write_results
+from common import status_kb, train_only_trainer, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -204,17 +204,7 @@ def worker(config: str, seq_len: int, batch_size: int, threads: int) -> dict[str
                 if trainer.global_step == 1:
                     probe.stop()
 
-        trainer = pl.Trainer(
-            strategy=strategy,
-            max_steps=1,
-            callbacks=[Measure()],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = train_only_trainer(strategy=strategy, max_steps=1, callbacks=[Measure()])
         data = DataLoader(_ListDataset(batch), batch_size=batch_size, collate_fn=_stack)
         trainer.fit(module, data)
         info["trainable_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, quiet, write_results
+from common import machine, quiet, train_only_trainer, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -74,25 +74,30 @@ def noise_table(eps: float, delta: float, q: float, steps: int, budget: float) -
     }
 
 
-def train(
-    method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace, seed: int
-) -> dict[str, Any]:
-    """One short private fine-tune; returns final held-out perplexity, ε spent and the calibrated multiplier."""
-    import lightning.pytorch as pl
-    import torch
-
+def data_module(args: argparse.Namespace) -> Any:
+    """The notes every run trains and is scored on (seeded: the same for every run)."""
     from dplightning.data import TextDataModule
-    from dplightning.module import DPLoRAModule
-    from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 
-    torch.manual_seed(seed)
-    dm = TextDataModule(
+    return TextDataModule(
         tokenizer=args.model,
         num_records=args.records,
         max_length=args.max_length,
         batch_size=args.batch_size,
         eval_batch_size=32,
     )
+
+
+def train(
+    method: str, eps: float, lmo: dict[str, float] | None, args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
+    """One short private fine-tune; returns final held-out perplexity, ε spent and the calibrated multiplier."""
+    import torch
+
+    from dplightning.module import DPLoRAModule
+    from dplightning.strategies import DPSGDStrategy, DPZOStrategy
+
+    torch.manual_seed(seed)
+    dm = data_module(args)
     zo = method.startswith("dpzo")
     module = DPLoRAModule(
         model_name=args.model,
@@ -114,32 +119,17 @@ def train(
         strategy = DPSGDStrategy(
             noise="lmo", lmo=lmo, clipping="flat_l1", accountant="rdp", max_grad_norm=args.clip, **common
         )
-    trainer = pl.Trainer(
-        strategy=strategy,
-        max_steps=args.steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = train_only_trainer(strategy=strategy, max_steps=args.steps)
     start = time.monotonic()
     trainer.fit(module, datamodule=dm)
-    metrics = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=args.val_batches,
-    ).validate(module, datamodule=dm, verbose=False)[0]
+    perplexity = validation_perplexity(module, dm, args.val_batches)
     return {
         "method": method,
         "seed": seed,
         "epsilon_target": eps,
         "epsilon_spent": float(strategy.epsilon()),
         "noise_multiplier": float(strategy.noise_multiplier or 0.0),
-        "val_perplexity": float(metrics["val/perplexity"]),
+        "val_perplexity": perplexity,
         "steps": int(strategy.accountant.steps),
         "seconds": time.monotonic() - start,
     }
@@ -147,19 +137,25 @@ def train(
 
 def baseline_perplexity(dm: Any, args: argparse.Namespace) -> float:
     """Held-out perplexity of the untrained model (same seed as the runs)."""
-    import lightning.pytorch as pl
     import torch
 
     from dplightning.module import DPLoRAModule
 
     torch.manual_seed(args.seeds[0])
     module = DPLoRAModule(model_name=args.model, lora_rank=4, seed=args.seeds[0], optimizer="sgd")
+    return validation_perplexity(module, dm, args.val_batches)
+
+
+def validation_perplexity(module: Any, dm: Any, val_batches: int) -> float:
+    """Perplexity of ``module`` on the first ``val_batches`` validation batches of ``dm``, on the CPU."""
+    import lightning.pytorch as pl
+
     metrics = pl.Trainer(
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=args.val_batches,
+        limit_val_batches=val_batches,
     ).validate(module, datamodule=dm, verbose=False)[0]
     return float(metrics["val/perplexity"])
 
@@ -317,15 +313,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    from dplightning.data import TextDataModule
-
-    dm = TextDataModule(
-        tokenizer=args.model,
-        num_records=args.records,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        eval_batch_size=32,
-    )
+    dm = data_module(args)
     dm.prepare_data()
     dm.setup("fit")
     train_size = len(dm.train_dataloader().dataset)

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import command_line, machine, quiet, write_results
+from common import command_line, machine, publish, quiet, train_only_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -223,17 +223,8 @@ def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespac
         instrument(controller, rec)
         callbacks.append(controller)
     callbacks.append(end)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        strategy=strategy,
-        max_steps=args.planned_steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    trainer = train_only_trainer(
+        accelerator="cpu", strategy=strategy, max_steps=args.planned_steps, callbacks=callbacks
     )
     t = time.perf_counter()
     trainer.fit(module, datamodule=dm)
@@ -445,12 +436,7 @@ def main() -> None:
             }
     result["wall_s"] = time.perf_counter() - T0
     result["notes"] = []
-    md = to_markdown(result)
-    print(md)
-    out = args.out or (None if args.quick else str(RESULTS / "rldp_overhead"))
-    if out:
-        write_results(out, result, md)
-        print(f"wrote {out}.json and {out}.md")
+    publish(result, to_markdown(result), args.out or (None if args.quick else str(RESULTS / "rldp_overhead")))
 
 
 if __name__ == "__main__":

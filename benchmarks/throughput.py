@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import command_line, machine, quiet, write_results
+from common import command_line, machine, publish, quiet, train_only_trainer, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -136,7 +136,6 @@ def make_timer() -> Any:
 
 def fit_step(module: Any, variant: tuple[str, str, str], train_loader: Any) -> tuple[float, float, int]:
     """One ``Trainer.fit`` of one step of ``variant`` on ``train_loader``'s batch: (seconds, load, tokens)."""
-    import lightning.pytorch as pl
 
     from dplightning.strategies import DPSGDStrategy
 
@@ -152,19 +151,8 @@ def fit_step(module: Any, variant: tuple[str, str, str], train_loader: Any) -> t
             seed=0,
         )
     timer = make_timer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        strategy=strategy,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[timer],
+    trainer = train_only_trainer(
+        accelerator="cpu", devices=1, precision=precision, strategy=strategy, max_steps=1, callbacks=[timer]
     )
     trainer.fit(module, train_dataloaders=train_loader)
     (step,) = timer.steps
@@ -472,12 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         result["dpzo"] += dpzo_correlation(zm, args.seq_len, args.zo_batch_size, 4 if args.quick else dirs)
     result["wall_s"] = time.perf_counter() - t_start
     result["notes"] = list(args.note)
-    md = to_markdown(result)
-    print(md)
-    out = args.out or (None if args.quick else str(RESULTS / "throughput"))
-    if out:
-        write_results(out, result, md)
-        print(f"wrote {out}.json and {out}.md")
+    publish(result, to_markdown(result), args.out or (None if args.quick else str(RESULTS / "throughput")))
     return 0
 
 
