@@ -20,13 +20,16 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 # No hub access anywhere: everything is local (bundled GGUF, tiny random models, user paths).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from dplightning.errors import DPLightningError
+
+if TYPE_CHECKING:
+    from dplightning.strategies.protocol import PrivateStrategy
 
 SUBCOMMANDS_OUTSIDE_LIGHTNING = ("privacy", "audit")
 
@@ -106,8 +109,8 @@ def _lightning_cli_class() -> type:
                     f"val perplexity: {before:.3f} before -> " if before is not None else "val perplexity: "
                 )
                 lines.append(f"{prefix}{float(metrics['val/perplexity']):.3f} after (final val perplexity)")
-            strategy = trainer.strategy
-            if hasattr(strategy, "accountant"):
+            if hasattr(trainer.strategy, "accountant"):
+                strategy = cast("PrivateStrategy", trainer.strategy)
                 eps = strategy.epsilon()
                 target = getattr(strategy, "max_epsilon", None)
                 lines.append(
@@ -117,7 +120,9 @@ def _lightning_cli_class() -> type:
                 )
             else:
                 lines.append("privacy: none (non-private run)")
-            for callback in trainer.callbacks:  # e.g. FineTuneReport, DownstreamAccuracy
+            # Lightning's callback connector sets trainer.callbacks, so its type is not declared on Trainer.
+            callbacks: list[Any] = getattr(trainer, "callbacks", [])
+            for callback in callbacks:  # e.g. FineTuneReport, DownstreamAccuracy
                 lines += getattr(callback, "summary_lines", list)()
             requested = getattr(trainer, "requested_precision", None)
             auto = " (auto)" if isinstance(requested, str) and requested.strip().lower() == "auto" else ""

@@ -328,7 +328,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def _tiny_config(name: str) -> Any:
     from transformers import GPT2Config, LlamaConfig
 
-    special = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
+    special: dict[str, Any] = {"pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 258}
     if name == TINY_LLAMA:
         return LlamaConfig(
             vocab_size=TINY_VOCAB_SIZE,

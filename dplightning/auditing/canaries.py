@@ -63,7 +63,7 @@ def make_canaries(
         )
     rng = random.Random(seed)
     tags: set[str] = set()
-    out = []
+    out: list[Canary] = []
     while len(out) < n:
         tag = "".join(rng.choice(_TAG_ALPHABET) for _ in range(5))
         if tag in tags:
@@ -202,7 +202,7 @@ def membership_scores(model: Any, tokenizer: Any, canaries: Sequence[Canary]) ->
     requires."""
     nll = np.array([float(secret_nll(model, tokenizer, c.prefix, [c.secret])[0]) for c in canaries])
     peft_model = getattr(model, "model", None)
-    if not hasattr(peft_model, "disable_adapter"):
+    if peft_model is None or not hasattr(peft_model, "disable_adapter"):
         return -nll
     with peft_model.disable_adapter():
         ref = np.array([float(secret_nll(model, tokenizer, c.prefix, [c.secret])[0]) for c in canaries])

@@ -174,7 +174,7 @@ def membership_audit(
         "min_k": evaluate_attack("min_k", mem["min_k"], non["min_k"]),
     }
     peft_model = getattr(module, "model", None)
-    if use_reference and hasattr(peft_model, "disable_adapter"):
+    if use_reference and peft_model is not None and hasattr(peft_model, "disable_adapter"):
         with peft_model.disable_adapter():
             mem_ref = example_statistics(module, members, k_fraction)["loss"]
             non_ref = example_statistics(module, nonmembers, k_fraction)["loss"]
