@@ -66,7 +66,7 @@ def test_quick_gap_closure_runs_resumes_and_reports(
 
 @pytest.mark.slow
 def test_quick_downstream_runs_score_field_extraction(tmp_path: Path) -> None:
-    gap = _load("gap_closure")
+    gap = load_benchmark("gap_closure")
     assert gap.main(["--quick", "--downstream", "--out", str(tmp_path)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "recipe_sweep.jsonl").read_text().splitlines()]
     assert len(rows) == 3
@@ -79,3 +79,27 @@ def test_quick_downstream_runs_score_field_extraction(tmp_path: Path) -> None:
         "goal met" in (tmp_path / "README.md").read_text()
         or "goal not met" in (tmp_path / "README.md").read_text()
     )
+
+
+def test_shipped_recipe_config_is_the_benchmarked_recipe() -> None:
+    import yaml
+
+    gap, sweep = load_benchmark("gap_closure"), load_benchmark("recipe_sweep")
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs" / "dpsgd_recipe.yaml").read_text())
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    strategy = trainer["strategy"]["init_args"]
+    assert (model["optimizer"], model["learning_rate"], strategy["max_grad_norm"]) == (
+        gap.RECIPE["optimizer"],
+        gap.RECIPE["lr"],
+        gap.RECIPE["clip"],
+    )
+    task = sweep.FULL_TASK
+    assert (data["num_records"], data["max_length"], data["batch_size"], trainer["max_steps"]) == (
+        task["num_records"],
+        task["max_length"],
+        task["batch_size"] * task["accumulate"],
+        task["steps"],
+    )
+    assert (strategy["clipping"], strategy["accountant"], strategy["target_epsilon"]) == ("flat", "pld", 8.0)
+    assert (model["lora_rank"], model["lora_target_modules"]) == (8, ["q_proj", "v_proj"])
