@@ -3,7 +3,7 @@ the budget guard, clip thresholds and noise multipliers by group, and the DP sta
 
 :class:`PrivateStrategyMixin` is mixed in before the Lightning strategy class (``SingleDeviceStrategy`` or
 ``DDPStrategy``); a concrete strategy adds its release (DP-SGD's noised gradient sum, DP-ZO's noised scalars)
-through :meth:`~PrivateStrategyMixin.step_event` and :meth:`~PrivateStrategyMixin.calibrate`.
+through :meth:`~PrivateStrategyMixin.step_event`, from which :meth:`~PrivateStrategyMixin.calibrate` finds σ.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
-from dplightning.privacy.accounting import StepEvent, make_accountant
+from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.settings import PrivacySettings
@@ -99,9 +99,10 @@ class PrivateStrategyMixin(Strategy):
     """Shared body of the private strategies; satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`.
 
     Subclasses validate their settings and call :meth:`_init_private` from ``__init__`` (after the Lightning
-    strategy's ``__init__``), and implement :meth:`step_event` and :meth:`calibrate`. Their
-    ``setup`` ends with :meth:`_finish_setup`; their release calls :meth:`within_budget`, then
-    :meth:`_record_step` or :meth:`_stop_on_budget`.
+    strategy's ``__init__``), and implement :meth:`step_event` (from which :meth:`calibrate` finds the
+    multiplier; a release the (ε, δ) accountants do not describe overrides it). Their ``setup`` ends with
+    :meth:`_finish_setup`; their release calls :meth:`within_budget`, then :meth:`_record_step` or
+    :meth:`_stop_on_budget`.
     """
 
     # on_train_start refuses a plan whose remaining steps would overspend target_epsilon; this says whether a
@@ -159,9 +160,21 @@ class PrivateStrategyMixin(Strategy):
     def step_event(self, sigma: float, q: float) -> StepEvent:
         """Accounting event of one step at multiplier ``sigma`` and sample rate ``q``."""
 
-    @abstractmethod
     def calibrate(self, target_epsilon: float, steps: int) -> float:
-        """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``."""
+        """Smallest multiplier whose ``steps`` releases stay within ``target_epsilon`` at ``target_delta``: the
+        accountant's calibration for the release that :meth:`step_event` describes."""
+        assert self.sample_rate is not None
+        event = self.step_event(1.0, self.sample_rate)  # the multiplier is what is sought: 1 is a placeholder
+        return noise_for_target(
+            target_epsilon,
+            self.target_delta,
+            self.sample_rate,
+            steps,
+            accountant=self.accountant_kind,
+            mechanism=event.mechanism,
+            lmo=event.lmo,
+            release=event.release,
+        )
 
     def _calibrate_noise_multiplier(self) -> None:
         """Set the multiplier from :meth:`calibrate` for the planned steps (called at train start when

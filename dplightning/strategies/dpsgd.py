@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from dplightning.checkpoint_io import AtomicCheckpointIO
 from dplightning.errors import DPLightningError
-from dplightning.privacy.accounting import AccountantKind, StepEvent, noise_for_target
+from dplightning.privacy.accounting import AccountantKind, StepEvent
 from dplightning.privacy.clipping import (
     CLIPPING_MODES,
     ClippingMode,
@@ -164,30 +164,11 @@ class DPSGDMixin(PrivateStrategyMixin):
             )
         return StepEvent(sigma, q, "lmo", self.lmo, "vector")
 
-    def _noise_kwargs(self) -> dict[str, Any]:
-        """Mechanism arguments of :func:`noise_for_target` for this strategy's noise."""
-        if self.noise != "lmo":
-            return {}
-        return {"mechanism": "lmo", "lmo": self.lmo, "release": "vector"}
-
-    @override
-    def calibrate(self, target_epsilon: float, steps: int) -> float:
-        assert self.sample_rate is not None
-        return noise_for_target(
-            target_epsilon,
-            self.target_delta,
-            self.sample_rate,
-            steps,
-            accountant=self.accountant_kind,
-            **self._noise_kwargs(),
-        )
-
     # ------------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        module = self.lightning_module
-        assert module is not None
+        module = self._attached_module
         self._check_optimization(
             trainer,
             module,

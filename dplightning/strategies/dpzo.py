@@ -66,7 +66,6 @@ from dplightning.privacy.accounting import (
     Mechanism,
     PureLaplaceAccountant,
     StepEvent,
-    noise_for_target,
 )
 from dplightning.privacy.accounting import laplace_scale_for_pure_epsilon as pure_laplace_multiplier
 from dplightning.privacy.discretization import from_grid, scalar_grid, to_grid
@@ -307,27 +306,16 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
 
     @override
     def calibrate(self, target_epsilon: float, steps: int) -> float:
-        assert self.sample_rate is not None
-        if self.pure_dp:
+        if self.pure_dp:  # pure ε-DP Laplace: the (ε, δ) accountants do not apply
+            assert self.sample_rate is not None
             return pure_laplace_multiplier(target_epsilon, self.sample_rate, steps)
-        event = self.step_event(1.0, self.sample_rate)
-        return noise_for_target(
-            target_epsilon,
-            self.target_delta,
-            self.sample_rate,
-            steps,
-            accountant=self.accountant_kind,
-            mechanism=self.mechanism,
-            lmo=event.lmo,
-            release=event.release,
-        )
+        return super().calibrate(target_epsilon, steps)
 
     # ------------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        module = self.lightning_module
-        assert module is not None
+        module = self._attached_module
         if trainer.state.fn != TrainerFn.FITTING:
             return  # validate/test/predict: plain forwards, nothing private to set up
         self._check_optimization(
