@@ -405,7 +405,8 @@ def report(out: Path) -> Path:
         s = r["settings"]
         gap = gap_closed(r["test_perplexity_after"], base, ref)
         lines.append(
-            f"| {name} | {_optimiser(s)} | {_fmt(s.get('lr'), 'g')} | {s.get('schedule', 'constant')} "
+            f"| {name} | {_optimiser(s)} | {_fmt(s.get('lr'), 'g')} "
+            f"| {s.get('schedule', 'constant') if s['kind'] != 'base' else '–'} "
             f"| {_fmt(s.get('clip'), 'g')} "
             f"| {_fmt(s.get('epsilon'), 'g')} | {_fmt(r['epsilon_spent'], '.3f')} | {_fmt(r['sigma'], '.3f')} "
             f"| {_fmt(r['sigma_over_batch'], '.4f')} | {r['steps']} "

@@ -103,3 +103,23 @@ def test_shipped_recipe_config_is_the_benchmarked_recipe() -> None:
     )
     assert (strategy["clipping"], strategy["accountant"], strategy["target_epsilon"]) == ("flat", "pld", 8.0)
     assert (model["lora_rank"], model["lora_target_modules"]) == (8, ["q_proj", "v_proj"])
+
+
+def test_sgd_recipe_differs_from_the_adamw_recipe_only_in_the_optimiser() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    adamw = yaml.safe_load((root / "configs" / "dpsgd_recipe.yaml").read_text())
+    sgd = yaml.safe_load((root / "configs" / "dpsgd_recipe_sgd.yaml").read_text())
+    rows = load_benchmark("recipe_sweep").load_rows(
+        root / "benchmarks/results/recipe_sweep/recipe_sweep.jsonl"
+    )
+    swept = {r["cell"] for r in rows if r["status"] == "ok"}
+    model = sgd.pop("model")
+    assert (model.pop("optimizer"), model.pop("momentum"), model.pop("learning_rate")) == ("sgd", 0.9, 0.5)
+    assert f"dpsgd_sgd_m0.9_lr{0.5:g}_C1_eps8" in swept  # the shipped value was measured
+    for config in (adamw, sgd):
+        config["trainer"]["logger"]["init_args"].pop("name")
+    adamw_model = adamw.pop("model")
+    adamw_model.pop("optimizer"), adamw_model.pop("learning_rate")
+    assert model == adamw_model and sgd == adamw
