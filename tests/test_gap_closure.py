@@ -20,7 +20,7 @@ def _row(cell: str, kind: str, ppl: float, seed: int | None = None, epsilon: flo
 
 def test_grid_has_base_then_whole_seeds_and_unique_names() -> None:
     gap = load_benchmark("gap_closure")
-    cells = gap.gap_grid((0, 1), (8.0, 2.0))
+    cells = gap.gap_grid((0, 1), (8.0, 2.0), nonprivate_seeds=(0, 1))
     names = [load_benchmark("recipe_sweep").cell_name(c) for c in cells]
     assert names[0] == "base" and len(names) == len(set(names)) == 1 + 2 * 3
     assert [c.get("seed") for c in cells[1:]] == [0, 0, 0, 1, 1, 1]
@@ -34,11 +34,23 @@ def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
         _row("np1", "nonprivate", 1.0, seed=1),
         _row("dp0", "dpsgd", 10.0**0.5 * 10.0, seed=0, epsilon=8.0),  # half of seed 0's log gap
         _row("dp1", "dpsgd", 10.0, seed=1, epsilon=8.0),  # half of seed 1's (wider) log gap
-        _row("dp2", "dpsgd", 10.0, seed=2, epsilon=8.0),  # no non-private run for seed 2 yet
+        _row("dp2", "dpsgd", 10.0, seed=2, epsilon=8.0),  # no non-private run for seed 2
     ]
     ((eps, items),) = gap.paired_gaps(rows).items()
     assert eps == 8.0 and [s for s, _, _ in items] == [0, 1, 2]
-    assert items[0][2] == pytest.approx(0.5) and items[1][2] == pytest.approx(0.5) and items[2][2] is None
+    assert items[0][2] == pytest.approx(0.5) and items[1][2] == pytest.approx(0.5)
+    # seed 2 is measured against the geometric mean of the non-private runs, √(10·1): log gap log(100/√10)
+    assert items[2][2] == pytest.approx((2 - 1) / (2 - 0.5))
+
+
+def test_default_grid_runs_one_nonprivate_reference_and_every_dp_seed() -> None:
+    gap = load_benchmark("gap_closure")
+    cells = gap.gap_grid()
+    kinds = [(c["kind"], c.get("seed"), c.get("epsilon")) for c in cells]
+    assert kinds[:2] == [("base", None, None), ("nonprivate", 0, None)]
+    assert sorted(k for k in kinds if k[0] == "dpsgd") == sorted(
+        ("dpsgd", s, e) for s in gap.SEEDS for e in gap.EPSILONS
+    )
 
 
 @pytest.mark.slow
