@@ -6,21 +6,25 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy import accounting
 from dplightning.privacy.accounting import (
     DEFAULT_VALUE_DISCRETIZATION,
+    EXACT_MAX_EVENTS,
     SIGMA_GRID_PER_DECADE,
     PLDAccountant,
     PrivacyAccountant,
     RDPAccountant,
     StepEvent,
     compute_epsilon,
+    gaussian,
     laplace_scale_for_pure_epsilon,
     make_accountant,
     noise_for_target,
@@ -553,3 +557,156 @@ def test_noise_for_target_with_tiny_noise(kind: str, target: float, q: float) ->
     assert compute_epsilon(sigma, q, 300, 1e-5, kind) <= target  # type: ignore[arg-type]
     # smallest on the grid: one grid step less noise exceeds the target
     assert compute_epsilon(sigma / GRID_STEP, q, 300, 1e-5, kind) > target  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------- adaptive histories
+
+
+def adaptive_steps(seed: int, steps: int, rates: tuple[float, ...]) -> list[tuple[float, float]]:
+    """(σ, q) of each step, σ uniform in [0.6, 1.6]: what a controller that sets σ every step records."""
+    rng = random.Random(seed)
+    return [(rng.uniform(0.6, 1.6), rng.choice(rates)) for _ in range(steps)]
+
+
+def accountant_for(kind: str, steps: list[tuple[float, float]], *, exact: bool = False) -> PrivacyAccountant:
+    """An accountant with ``steps`` recorded; ``exact``: composed as dp_accounting would, however many σ."""
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    if exact:
+        acc._exact_max_events = math.inf
+    for sigma, q in steps:
+        acc.step(sigma, q)
+    return acc
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+@pytest.mark.parametrize(
+    ("seed", "steps", "rates"), [(0, 40, (0.0128,)), (1, 60, (0.01, 0.05)), (2, 24, (0.3,))]
+)
+def test_adaptive_history_is_never_below_the_exact_composition(
+    kind: str, seed: int, steps: int, rates: tuple[float, ...]
+) -> None:
+    history = adaptive_steps(seed, steps, rates)
+    fast, exact = accountant_for(kind, history), accountant_for(kind, history, exact=True)
+    assert len(fast.history) > EXACT_MAX_EVENTS  # the vectorised path
+    extra = [(StepEvent(0.7, rates[0]), 5), (StepEvent(2.0, rates[-1]), 30)]  # a budget guard's question
+    for delta in (1e-5, 1e-3):
+        ours, reference = fast.epsilon(delta), exact.epsilon(delta)
+        # the goal is 1 %; by design the difference is rounding, ~1e-9
+        assert reference <= ours <= reference * (1 + 1e-7), (kind, delta)
+        ours, reference = fast.epsilon_with(delta, extra), exact.epsilon_with(delta, extra)
+        assert reference <= ours <= reference * (1 + 1e-7), (kind, delta)
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_constant_sigma_is_exactly_dp_accountings_self_composition(kind: str) -> None:
+    q, steps, delta = 0.0128, 5000, 1e-5
+    sigma = quantize_sigma_down(1.1)
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    for _ in range(10):
+        acc.step(1.1, q, steps // 10)  # grouped into one event of 5000 steps
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    if kind == "pld":
+        single = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
+            sigma, sampling_prob=q, value_discretization_interval=DEFAULT_VALUE_DISCRETIZATION
+        )
+        expected = single.self_compose(steps).get_epsilon_for_delta(delta)
+    else:
+        rdp = dp_accounting.rdp.RdpAccountant()
+        rdp.compose(event)
+        expected = dp_accounting.rdp.compute_epsilon(rdp.orders, steps * rdp.rdp, delta)[0]
+    assert acc.epsilon(delta) == expected  # bit for bit
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_adaptive_sigmas_are_rounded_down(kind: str) -> None:
+    # each σ just below a grid point: rounded up, it would land on that point (more noise than was used) and ε
+    # would come out below dp_accounting's ε of the σ actually used; rounded down, it is above it
+    q, delta = 0.02, 1e-5
+    used = [accounting.sigma_from_grid_index(k) * (1 - 1e-6) for k in range(-100, 200, 23)]
+    acc = make_accountant(kind)  # type: ignore[arg-type]
+    for sigma in used:
+        acc.step(sigma, q, 5)
+    assert len(acc.history) > EXACT_MAX_EVENTS
+    assert all(event.noise_multiplier < sigma for (event, _), sigma in zip(acc.history, used))
+    truth = reference_epsilon(kind, [(StepEvent(sigma, q), 5) for sigma in used], delta)
+    assert truth <= acc.epsilon(delta) <= truth * 1.01
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_adaptive_epsilon_is_a_function_of_the_history(kind: str) -> None:
+    steps = adaptive_steps(4, 50, (0.01, 0.03))
+    running = make_accountant(kind)  # type: ignore[arg-type]
+    for i, (sigma, q) in enumerate(steps):
+        running.step(sigma, q)
+        if i % 7 == 0:
+            running.epsilon(1e-5)  # interleaved queries exercise the per-block caches
+    backwards = accountant_for(kind, steps[::-1])
+    restored = make_accountant(kind)  # type: ignore[arg-type]
+    restored.load_state_dict(json.loads(json.dumps(running.state_dict())))
+    assert running.epsilon(1e-5) == backwards.epsilon(1e-5) == restored.epsilon(1e-5)  # bit for bit
+    for acc in (running, restored):
+        acc.step(1.3, 0.01, 4)
+    assert running.epsilon(1e-5) == restored.epsilon(1e-5)  # a resumed run keeps reporting the same ε
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "interval"),
+    [
+        (0.6, 0.0128, 5e-4),
+        (1.0, 0.0128, 5e-4),
+        (3.7, 0.3, 1e-4),
+        (0.9, 0.999, 1e-3),
+        (1.2, 1.0, 5e-4),
+        (20.0, 0.5, 5e-4),
+        (0.05, 0.01, 0.032),
+        (0.5, 1.0, 0.01),
+    ],
+)
+def test_gaussian_pld_is_dp_accountings_bit_for_bit(sigma: float, q: float, interval: float) -> None:
+    ours = gaussian.gaussian_pld(sigma, q, interval)
+    theirs = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        sigma, sampling_prob=q, value_discretization_interval=interval
+    )
+    assert len(accounting._pmfs(ours)) == len(accounting._pmfs(theirs))
+    for a, b in zip(accounting._pmfs(ours), accounting._pmfs(theirs)):
+        a, b = a.to_dense_pmf(), b.to_dense_pmf()
+        assert a._lower_loss == b._lower_loss and a._infinity_mass == b._infinity_mass
+        assert np.array_equal(a._probs, b._probs)
+
+
+def test_vectorised_rdp_is_never_below_dp_accounting() -> None:
+    orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    for q in (1e-4, 0.0128, 0.05, 0.3):
+        sigmas = [0.7, 1.0, 1.9, 4.4, 30.0]
+        curves = gaussian.gaussian_rdp_curves(q, sigmas, orders)
+        for sigma, ours in zip(sigmas, curves):
+            rdp = dp_accounting.rdp.RdpAccountant(orders=orders)
+            rdp.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+            theirs = rdp.rdp
+            finite = np.isfinite(theirs)
+            assert np.array_equal(finite, np.isfinite(ours)), (q, sigma)
+            assert np.all(ours[finite] >= theirs[finite]), (q, sigma)
+            # and above it by no more than the margins (plus rounding)
+            alphas = np.asarray(orders)[finite]
+            slack = 2 * (
+                np.abs(theirs[finite]) * gaussian.RDP_ROUNDING_MARGIN
+                + gaussian.RDP_ROUNDING_FLOOR / (alphas - 1)
+            )
+            assert np.all(ours[finite] - theirs[finite] <= slack), (q, sigma)
+    # a σ's curve does not depend on the others computed with it (the cache may hold either)
+    alone = gaussian.gaussian_rdp_curves(0.0128, [1.9], orders)[0]
+    assert np.array_equal(alone, gaussian.gaussian_rdp_curves(0.0128, [0.7, 1.9], orders)[1])
+
+
+@pytest.mark.timeout(120)
+def test_accountant_speed_benchmark_quick(tmp_path: Path) -> None:
+    bench = load_benchmark("accountant_speed")
+    record = bench.main(["--quick", "--out", str(tmp_path / "speed")])
+    assert {(r["kind"], r["path"]) for r in record["runs"]} == {
+        (k, p) for k in ("pld", "rdp") for p in ("new", "old")
+    }
+    for summary in record["summary"].values():
+        assert summary["new_at_least_old"] and summary["new_at_least_old_after_decisions"]
+        assert 0 <= summary["relative_difference"] < 0.01
+    assert json.loads((tmp_path / "speed.json").read_text())["config"]["steps"] == bench.QUICK["steps"]
+    assert (tmp_path / "speed.md").read_text().startswith("# Accountant speed")

@@ -8,7 +8,11 @@ this package decides *which* events are composed, caches, and calibrates noise t
 - :mod:`.events` — :class:`StepEvent` and the mechanism / release names;
 - :mod:`.base` — :class:`PrivacyAccountant` (history, checkpoint state) and the σ grid it records on;
 - :mod:`.pld` — :class:`PLDAccountant` and its guard against oversized PLDs at tiny noise;
+- :mod:`.spectral` — the PLD accountant's composition of many distinct events (an adaptive run) in one product
+  of Fourier transforms;
 - :mod:`.rdp` — :class:`RDPAccountant`;
+- :mod:`.gaussian` — the Poisson-subsampled Gaussian vectorised: its PLD (``dp_accounting``'s, bit for bit) and
+  its RDP curves for many σ at once;
 - :mod:`.pure` — pure ε-DP of Laplace noise and its inverse;
 - :mod:`.calibration` — :func:`compute_epsilon`, :func:`noise_for_target` and :func:`smallest_passing`, the
   search every calibration uses.
@@ -24,6 +28,7 @@ from dplightning.privacy.accounting import pld as _pld
 from dplightning.privacy.accounting import rdp as _rdp
 from dplightning.privacy.accounting.base import (
     ACCOUNTANTS,
+    EXACT_MAX_EVENTS,
     SIGMA_GRID_PER_DECADE,
     AccountantKind,
     PrivacyAccountant,
@@ -54,6 +59,7 @@ from dplightning.privacy.accounting.rdp import RDPAccountant
 __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_VALUE_DISCRETIZATION",
+    "EXACT_MAX_EVENTS",
     "MECHANISMS",
     "PLD_MAX_POINTS",
     "RELEASES",
@@ -88,6 +94,7 @@ _self_composed_width = _pld._self_composed_width
 _leaf_interval = _pld._leaf_interval
 _pmfs = _pld._pmfs
 _rdp_curve = _rdp._rdp_curve
+_vectorised_rdp_curves = _rdp._vectorised_rdp_curves
 
 _FORWARDED = frozenset({"PLD_MAX_POINTS"})
 

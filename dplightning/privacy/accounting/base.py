@@ -30,6 +30,7 @@ from dplightning.privacy.mechanisms import LMOMechanism
 
 __all__ = [
     "ACCOUNTANTS",
+    "EXACT_MAX_EVENTS",
     "SIGMA_GRID_PER_DECADE",
     "AccountantKind",
     "PrivacyAccountant",
@@ -43,6 +44,12 @@ ACCOUNTANTS: tuple[str, ...] = get_args(AccountantKind)
 
 SIGMA_GRID_PER_DECADE = 1000
 """Points per decade of the log grid onto which the accountants quantise σ (rounding down: conservative)."""
+
+EXACT_MAX_EVENTS = 8
+"""Histories of at most this many distinct events are composed as ``dp_accounting`` composes them (its numbers,
+bit for bit). A controller that changes σ as it trains yields hundreds: those go through the vectorised paths
+(one spectral product of the PLDs; RDP curves of all σ at once), which never report less than ``dp_accounting``
+would and differ from it by ~1e-9 relative, at a fraction of the cost."""
 
 _STATE_VERSION = 1
 _EventCounts = list[tuple[StepEvent, int]]
@@ -98,6 +105,8 @@ class PrivacyAccountant(abc.ABC):
     """
 
     kind: ClassVar[AccountantKind]
+    # tests and benchmarks raise it on an instance to compare with the exact path
+    _exact_max_events: float = EXACT_MAX_EVENTS
 
     def __init__(self) -> None:
         self._history: dict[StepEvent, int] = {}
@@ -173,6 +182,10 @@ class PrivacyAccountant(abc.ABC):
         if any(e.noise_multiplier == 0 for e in events):  # a release without noise
             return math.inf
         return float(self._epsilon(delta, extra))
+
+    def _exact(self) -> bool:
+        """Whether the history is composed as ``dp_accounting`` would (:data:`EXACT_MAX_EVENTS`)."""
+        return len(self._history) <= self._exact_max_events
 
     def _canonical_extra(self, extra: Iterable[tuple[StepEvent, int]]) -> _EventCounts:
         merged: dict[StepEvent, int] = {}

@@ -1,8 +1,12 @@
 """Rényi-DP accounting (``dp_accounting.rdp``): :class:`RDPAccountant`, additive per order.
 
-Each grid σ's RDP curve is computed once by ``dp_accounting``'s ``RdpAccountant`` (~60 ms for its 156 default
-orders, hence the cache) and the history's curve is ``Σ count · curve``, so a step with a known σ costs one
-vector sum and no new RDP evaluation. LMO releases take their curve from
+Each grid σ's RDP curve is computed once (hence the cache) and the history's curve is ``Σ count · curve``, so a
+step with a known σ costs one vector sum and no new RDP evaluation. For up to
+:data:`~dplightning.privacy.accounting.base.EXACT_MAX_EVENTS` distinct events the curves are
+``dp_accounting``'s ``RdpAccountant``'s (~25 ms per σ for its 156 default orders); an adaptive history, with
+hundreds of σ, takes the Poisson-subsampled Gaussian's from
+:func:`~dplightning.privacy.accounting.gaussian.gaussian_rdp_curves`, all missing σ in one vectorised pass
+(427 σ: 0.25 s instead of 10 s), each a hair above ``dp_accounting``'s. LMO releases take their curve from
 :func:`~dplightning.privacy.lmo_accounting.lmo_rdp`; past a worst-case loss of 700 nats (where that overflowed,
 even to 0) from the release's pure-DP bound ε₀ as ``min(ε₀, αε₀²/2)``.
 """
@@ -21,6 +25,7 @@ from dplightning.errors import DPLightningError
 from dplightning.privacy import lmo_accounting
 from dplightning.privacy.accounting.base import AccountantKind, PrivacyAccountant, _EventCounts
 from dplightning.privacy.accounting.events import StepEvent, _sort_key
+from dplightning.privacy.accounting.gaussian import gaussian_rdp_curves
 from dplightning.privacy.accounting.pure import _MAX_RELEASE_LOSS, _pure_step_epsilon, _release_loss_bound
 
 __all__ = ["RDPAccountant"]
@@ -52,6 +57,51 @@ def _rdp_curve(event: StepEvent, orders: tuple[float, ...]) -> np.ndarray:
     curve = acc.rdp
     curve.setflags(write=False)
     return curve
+
+
+class _VectorisedCurves:
+    """Per orders and event: the vectorised RDP curve of a Poisson-subsampled Gaussian, read-only; at most
+    ``maxsize`` kept per orders, the oldest dropped first. A call computes all the curves it is missing in one
+    pass (a curve does not depend on the others computed with it)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._curves: dict[tuple[float, ...], dict[StepEvent, np.ndarray]] = {}
+        self._maxsize = maxsize
+
+    def __call__(self, events: Sequence[StepEvent], orders: tuple[float, ...]) -> list[np.ndarray]:
+        curves = self._curves.setdefault(orders, {})
+        missing: dict[float, list[StepEvent]] = {}
+        for event in events:
+            if event not in curves:
+                missing.setdefault(event.sample_rate, []).append(event)
+        for q, group in missing.items():
+            group = list(dict.fromkeys(group))
+            for event, curve in zip(
+                group, gaussian_rdp_curves(q, [e.noise_multiplier for e in group], orders)
+            ):
+                curve.setflags(write=False)
+                curves[event] = curve
+        found = [curves[event] for event in events]
+        while len(curves) > self._maxsize:
+            del curves[next(iter(curves))]
+        return found
+
+    def cache_clear(self) -> None:
+        self._curves.clear()
+
+
+_vectorised_rdp_curves = _VectorisedCurves(maxsize=4096)
+
+
+def _vectorised(event: StepEvent) -> bool:
+    return event.mechanism == "gaussian" and 0 < event.sample_rate < 1 and event.noise_multiplier > 0
+
+
+def _rdp_curves(events: Sequence[StepEvent], orders: tuple[float, ...], exact: bool) -> list[np.ndarray]:
+    """The RDP curve of each event: ``dp_accounting``'s if ``exact``, else the vectorised one where there is."""
+    fast = [] if exact else [e for e in events if _vectorised(e)]
+    curves = dict(zip(fast, _vectorised_rdp_curves(fast, orders)))
+    return [curves[e] if e in curves else _rdp_curve(e, orders) for e in events]
 
 
 def _pure_rdp_curve(epsilon: float, orders: tuple[float, ...]) -> np.ndarray:
@@ -123,9 +173,11 @@ class RDPAccountant(PrivacyAccountant):
 
     def _history_curve(self) -> np.ndarray:
         if self._total is None:
+            items = sorted(self._history.items(), key=lambda kv: _sort_key(kv[0]))
             total = np.zeros(len(self._orders))
-            for event, count in sorted(self._history.items(), key=lambda kv: _sort_key(kv[0])):
-                total += count * _rdp_curve(event, self._orders)
+            curves = _rdp_curves([e for e, _ in items], self._orders, self._exact())
+            for (_, count), curve in zip(items, curves):
+                total += count * curve
             self._total = total
         return self._total
 
@@ -133,7 +185,8 @@ class RDPAccountant(PrivacyAccountant):
         total = self._history_curve()
         if extra:
             total = total.copy()
-            for event, count in extra:
-                total += count * _rdp_curve(event, self._orders)
+            curves = _rdp_curves([e for e, _ in extra], self._orders, self._exact())
+            for (_, count), curve in zip(extra, curves):
+                total += count * curve
         eps, _ = rdp_lib.compute_epsilon(np.array(self._orders), total, delta)
         return float(eps)
