@@ -56,7 +56,7 @@ from dplightning.privacy.accounting.pure import (
 )
 from dplightning.privacy.accounting.rdp import RDPAccountant
 
-__all__ = [
+__all__: list[str] = [
     "ACCOUNTANTS",
     "DEFAULT_VALUE_DISCRETIZATION",
     "EXACT_MAX_EVENTS",

@@ -96,7 +96,30 @@ def quantize_sigma_down(sigma: float) -> float:
 # ----------------------------------------------------------------------------------------------- interface
 
 
-class PrivacyAccountant(abc.ABC):
+class _StepRecorder(abc.ABC):
+    """``step(σ, q, n, ...)`` as ``record(StepEvent(σ, q, ...), n)``: the one way every accountant records a step."""
+
+    default_mechanism: ClassVar[Mechanism] = "gaussian"
+
+    def step(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        num_steps: int = 1,
+        mechanism: Mechanism | None = None,
+        lmo: LMOMechanism | None = None,
+        release: Release = "scalar",
+    ) -> None:
+        """Record ``num_steps`` releases of the same event (``mechanism``: :attr:`default_mechanism` if omitted)."""
+        chosen = self.default_mechanism if mechanism is None else mechanism
+        self.record(StepEvent(noise_multiplier, sample_rate, chosen, lmo, release), num_steps)
+
+    @abc.abstractmethod
+    def record(self, event: StepEvent, num_steps: int = 1) -> None:
+        """Record ``num_steps`` releases of ``event``."""
+
+
+class PrivacyAccountant(_StepRecorder):
     """Tracks the privacy spent by a sequence of :class:`StepEvent` releases (add-or-remove-one adjacency).
 
     Implementations: :class:`~dplightning.privacy.accounting.pld.PLDAccountant` (tight) and
@@ -114,18 +137,6 @@ class PrivacyAccountant(abc.ABC):
         self._epsilon_cache: dict[float, float] = {}
 
     # ----------------------------------------------------------------------------------------- recording
-
-    def step(
-        self,
-        noise_multiplier: float,
-        sample_rate: float,
-        num_steps: int = 1,
-        mechanism: Mechanism = "gaussian",
-        lmo: LMOMechanism | None = None,
-        release: Release = "scalar",
-    ) -> None:
-        """Record ``num_steps`` releases of the same event."""
-        self.record(StepEvent(noise_multiplier, sample_rate, mechanism, lmo, release), num_steps)
 
     def record(self, event: StepEvent, num_steps: int = 1) -> None:
         """Record ``num_steps`` releases of ``event``."""
@@ -290,7 +301,7 @@ class PrivacyAccountant(abc.ABC):
             return event
         return StepEvent(sigma, event.sample_rate, event.mechanism)
 
-    def _history_changed(self) -> None:  # noqa: B027 - optional hook
+    def _history_changed(self) -> None:
         """Invalidate caches that depend on the history."""
 
     def _settings(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
@@ -101,6 +102,32 @@ def smallest_passing(
     return grid(hi)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """``steps`` Poisson-sampled releases of one noise at ``sample_rate``, accounted with ``accountant``: what
+    :func:`compute_epsilon` evaluates at one noise multiplier and :func:`noise_for_target` searches over."""
+
+    sample_rate: float
+    steps: int
+    accountant: AccountantKind
+    mechanism: Mechanism
+    lmo: LMOMechanism | None
+    release: Release
+
+    def event(self, noise_multiplier: float) -> StepEvent:
+        return StepEvent(noise_multiplier, self.sample_rate, self.mechanism, self.lmo, self.release)
+
+    def check(self) -> None:
+        """Raise unless q and the mechanism are valid and the accountant supports them."""
+        make_accountant(self.accountant)._canonical(self.event(1.0))
+
+    def epsilon(self, noise_multiplier: float, delta: float) -> float:
+        """ε at ``delta`` of the plan at ``noise_multiplier``."""
+        acc = make_accountant(self.accountant)
+        event = self.event(noise_multiplier)
+        return acc.epsilon_with(delta, [(event, _as_count(self.steps, "steps"))])
+
+
 def make_accountant(kind: AccountantKind = "pld") -> PrivacyAccountant:
     """A fresh accountant: ``"pld"`` (tight, default) or ``"rdp"``."""
     if _check_kind(kind) == "pld":
@@ -119,9 +146,7 @@ def compute_epsilon(
     release: Release = "scalar",
 ) -> float:
     """ε at ``delta`` after ``steps`` Poisson-sampled releases at (``noise_multiplier``, ``sample_rate``)."""
-    acc = make_accountant(accountant)
-    event = StepEvent(noise_multiplier, sample_rate, mechanism, lmo, release)
-    return acc.epsilon_with(delta, [(event, _as_count(steps, "steps"))])
+    return _Plan(sample_rate, steps, accountant, mechanism, lmo, release).epsilon(noise_multiplier, delta)
 
 
 def noise_for_target(
@@ -150,8 +175,8 @@ def noise_for_target(
     kind = _check_kind(accountant)
     target = _as_float(epsilon, "epsilon")
     n = _as_count(steps, "steps")
-    # validates q and mechanism, and that this accountant supports them
-    make_accountant(kind)._canonical(StepEvent(1.0, sample_rate, mechanism, lmo, release))
+    plan = _Plan(sample_rate, n, kind, mechanism, lmo, release)
+    plan.check()
     if not (target > 0 and math.isfinite(target)):
         raise PrivacyBudgetError(
             f"target epsilon must be a positive finite number, got {epsilon!r}; pick ε > 0"
@@ -160,7 +185,7 @@ def noise_for_target(
         raise DPLightningError("steps must be >= 1 to calibrate noise; pass the planned number of steps")
 
     def passes(sigma: float) -> bool:
-        return compute_epsilon(sigma, sample_rate, n, d, kind, mechanism, lmo, release) <= target
+        return plan.epsilon(sigma, d) <= target
 
     k_min, k_max = (sigma_grid_index(s) for s in SIGMA_SEARCH_RANGE)
     start, step, growth = 0, round(math.log10(2) * SIGMA_GRID_PER_DECADE), 2

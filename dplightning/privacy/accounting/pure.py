@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from dplightning.errors import DPLightningError, PrivacyBudgetError
+from dplightning.privacy.accounting.base import _StepRecorder
 from dplightning.privacy.accounting.events import Mechanism, StepEvent, _as_count, _as_float
 
 __all__ = ["laplace_scale_for_pure_epsilon", "pure_epsilon_laplace"]
@@ -91,7 +92,7 @@ def laplace_scale_for_pure_epsilon(epsilon: float, sample_rate: float, steps: in
     return scale
 
 
-class PureLaplaceAccountant:
+class PureLaplaceAccountant(_StepRecorder):
     """Pure ε-DP (δ = 0) of Poisson-subsampled Laplace releases: ``log(1 + q (e^{1/λ} − 1))`` per step (an
     ε₀-DP mechanism on a Poisson subsample is ``log(1 + q (e^{ε₀} − 1))``-DP), composed additively
     (:func:`~dplightning.privacy.accounting.pure_epsilon_laplace`).
@@ -102,27 +103,18 @@ class PureLaplaceAccountant:
     """
 
     kind = "pure_laplace"
+    default_mechanism: ClassVar[Mechanism] = "laplace"
 
     def __init__(self) -> None:
         self._history: dict[StepEvent, int] = {}
 
-    def step(
-        self,
-        noise_multiplier: float,
-        sample_rate: float,
-        num_steps: int = 1,
-        mechanism: Mechanism = "laplace",
-    ) -> None:
-        """Record ``num_steps`` releases at Laplace multiplier ``noise_multiplier`` and sample rate ``sample_rate``."""
-        if num_steps < 0:
-            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
-        event = self._check(StepEvent(float(noise_multiplier), float(sample_rate), mechanism))
-        if num_steps:
-            self._history[event] = self._history.get(event, 0) + int(num_steps)
-
     def record(self, event: StepEvent, num_steps: int = 1) -> None:
         """Record ``num_steps`` releases of ``event`` (Laplace only)."""
-        self.step(event.noise_multiplier, event.sample_rate, num_steps, event.mechanism)
+        if num_steps < 0:
+            raise DPLightningError(f"num_steps must be >= 0, got {num_steps}")
+        event = self._check(event)
+        if num_steps:
+            self._history[event] = self._history.get(event, 0) + int(num_steps)
 
     @staticmethod
     def _check(event: StepEvent) -> StepEvent:
