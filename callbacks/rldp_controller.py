@@ -1,17 +1,17 @@
-"""`RLDPController`: an online Soft Actor-Critic agent that picks per-group clip thresholds and σ during DP-SGD.
+"""`RLDPController`: a Soft Actor-Critic agent that steers DP-SGD's clip norm (its step size) and σ.
 
 RLDP (arXiv 2507.22565) inside Lightning: the training loop stays the driver. Every ``rl_interval`` optimizer
-steps after ``warmup_steps`` of plain DP-SGD the callback observes training statistics, stores the transition in
-the agent's replay buffer, runs ``gradient_steps`` SAC updates and applies the agent's next action to the
-strategy — after the budget guard has checked it. See :mod:`dplightning.envs.rldp_core` for the observation,
-action mapping, reward and guard, and the soundness argument.
+steps from ``warmup_steps`` on (step 0 included) the callback evaluates a fixed set of public examples, stores
+the transition in the agent's replay buffer, trains the agent and applies its next action — after the budget
+guard has checked it. The problem itself (action mapping, observation, reward) lives in
+:mod:`dplightning.envs.rldp_core`, shared with the simulator that pre-trains a prior policy.
 """
 
 from __future__ import annotations
 
-import io
+import math
 import os
-from collections.abc import Iterator
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,127 +19,171 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from dplightning.callbacks._controller import StrategyController
-from dplightning.checkpoint_io import atomic_write
-from dplightning.envs.dp_training_env import DPTrainingEnv
-from dplightning.envs.rldp_core import ActionMapper, action_groups, build_observation, reward
-from dplightning.errors import DPLightningError
-from dplightning.privacy.budget_guard import BudgetGuard
-from dplightning.privacy.count_release import (
+from dplightning.envs.rldp_agent import RLDPAgent
+from dplightning.envs.rldp_core import (
+    ActionMapper,
+    BudgetGuard,
     ClipCountRelease,
+    ControlState,
+    UpdateStats,
+    allocation_blocks,
     count_noise_source,
     count_noise_state,
+    noisy_update,
+    observation_size,
+    optimizer_ratio,
     split_sigma,
 )
-from dplightning.privacy.noise_addition import NoiseSource
+from dplightning.errors import DPLightningError
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PerExampleClippingStrategy
 
 COUNT_CHANNEL = "rldp_clip_counts"
+Act = Literal["sample", "deterministic"]
 
 
 class RLDPController(StrategyController[PerExampleClippingStrategy]):
-    """Online SAC hyper-policy over DP-SGD's clipping thresholds and noise (use with ``DPSGDStrategy``).
+    """SAC hyper-policy over DP-SGD's clip norm and noise (use with ``DPSGDStrategy``, ideally SGD + momentum).
+
+    The action is ``[a0, a1]`` (plus allocation weights), each in ``[-1, 1]``: ``C ← C·clip_step^a0`` within
+    ``[C0/clip_range, C0·clip_range]``, ``σ = σ0·sigma_range^a1`` (σ0 calibrated for the budget, then only ever
+    raised by the budget guard). Under SGD with every example clipped the update scales with lr·C, so ``a0`` moves
+    the step size. Action 0 is the configured recipe exactly.
 
     Args:
         rl_interval: optimizer steps between decisions.
-        warmup_steps: plain DP-SGD steps before the agent acts.
-        action_scope: ``"per_adapter"`` (one clip multiplier per clipping group), ``"per_layer_group"``
-            (``num_layer_groups`` contiguous blocks; transfers across models) or ``"global"``.
-        num_layer_groups: blocks for ``per_layer_group``.
-        learning_rate, buffer_size, batch_size, tau, gamma, ent_coef, gradient_steps: SAC hyper-parameters.
+        warmup_steps: plain DP-SGD steps before the first decision (0: decide before the first step).
+        act: which actions the private run applies. ``"sample"`` (default): samples of the policy, and the agent
+            trains online — the critic can only learn how the loss responds to C and σ from actions that vary,
+            and the small initial log-std keeps them near the recipe. ``"deterministic"``: the policy's mean, and
+            no online training — for a pre-trained prior (``policy_path``); an untrained agent's mean is the
+            recipe itself.
+        clip_step: largest change of C per decision (×/÷).
+        clip_range: C stays within ``[C0/clip_range, C0·clip_range]``.
+        sigma_range: σ within ``[σ0/sigma_range, σ0·sigma_range]`` before the guard; ``σ0·sigma_range`` is the
+            guard's σ_max.
+        clip_allocation: ``None`` (default: one clip norm, the recipe's clipping), ``"lora_ab"`` (one weight for
+            the LoRA A matrices, one for the B matrices; needs ``clipping: per_layer``) or a number of contiguous
+            blocks of clipping groups; weights in ``[1/allocation_range, allocation_range]``, renormalised so the
+            total sensitivity stays ≤ C.
+        allocation_range: range of the allocation weights.
+        learning_rate, buffer_size, batch_size, tau, gamma, ent_coef, initial_log_std, net_arch: SAC settings
+            (see :class:`~dplightning.envs.rldp_agent.RLDPAgent`).
+        gradient_steps: SAC updates per decision (many: a run has few decisions).
         learning_starts: transitions in the buffer before SAC updates start.
-        reward_privacy_weight: λ in ``reward = ΔL_public − λ·Δε``.
-        sigma_bounds: range of the σ multiplier (relative to the calibrated σ); its top is the guard's σ_max.
-        clip_bounds: range of the clip-threshold multipliers (relative to the initial thresholds).
-        count_budget_fraction: share of each step's privacy used to release noisy clip fractions.
-        public_batches: batches of the public split evaluated per decision (held-out loss for the reward).
-        policy_path: load a pre-trained SAC policy (zip) instead of starting from scratch.
+        count_budget_fraction: share of each step's privacy spent on noisy clip fractions (one per allocation
+            block) added to the observation; 0 (default) releases nothing besides the gradient.
+        public_batches: the fixed public evaluation set holds ``public_batches × eval_batch_size`` examples.
+        policy_path: start from a pre-trained policy (zip from ``benchmarks/rldp_pretrain.py`` or
+            ``save_policy_to``).
         save_policy_to: write the policy here (atomically) at the end and on every checkpoint.
-        deterministic: act with the policy's mean (evaluation / transfer) and do not train the agent.
-        seed: seed of the agent and of the clip-count noise; with the strategy's ``secure_rng`` the count
-            noise comes from the OS CSPRNG instead.
+        seed: seed of the agent, of the choice of public examples and of the count noise; ``None`` (default)
+            follows the run's seed (``seed_everything``), else 0.
+        action_scope: accepted for old configs and ignored (the per-adapter design is gone).
     """
 
-    # DP-ZO has no per-example norms to count; per-rank decisions would diverge under DDP; the clip counts are
-    # accounted as a Gaussian channel of the step.
+    # Per-rank decisions would diverge under DDP; σ is set as a Gaussian multiplier; C must be a clip norm.
     requires_dpsgd = True
     requires_single_device = True
     requires_gaussian_noise = True
 
     def __init__(
         self,
+        *,
         rl_interval: int = 10,
-        warmup_steps: int = 20,
-        action_scope: Literal["per_adapter", "per_layer_group", "global"] = "per_adapter",
-        num_layer_groups: int = 4,
+        warmup_steps: int = 0,
+        act: Act = "sample",
+        clip_step: float = 1.5,
+        clip_range: float = 4.0,
+        sigma_range: float = 1.5,
+        clip_allocation: str | int | None = None,
+        allocation_range: float = 2.0,
         learning_rate: float = 3e-4,
         buffer_size: int = 10_000,
         batch_size: int = 64,
         tau: float = 0.005,
-        gamma: float = 0.99,
-        ent_coef: str | float = "auto",
-        gradient_steps: int = 1,
-        learning_starts: int = 4,
-        reward_privacy_weight: float = 0.1,
-        sigma_bounds: tuple[float, float] = (0.7, 1.5),
-        clip_bounds: tuple[float, float] = (0.25, 4.0),
-        count_budget_fraction: float = 0.05,
-        public_batches: int = 1,
+        gamma: float = 1.0,
+        ent_coef: float = 0.01,
+        initial_log_std: float = -2.0,
+        net_arch: tuple[int, ...] = (64, 64),
+        gradient_steps: int = 64,
+        learning_starts: int = 1,
+        count_budget_fraction: float = 0.0,
+        public_batches: int = 4,
         policy_path: str | None = None,
         save_policy_to: str | None = None,
-        deterministic: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
+        action_scope: str | None = None,
     ) -> None:
         super().__init__()
-        if rl_interval < 1 or warmup_steps < 0:
-            raise DPLightningError("rl_interval must be >= 1 and warmup_steps >= 0")
-        if not (0 < sigma_bounds[0] <= 1.0 <= sigma_bounds[1]) or not (0 < clip_bounds[0] <= clip_bounds[1]):
-            raise DPLightningError(
-                f"sigma_bounds {sigma_bounds} must contain 1 and clip_bounds {clip_bounds} be positive and ordered"
-            )
+        _check_arguments(
+            rl_interval=rl_interval,
+            warmup_steps=warmup_steps,
+            act=act,
+            clip_step=clip_step,
+            clip_range=clip_range,
+            sigma_range=sigma_range,
+            allocation_range=allocation_range,
+            gamma=gamma,
+            ent_coef=ent_coef,
+            gradient_steps=gradient_steps,
+            learning_starts=learning_starts,
+            count_budget_fraction=count_budget_fraction,
+            public_batches=public_batches,
+        )
         if policy_path is not None and not Path(policy_path).exists():
             raise DPLightningError(
-                f"policy file '{policy_path}' not found; train one with save_policy_to first"
+                f"RLDPController: policy file '{policy_path}' not found; pre-train one with "
+                "benchmarks/rldp_pretrain.py or save one with save_policy_to"
+            )
+        if action_scope is not None:
+            warnings.warn(
+                "RLDPController(action_scope=...) is ignored: the action is one clip norm and σ; use "
+                "clip_allocation for per-group shares",
+                DeprecationWarning,
+                stacklevel=2,
             )
         self.rl_interval = rl_interval
         self.warmup_steps = warmup_steps
-        self.action_scope = action_scope
-        self.num_layer_groups = num_layer_groups
+        self.act = act
+        self.clip_step = float(clip_step)
+        self.clip_range = float(clip_range)
+        self.sigma_range = float(sigma_range)
+        self.clip_allocation = clip_allocation
+        self.allocation_range = float(allocation_range)
         self.sac_kwargs: dict[str, Any] = {
             "learning_rate": learning_rate,
             "buffer_size": buffer_size,
             "batch_size": batch_size,
             "tau": tau,
             "gamma": gamma,
-            "ent_coef": ent_coef,
-            "gradient_steps": gradient_steps,
+            "ent_coef": float(ent_coef),
+            "initial_log_std": initial_log_std,
+            "net_arch": tuple(net_arch),
         }
+        self.gradient_steps = gradient_steps
         self.learning_starts = learning_starts
-        self.reward_privacy_weight = reward_privacy_weight
-        self.sigma_bounds = (float(sigma_bounds[0]), float(sigma_bounds[1]))
-        self.clip_bounds = (float(clip_bounds[0]), float(clip_bounds[1]))
-        self.count_budget_fraction = count_budget_fraction
+        self.count_budget_fraction = float(count_budget_fraction)
         self.public_batches = public_batches
         self.policy_path = policy_path
         self.save_policy_to = save_policy_to
-        self.deterministic = deterministic
         self.seed = seed
 
-        self.agent: Any = None
-        self.mapper: ActionMapper | None = None
-        self.guard: BudgetGuard | None = None
+        self.agent: RLDPAgent | None = None
+        self.control: ControlState | None = None
         self.counts: ClipCountRelease | None = None
-        self.sigma_count = 0.0
+        self.updates = UpdateStats()
+        self.sigma_count = math.inf
         self.decisions = 0
         self.stopped_on_budget = False
-        self._public_iter: Iterator[Any] | None = None
-        self._public_loader: Any = None
-        self._last_step = -1
-        self._prev: dict[str, Any] | None = None  # obs, action, public loss, ε at the last decision
-        self._initial_loss: float | None = None
+        self.public_indices: list[int] | None = None
+        self._public_loader: DataLoader | None = None
+        self._fixed_batches: list[Any] | None = None
+        self._prev: dict[str, Any] | None = None  # obs, action, accountant step of the last decision
         self._pending_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -153,7 +197,7 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
             raise DPLightningError(
                 "RLDPController needs a module with per_example_loss(batch) (e.g. DPLoRAModule)"
             )
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "public_dataloader"):
             raise DPLightningError(
                 "RLDPController needs a data module with a public split; use TextDataModule"
@@ -165,225 +209,241 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
                 "RLDPController evaluates its reward on data declared public; set data.public_fraction > 0"
             ) from exc
 
-    def initialise(self, strategy: PerExampleClippingStrategy) -> None:
-        """Read the calibrated σ and initial thresholds, build mapper, guard, count release and agent."""
-        from stable_baselines3 import SAC
-        from stable_baselines3.common.logger import configure
+    @property
+    def resolved_seed(self) -> int:
+        """The explicit seed, else the run's (``seed_everything`` sets ``PL_GLOBAL_SEED``), else 0."""
+        if self.seed is not None:
+            return int(self.seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
+    def initialise(self, strategy: PerExampleClippingStrategy) -> None:
+        """Read the calibrated σ0 and thresholds, build the mapping, guard, count release and agent."""
         self.strategy = strategy
+        saved = self._pending_state or {}
+        seed = saved.get("seed", self.resolved_seed)
+        self.seed = seed
         target = min(e for e in (strategy.target_epsilon, strategy.max_epsilon) if e is not None)
-        base_sigma = strategy.effective_noise_multiplier
-        groups = action_groups(strategy.group_names, self.action_scope, self.num_layer_groups)
-        self.mapper = ActionMapper(
-            base_sigma, dict(strategy.clip_thresholds), groups, self.sigma_bounds, self.clip_bounds
+        assert strategy.noise_multiplier is not None and strategy.planned_steps is not None
+        base_sigma = saved.get("base_sigma", strategy.noise_multiplier)
+        base_thresholds = dict(saved.get("base_thresholds", strategy.clip_thresholds))
+        blocks = allocation_blocks(strategy.group_names, self.clip_allocation)
+        mapper = ActionMapper(
+            base_sigma,
+            base_thresholds,
+            blocks,
+            self.sigma_range,
+            self.clip_range,
+            self.clip_step,
+            self.allocation_range,
         )
-        self.guard = BudgetGuard(
+        guard = BudgetGuard(
             strategy.accountant,
             target,
             strategy.target_delta,
-            strategy.sample_rate,
+            float(strategy.sample_rate or 0.0),
             strategy.planned_steps,
-            self.mapper.sigma_max,
+            mapper.sigma_max,
         )
-        self.counts = ClipCountRelease(groups, strategy.expected_batch_size, self._count_noise(strategy))
-        self._apply_sigma(base_sigma)
-        env = DPTrainingEnv(mode="live", num_groups=len(groups))
-        if self.policy_path is not None:
-            self.agent = SAC.load(self.policy_path, env=env, device="cpu")
-            if self.agent.observation_space.shape != env.observation_space.shape:
-                raise DPLightningError(
-                    f"policy '{self.policy_path}' expects {self.agent.action_space.shape[0] - 1} action groups, this run "
-                    f"has {len(groups)}; use action_scope=per_layer_group or global to transfer across models"
-                )
-        else:
-            self.agent = SAC(
-                "MlpPolicy",
-                env,
-                learning_starts=0,
-                seed=self.seed,
-                device="cpu",
-                policy_kwargs={"net_arch": [64, 64]},
-                **self.sac_kwargs,
+        self.control = ControlState(mapper, guard)
+        count_blocks = 0
+        if self.count_budget_fraction > 0:
+            groups = blocks or [list(strategy.group_names)]
+            count_blocks = len(groups)
+            self.counts = ClipCountRelease(
+                groups, float(strategy.expected_batch_size or 1.0), self._count_noise()
             )
-        self.agent.set_logger(configure(None, []))
-        if self._pending_state is not None:
-            self._restore(self._pending_state)
+        sizes = (observation_size(count_blocks), mapper.action_size)
+        if "agent" in saved:
+            self.agent = RLDPAgent.from_state_dict(saved["agent"], *sizes, seed=seed)
+        elif self.policy_path is not None:
+            self.agent = RLDPAgent.load(self.policy_path, *sizes, seed=seed)
+        else:
+            self.agent = RLDPAgent.create(*sizes, seed=seed, **self.sac_kwargs)
+        if saved:
+            self._restore(saved)
             self._pending_state = None
+        if self.counts is not None:
+            # Without a count channel the strategy is left exactly as calibrated (or as its checkpoint restored
+            # it); with one, σ is split between gradient and counts from the first step on.
+            self._apply(self.control.sigma, None)
 
-    def _count_noise(self, strategy: PerExampleClippingStrategy) -> NoiseSource:
+    def _count_noise(self) -> Any:
         """The count-noise source; a resumed run continues the saved stream, since re-seeding would draw the
         noise of steps 1…k again and differencing the two releases of those counts removes it."""
+        assert self.strategy is not None
         saved = self._pending_state or {}
         steps_done = max(saved.get("last_step", -1), 0)
-        return count_noise_source(self.seed + 7919, strategy.secure_rng, saved.get("count_noise"), steps_done)
+        return count_noise_source(
+            int(self.seed or 0) + 7919, self.strategy.secure_rng, saved.get("count_noise"), steps_done
+        )
 
-    def _apply_sigma(self, sigma: float) -> None:
-        """Split σ between the gradient and the clip counts so the step costs exactly σ."""
+    def _apply(self, sigma: float, thresholds: dict[str, float] | None) -> None:
+        """Set thresholds, then σ (which sets every group's noise std to σ·C_total of the new thresholds). With
+        a count channel the step's σ is split so gradient + counts cost exactly σ."""
+        s = self.strategy
+        assert s is not None
+        if thresholds is not None:
+            s.set_clip_thresholds(thresholds)
+        if self.counts is None:
+            s.set_noise_multiplier(sigma)
+            return
         sigma_grad, self.sigma_count = split_sigma(sigma, self.count_budget_fraction)
-        assert self.strategy is not None
-        self.strategy.set_noise_multiplier(sigma_grad)
-        self.strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
+        s.set_noise_multiplier(sigma_grad)
+        s.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
 
     def apply_action(self, action: np.ndarray) -> float | None:
-        """Map ``action`` ``[k+1]``, pass σ through the budget guard, apply to the strategy. Returns the σ used,
-        or ``None`` (and nothing applied) when no σ ≤ σ_max keeps the budget."""
-        assert self.mapper is not None and self.guard is not None and self.strategy is not None
-        sigma, clips = self.mapper(action)
-        safe = self.guard.safe_sigma(sigma, self.rl_interval)
-        if safe is None:
+        """Map ``action``, pass σ through the budget guard, apply to the strategy. Returns the σ used, or ``None``
+        (nothing applied) when no σ ≤ σ_max keeps the budget."""
+        assert self.control is not None and self.strategy is not None
+        s = self.strategy
+        remaining = max(int(s.planned_steps or 0) - s.accountant.steps, 1)
+        decided = self.control.decide(action, min(self.rl_interval, remaining))
+        if decided is None:
             return None
-        self.strategy.set_clip_thresholds(clips)
-        self._apply_sigma(safe)
-        return safe
+        sigma, thresholds = decided
+        self._apply(sigma, thresholds)
+        return sigma
 
     # ----------------------------------------------------------------------------------------- loop
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.strategy is not None:
+            self._fixed_batches = self._build_fixed_batches(trainer)
+
+    def _build_fixed_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """The same public examples at every decision, so rewards compare the model, not two batches (a seeded
+        choice: the public split is in source order)."""
+        loader = self._public_loader
+        assert loader is not None
+        dataset = loader.dataset
+        size = len(dataset)  # type: ignore[arg-type]
+        batch_size = loader.batch_size or 1
+        saved = (self._pending_state or {}).get("public_indices")
+        indices = saved if saved is not None else self.public_indices
+        if indices is None:
+            count = min(size, self.public_batches * batch_size)
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.resolved_seed))
+            indices = sorted(order[:count].tolist())
+        elif max(indices) >= size:
+            raise DPLightningError(
+                f"RLDPController's saved public examples go up to index {max(indices)}, but the public split "
+                f"has {size}; resume with the data settings of the checkpointed run"
+            )
+        self.public_indices = list(indices)
+        fixed = DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=loader.collate_fn)
+        return [trainer.strategy.batch_to_device(batch) for batch in fixed]
+
+    @override
     def on_batch_start(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy) -> None:
-        if self.mapper is None:
+        if self.control is None:
             self.initialise(strategy)
+            if strategy.accountant.steps == 0 and self.warmup_steps == 0 and self._prev is None:
+                self._decide(trainer, trainer.lightning_module, done=False)
 
     @override
     def on_step_released(self, trainer: pl.Trainer, strategy: PerExampleClippingStrategy, step: int) -> None:
-        assert self.counts is not None
-        # The clip counts of this step were paid for by the auxiliary channel in this step's σ_eff.
-        self.counts.release(strategy.private_step_norms, strategy.clip_thresholds, self.sigma_count)
-        strategy.private_step_norms = {}
+        pl_module = trainer.lightning_module
+        self.updates.record(noisy_update([p for p in pl_module.parameters() if p.requires_grad]))
+        if self.counts is not None:
+            # The clip counts of this step were paid for by the auxiliary channel in this step's σ_eff.
+            self.counts.release(strategy.private_step_norms, strategy.clip_thresholds, self.sigma_count)
+        strategy.private_step_norms = {}  # private: nothing else may read them
         if step >= self.warmup_steps and (step - self.warmup_steps) % self.rl_interval == 0:
-            self._decide(trainer, trainer.lightning_module, done=step >= strategy.planned_steps)
+            self._decide(trainer, pl_module, done=step >= int(strategy.planned_steps or 0))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (
-            self._prev is not None
-            and self.strategy is not None
-            and self.strategy.accountant.steps != self._prev["step"]
-        ):
-            self._decide(trainer, pl_module, done=True)
+        s = self.strategy
+        if self._prev is not None and s is not None and s.accountant.steps != self._prev["step"]:
+            self._decide(
+                trainer, pl_module, done=True
+            )  # stopped early: the run's last transition is terminal
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
-            self.save_policy(self.save_policy_to)
+            self.agent.save(self.save_policy_to)
 
-    def _public_loss(self, pl_module: pl.LightningModule) -> float:
-        if self._public_iter is None:
-            self._public_iter = iter(self._public_loader)
+    def public_loss(self, pl_module: pl.LightningModule) -> float:
+        """Mean per-example loss over the fixed public examples."""
+        assert self._fixed_batches is not None, "on_train_start builds the fixed public batches"
         was_training = pl_module.training
         pl_module.eval()
-        losses = []
-        with torch.no_grad():
-            for _ in range(self.public_batches):
-                try:
-                    batch = next(self._public_iter)
-                except StopIteration:
-                    self._public_iter = iter(self._public_loader)
-                    batch = next(self._public_iter)
-                batch = pl_module.trainer.strategy.batch_to_device(batch)
-                losses.append(pl_module.per_example_loss(batch))
-        pl_module.train(was_training)
+        try:
+            with torch.no_grad(), pl_module.trainer.precision_plugin.forward_context():
+                losses = [pl_module.per_example_loss(b).float() for b in self._fixed_batches]  # type: ignore[operator]
+        finally:
+            pl_module.train(was_training)
         return float(torch.cat(losses).mean())
 
-    def _observation(self, loss: float, prev_loss: float) -> np.ndarray:
-        assert self.mapper is not None and self.counts is not None and self.strategy is not None
-        s = self.strategy
-        groups = self.mapper.groups
-        clips = [np.mean([s.clip_thresholds[g] / self.mapper.base_clips[g] for g in m]) for m in groups]
-        norms = [
-            np.mean([s.last_noisy_grad_norms.get(g, 0.0) / s.clip_thresholds[g] for g in m])
-            * s.expected_batch_size
-            for m in groups
-        ]
-        assert self.guard is not None and self._initial_loss is not None
-        return build_observation(
+    def _observe(self, trainer: pl.Trainer, loss: float) -> np.ndarray:
+        s, control = self.strategy, self.control
+        assert s is not None and control is not None and control.guard is not None
+        noisy_norm = math.sqrt(sum(n * n for n in s.last_noisy_grad_norms.values()))  # public: of the release
+        return control.observe(
             loss,
-            prev_loss,
-            self._initial_loss,
-            s.accountant.epsilon(s.target_delta) / self.guard.target_epsilon,
-            s.accountant.steps / s.planned_steps,
-            s.effective_noise_multiplier / self.mapper.base_sigma,
-            clips,
-            self.counts.interval_mean(),
-            norms,
+            progress=s.accountant.steps / max(int(s.planned_steps or 1), 1),
+            epsilon_ratio=s.accountant.epsilon(s.target_delta) / control.guard.target_epsilon,
+            cosine=self.updates.interval_mean(),
+            log_optimizer_ratio=optimizer_ratio(trainer.optimizers[0], noisy_norm)
+            if trainer.optimizers
+            else 0.0,
+            count_fractions=self.counts.interval_mean() if self.counts is not None else (),
         )
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, done: bool) -> None:
-        s = self.strategy
-        assert s is not None
-        loss = self._public_loss(pl_module)
-        if self._initial_loss is None:
-            self._initial_loss = loss
-        eps = s.accountant.epsilon(s.target_delta)
-        prev_loss = self._prev["loss"] if self._prev else loss
-        obs = self._observation(loss, prev_loss)
+        s, control, agent = self.strategy, self.control, self.agent
+        assert s is not None and control is not None and agent is not None
+        loss = self.public_loss(pl_module)
+        obs = self._observe(trainer, loss)
         metrics: dict[str, float] = {"rldp/public_loss": loss}
         if self._prev is not None:
-            r = reward(self._prev["loss"], loss, eps - self._prev["eps"], self.reward_privacy_weight)
+            r = control.last_reward()
             metrics["rldp/reward"] = r
-            self.agent.replay_buffer.add(
-                self._prev["obs"][None],
-                obs[None],
-                self._prev["action"][None],
-                np.array([r]),
-                np.array([done]),
-                [{}],
-            )
-            if not self.deterministic and self.agent.replay_buffer.size() >= self.learning_starts:
-                self.agent.train(
-                    gradient_steps=self.sac_kwargs["gradient_steps"], batch_size=self.sac_kwargs["batch_size"]
-                )
-                for key in ("train/actor_loss", "train/critic_loss", "train/ent_coef"):
-                    if key in self.agent.logger.name_to_value:
-                        metrics[f"rldp/sac_{key.split('/')[1]}"] = float(self.agent.logger.name_to_value[key])
+            agent.add(self._prev["obs"], obs, self._prev["action"], r, done)
+            if self.act == "sample" and agent.buffer_size >= self.learning_starts:
+                losses = agent.train(self.gradient_steps)
+                metrics.update({f"rldp/sac_{k}": v for k, v in losses.items()})
         if not done:
-            action, _ = self.agent.predict(obs, deterministic=self.deterministic)
+            action = agent.act(obs, deterministic=self.act == "deterministic")
             used = self.apply_action(action)
             if used is None:
                 self.stopped_on_budget = True
                 trainer.should_stop = True
                 rank_zero_info(
-                    "[dplightning] RLDP: no σ within sigma_bounds keeps the budget; stopping cleanly"
+                    "[dplightning] RLDP: no σ within sigma_range keeps the budget; stopping cleanly"
                 )
             else:
                 self.decisions += 1
-                metrics["rldp/sigma"] = used
+                metrics.update({"rldp/sigma": used, "rldp/clip": control.clip})
                 metrics.update({f"rldp/action_{i}": float(a) for i, a in enumerate(action)})
-                for g, c in s.clip_thresholds.items():
-                    metrics[f"rldp/clip/{short_group_name(g)}"] = c
-                for i, f in enumerate(obs[5 + len(self.mapper.groups) : 5 + 2 * len(self.mapper.groups)]):
-                    metrics[f"rldp/clip_fraction_{i}"] = float(f)
-            self._prev = {
-                "obs": obs,
-                "action": np.asarray(action, dtype=np.float32),
-                "loss": loss,
-                "eps": eps,
-                "step": s.accountant.steps,
-            }
+                if control.mapper.blocks:
+                    for g, c in s.clip_thresholds.items():
+                        metrics[f"rldp/clip/{short_group_name(g)}"] = c
+            self._prev = {"obs": obs, "action": action, "step": s.accountant.steps}
+        else:
+            self._prev = None  # the episode is over: on_train_end must not close it a second time
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
     # ---------------------------------------------------------------------------------- persistence
-    def policy_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        self.agent.save(buf)
-        return buf.getvalue()
-
     def save_policy(self, path: str | os.PathLike[str]) -> Path:
         """Write the SAC agent (policy, critics, optimizers) as an SB3 zip, atomically."""
-        data = self.policy_bytes()
-        return atomic_write(path, lambda fh: fh.write(data))
+        assert self.agent is not None
+        return self.agent.save(path)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.agent is None:  # not started yet (e.g. saved right after a resume): pass the loaded state on
+        if self.agent is None or self.control is None:  # not started yet: pass the loaded state on
             return dict(self._pending_state or {})
-        replay = io.BytesIO()
-        self.agent.save_replay_buffer(replay)
         return {
-            "agent": self.policy_bytes(),
-            "replay_buffer": replay.getvalue(),
+            "seed": self.seed,
+            "agent": self.agent.state_dict(),
+            "control": self.control.state_dict(),
+            "base_sigma": self.control.mapper.base_sigma,
+            "base_thresholds": dict(self.control.mapper.base_thresholds),
+            "updates": self.updates.state_dict(),
             "prev": self._prev,
-            "initial_loss": self._initial_loss,
             "decisions": self.decisions,
             "last_step": self._last_step,
-            "base_sigma": self.mapper.base_sigma if self.mapper else None,
-            "base_clips": dict(self.mapper.base_clips) if self.mapper else None,
+            "public_indices": self.public_indices,
             "sigma_count": self.sigma_count,
             "count_noise": count_noise_state(self.counts.noise) if self.counts is not None else None,
         }
@@ -391,28 +451,53 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            self._pending_state = state_dict
+            self._pending_state = dict(state_dict)
 
     def _restore(self, state: dict[str, Any]) -> None:
-        from stable_baselines3 import SAC
-        from stable_baselines3.common.logger import configure
-
-        env = DPTrainingEnv(mode="live", num_groups=len(self.mapper.groups) if self.mapper else 1)
-        self.agent = SAC.load(io.BytesIO(state["agent"]), env=env, device="cpu")
-        self.agent.set_logger(configure(None, []))
-        self.agent.load_replay_buffer(io.BytesIO(state["replay_buffer"]))
-        self._prev, self._initial_loss = state["prev"], state["initial_loss"]
-        self.decisions, self._last_step = state["decisions"], state["last_step"]
-        if self.mapper is not None and state["base_sigma"] is not None:
-            self.mapper.base_sigma, self.mapper.base_clips = state["base_sigma"], dict(state["base_clips"])
-            self.guard.sigma_max = self.mapper.sigma_max  # type: ignore[union-attr]
-        self.sigma_count = state["sigma_count"]
-        assert self.strategy is not None
-        self.strategy.auxiliary_noise_multipliers[COUNT_CHANNEL] = self.sigma_count
+        assert self.control is not None and self.strategy is not None
+        if "control" in state:
+            self.control.load_state_dict(state["control"])
+            self.updates.load_state_dict(state["updates"])
+            self._prev, self.decisions = state["prev"], state["decisions"]
+            self._last_step = state["last_step"]
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         if self.save_policy_to and self.agent is not None and trainer.is_global_zero:
-            self.save_policy(self.save_policy_to)
+            self.agent.save(self.save_policy_to)
+
+
+def _check_arguments(**kw: Any) -> None:
+    """Refuse bad settings with one message naming the argument and the fix."""
+    problems = [
+        (kw["rl_interval"] < 1, f"rl_interval must be >= 1 step, got {kw['rl_interval']}; e.g. 10"),
+        (kw["warmup_steps"] < 0, f"warmup_steps must be >= 0, got {kw['warmup_steps']}; e.g. 0"),
+        (
+            kw["act"] not in ("sample", "deterministic"),
+            f"act must be 'sample' or 'deterministic', got {kw['act']!r}",
+        ),
+        (not kw["clip_step"] >= 1.0, f"clip_step must be >= 1, got {kw['clip_step']}; e.g. 1.5"),
+        (not kw["clip_range"] >= 1.0, f"clip_range must be >= 1, got {kw['clip_range']}; e.g. 4"),
+        (not kw["sigma_range"] >= 1.0, f"sigma_range must be >= 1, got {kw['sigma_range']}; e.g. 1.5"),
+        (
+            not kw["allocation_range"] >= 1.0,
+            f"allocation_range must be >= 1, got {kw['allocation_range']}; e.g. 2",
+        ),
+        (not 0.0 < kw["gamma"] <= 1.0, f"gamma must be in (0, 1], got {kw['gamma']}; e.g. 1"),
+        (
+            not isinstance(kw["ent_coef"], (int, float)) or not kw["ent_coef"] >= 0,
+            f"ent_coef must be a fixed number >= 0, got {kw['ent_coef']!r}; e.g. 0.01",
+        ),
+        (kw["gradient_steps"] < 1, f"gradient_steps must be >= 1, got {kw['gradient_steps']}; e.g. 64"),
+        (kw["learning_starts"] < 1, f"learning_starts must be >= 1, got {kw['learning_starts']}; e.g. 1"),
+        (
+            not 0.0 <= kw["count_budget_fraction"] < 1.0,
+            f"count_budget_fraction must be in [0, 1), got {kw['count_budget_fraction']}; e.g. 0 (no counts)",
+        ),
+        (kw["public_batches"] < 1, f"public_batches must be >= 1, got {kw['public_batches']}; e.g. 4"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise DPLightningError(f"RLDPController: {message}")

@@ -60,7 +60,9 @@ def _strategy(secure: bool, groups: int = 3) -> DPSGDStrategy:
 
 
 def _callback(kind: str, state: dict[str, Any] | None = None) -> CountCallback:
-    callback: CountCallback = RLDPController(seed=3) if kind == "rldp" else QuantileClipping(seed=3)
+    callback: CountCallback = (
+        RLDPController(seed=3, count_budget_fraction=0.05) if kind == "rldp" else QuantileClipping(seed=3)
+    )
     if state is not None:
         callback.load_state_dict(state)
     return callback
@@ -88,9 +90,9 @@ def _tiny_rldp_fit(
             trainer.should_stop = stop_after is not None and trainer.global_step >= stop_after
 
     callbacks: list[pl.Callback] = [
-        RLDPController(warmup_steps=100, seed=1),
+        RLDPController(warmup_steps=100, seed=1, count_budget_fraction=0.05),
         Interrupt(),
-    ]  # counts only, no SAC
+    ]  # counts only, no decision
     if stop_after is not None:
         callbacks.append(
             pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop_after, save_top_k=-1)
@@ -163,11 +165,18 @@ def test_resumed_secure_run_never_falls_back_to_seeded_count_noise(kind: str) ->
     assert state["count_noise"] == {"secure": True}  # nothing to restore, nothing that could replay
 
 
-# ----------------------------------------------------------------------------------- standalone env
-def test_standalone_env_draws_fresh_poisson_batches_every_epoch() -> None:
+# ------------------------------------------------------------------------------------------ simulator
+def test_simulator_draws_fresh_poisson_batches_every_epoch() -> None:
     env = DPTrainingEnv(
-        num_examples=128, batch_size=16, episode_steps=6, rl_interval=4, seed=2
-    )  # 8 batches/epoch
+        model_name="tiny-llama",
+        num_records=120,
+        max_length=16,
+        batch_size=16,
+        eval_examples=8,
+        episode_steps=18,
+        rl_interval=6,
+        seed=2,
+    )  # 94 public training notes, q = 16/94: 6 logical batches per epoch
     env.reset(seed=2)
     masks: list[frozenset[int]] = []
     logical_batch = env.sampler.logical_batch
@@ -181,9 +190,23 @@ def test_standalone_env_draws_fresh_poisson_batches_every_epoch() -> None:
     done = False
     while not done:
         *_, done, _, _ = env.step(np.zeros(env.action_space.shape, dtype=np.float32))
-    assert len(masks) == 24  # three epochs of 8 logical batches
+    assert env.sampler.num_batches == 6 and len(masks) == 18  # three epochs of 6 logical batches
     assert len(set(masks)) == len(masks)  # no batch is a replay of an earlier one
     assert env.sampler.epoch == 2
+
+
+def test_rldp_without_count_channel_releases_nothing_but_the_gradient() -> None:
+    """By default the agent sees public data and post-processing only: no auxiliary release, σ_eff = σ."""
+    strategy = _strategy(secure=False)
+    controller = RLDPController(seed=0)
+    controller.initialise(strategy)
+    assert controller.counts is None and strategy.auxiliary_noise_multipliers == {}
+    assert strategy.effective_noise_multiplier == pytest.approx(1.0)
+    with_counts = RLDPController(seed=0, count_budget_fraction=0.05)
+    strategy2 = _strategy(secure=False)
+    with_counts.initialise(strategy2)
+    assert set(strategy2.auxiliary_noise_multipliers) == {"rldp_clip_counts"}
+    assert strategy2.effective_noise_multiplier == pytest.approx(1.0)  # the split still costs exactly σ
 
 
 # ------------------------------------------------------------------------------------- DP-ZO refusals

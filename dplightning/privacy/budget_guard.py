@@ -39,6 +39,11 @@ class BudgetGuard:
             extra.append((StepEvent(self.sigma_max, self.sample_rate), remaining - now))
         return self.accountant.epsilon_with(self.delta, extra)
 
+    def passes(self, sigma: float, interval: int) -> bool:
+        """Whether ``sigma`` itself (not rounded onto the grid) keeps the budget: lets a controller apply the
+        calibrated σ unchanged, so that its neutral action reproduces the uncontrolled run exactly."""
+        return self._epsilon(sigma, interval) <= self.target_epsilon
+
     def safe_sigma(self, sigma: float, interval: int) -> float | None:
         """The smallest σ' ≥ σ on the guard's log grid (``GUARD_GRID_PER_DECADE``) that passes, or ``None`` if
         even σ_max fails. Rounding σ up onto a coarse grid is conservative and keeps the accountant's caches hot
