@@ -412,3 +412,87 @@ def test_controller_refuses_lmo_noise_and_ddp() -> None:
         RLDPController().setup(trainer(world_size=2), pl.LightningModule(), "fit")
     with pytest.raises(DPLightningError, match="per_example_loss"):  # the valid strategy passes both checks
         RLDPController().setup(trainer(), pl.LightningModule(), "fit")
+
+
+# ------------------------------------------------------------------------------------ simulator, prior
+SIM = {
+    "model_name": "tiny-llama",
+    "num_records": 120,
+    "max_length": 16,
+    "batch_size": 16,
+    "eval_examples": 8,
+    "episode_steps": 4,
+    "rl_interval": 2,
+}
+
+
+def test_simulator_reads_only_public_notes_of_another_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dplightning.data import TextDataModule
+    from dplightning.envs import DPTrainingEnv
+
+    private = set(TextDataModule(tokenizer="tiny-llama", num_records=120, data_seed=0).train_texts)
+
+    def refuse(self: object) -> object:
+        raise AssertionError("the simulator read a training split")
+
+    for name in ("train_texts", "val_texts", "test_texts"):
+        monkeypatch.setattr(TextDataModule, name, property(refuse))
+    monkeypatch.setattr(TextDataModule, "train_dataloader", refuse)
+    env = DPTrainingEnv(**SIM, simulation_seed=1, private_data_seed=0)
+    env.reset(seed=0)
+    env.step(np.zeros(2, dtype=np.float32))
+    assert env.texts and not set(env.texts) & private  # none of the private run's notes
+    with pytest.raises(DPLightningError, match="simulation_seed"):
+        DPTrainingEnv(**SIM, simulation_seed=0, private_data_seed=0)
+
+
+def test_simulator_poses_the_controllers_problem() -> None:
+    """Same spaces as the controller, σ0 from the same calibration, and action 0 keeps σ0 and C0."""
+    from dplightning.envs import DPTrainingEnv
+
+    env = DPTrainingEnv(**SIM)
+    assert env.observation_space.shape == (observation_size(),) and env.action_space.shape == (2,)
+    obs, _ = env.reset(seed=3)
+    assert obs[0] == 0.0 and obs[1] == 1.0  # progress 0, L/L0 = 1
+    base = noise_for_target(8.0, 1e-5, env.q, 4, accountant="rdp")
+    assert env.control.mapper.base_sigma == base
+    _, r, done, _, info = env.step(np.zeros(2, dtype=np.float32))
+    assert info["sigma"] == base and info["clip"] == 1.0 and not done
+    assert r == pytest.approx(reward(env.control.losses[0], env.control.losses[1], env.control.losses[0]))
+    _, _, done, _, info = env.step(np.array([1.0, 1.0], dtype=np.float32))
+    assert done and info["clip"] == 1.5 and info["sigma"] == pytest.approx(base * 1.5)
+    assert info["epsilon"] <= 8.0
+
+
+def test_pretraining_resumes_without_replay_and_the_policy_loads(tmp_path: Path) -> None:
+    from conftest import load_benchmark
+
+    pretrain = load_benchmark("rldp_pretrain")
+    common = ["--quick", "--gradient-steps", "4", "--sac-batch-size", "4"]
+    full = pretrain.run([*common, "--episodes", "2", "--out", str(tmp_path / "full.zip")])
+    first = pretrain.run([*common, "--episodes", "1", "--out", str(tmp_path / "cut.zip")])
+    resumed = pretrain.run([*common, "--episodes", "2", "--out", str(tmp_path / "cut.zip")])
+    assert (full["episodes"], first["episodes"], resumed["episodes"]) == (2, 1, 2)
+    assert resumed["resumed_from"] == 1 and resumed["returns"] == full["returns"]
+
+    def state(name: str) -> dict[str, Any]:
+        return torch.load(tmp_path / f"{name}.zip.state.pt", weights_only=False)
+
+    a = RLDPAgent.from_state_dict(state("full")["agent"], observation_size(), 2, seed=0)
+    b = RLDPAgent.from_state_dict(state("cut")["agent"], observation_size(), 2, seed=0)
+    assert a.buffer_size == b.buffer_size == 4  # 2 decisions per episode
+    for field in ("observations", "actions", "rewards", "dones"):
+        np.testing.assert_array_equal(
+            getattr(a.sac.replay_buffer, field)[:4], getattr(b.sac.replay_buffer, field)[:4]
+        )
+    for p, q in zip(a.sac.policy.parameters(), b.sac.policy.parameters()):
+        assert torch.equal(p, q)  # agent and its random streams continued exactly
+    rewards = a.sac.replay_buffer.rewards[:4, 0]
+    assert not np.array_equal(
+        rewards[:2], rewards[2:]
+    )  # episode 2 (init, batches, noise) is not episode 1 again
+    controller = RLDPController(policy_path=str(tmp_path / "cut.zip"), act="deterministic")
+    controller.initialise(_fake_strategy(4.0, "rdp"))
+    assert controller.agent is not None
+    obs = np.zeros(observation_size(), dtype=np.float32)
+    np.testing.assert_array_equal(controller.agent.act(obs, True), a.act(obs, True))
