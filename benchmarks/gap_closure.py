@@ -5,10 +5,12 @@ The recipe (optimiser, learning rate, clip norm) was chosen by ``recipe_sweep.py
 three seeds, with the non-private reference (its own learning rate, chosen by the same sweep) and the base model,
 all at the same N, expected batch and step count, and scores everything on the held-out test notes.
 
-Gap closed = (log ppl_base − log ppl_DP) / (log ppl_base − log ppl_nonprivate), against the non-private run of
-the same seed where there is one, else the geometric mean of the non-private runs (by default one, seed 0: the
-reference varies little across seeds, and each non-private cell costs as much as a private one). Goals: ≥ 60 %
-at ε = 8, ≥ 40 % at ε = 2.
+Gap closed = (log ppl_base − log ppl_DP) / (log ppl_base − log ppl_nonprivate), against the best non-private
+run of the same seed where there is one, else the geometric mean of the seeds' best non-private runs (by default
+seed 0 only: each non-private cell costs as much as a private one). Several non-private variants run (the
+sweep's learning rate with and without the usual global gradient-norm clipping, and half that rate), and the
+best on test is the reference: choosing it on test can only make the reference better, so the gap closed
+can only come out smaller. Goals: ≥ 60 % at ε = 8, ≥ 40 % at ε = 2.
 
 Cells are subprocesses run by ``recipe_sweep.py``'s machinery and appended to ``<out>/recipe_sweep.jsonl``;
 finished cells are never rerun, so an interrupted run continues where it stopped::
@@ -40,6 +42,13 @@ PRIVATE_DATA_SEED = 0
 # What the recipe sweep chose (configs/dpsgd_recipe.yaml holds the same settings; a test keeps them equal).
 RECIPE: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-2, "clip": 1.0}
 NONPRIVATE: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-2}
+# Without any clipping, AdamW at the sweep's rate is unstable on some seeds (one run ended at test perplexity
+# 19.8 where the public-data run reached 2.3); non-private fine-tuning usually clips the batch gradient's norm.
+NONPRIVATE_VARIANTS: tuple[dict[str, Any], ...] = (
+    NONPRIVATE,
+    {**NONPRIVATE, "grad_clip": 1.0},
+    {**NONPRIVATE, "lr": 5e-3},
+)
 EPSILONS = (8.0, 2.0)
 SEEDS = (0, 1, 2)
 NONPRIVATE_SEEDS = (0,)
@@ -54,6 +63,7 @@ DOWNSTREAM_TASK: dict[str, Any] = {
     "qa_fraction": 1.0,
     "downstream_notes": 500,
 }
+DOWNSTREAM_NONPRIVATE: dict[str, Any] = {**NONPRIVATE, "grad_clip": 1.0}
 DOWNSTREAM_QUICK_TASK: dict[str, Any] = {"max_length": 128, "qa_fraction": 1.0, "downstream_notes": 8}
 DOWNSTREAM_MARGIN = 0.20  # non-private must beat max(majority class, base zero-shot) by 20 points
 
@@ -62,27 +72,24 @@ def gap_grid(
     seeds: tuple[int, ...] = SEEDS,
     epsilons: tuple[float, ...] = EPSILONS,
     nonprivate_seeds: tuple[int, ...] = NONPRIVATE_SEEDS,
+    nonprivate_variants: tuple[dict[str, Any], ...] = NONPRIVATE_VARIANTS,
 ) -> list[dict[str, Any]]:
-    """Base first, then seed by seed (an interrupted run has whole seeds): non-private (for the seeds of
-    ``nonprivate_seeds``), then each ε."""
+    """Base first, then seed by seed (an interrupted run has whole seeds): the non-private variants (for the
+    seeds of ``nonprivate_seeds``), then each ε."""
     cells: list[dict[str, Any]] = [{"kind": "base"}]
     for seed in seeds:
         if seed in nonprivate_seeds:
-            cells.append({"kind": "nonprivate", **NONPRIVATE, "seed": seed})
+            cells += [{"kind": "nonprivate", **variant, "seed": seed} for variant in nonprivate_variants]
         cells += [{"kind": "dpsgd", **RECIPE, "epsilon": eps, "seed": seed} for eps in epsilons]
     return cells
 
 
 def paired_gaps(rows: list[dict[str, Any]]) -> dict[float, list[tuple[int, dict[str, Any], float | None]]]:
-    """ε -> [(seed, DP row, gap closed)], seeds in order; the gap is taken against the same seed's non-private
-    run, or the geometric mean of all non-private runs when that seed has none."""
+    """ε -> [(seed, DP row, gap closed)], seeds in order; the gap is taken against the same seed's best
+    non-private run, or the geometric mean of the seeds' best non-private runs when that seed has none."""
     latest = {r["cell"]: r for r in rows if r["status"] == "ok"}
     base = latest.get("base", {}).get("test_perplexity_after")
-    nonprivate = {
-        r["settings"]["seed"]: r["test_perplexity_after"]
-        for r in latest.values()
-        if r["settings"]["kind"] == "nonprivate"
-    }
+    nonprivate = best_nonprivate(rows)
     out: dict[float, list[tuple[int, dict[str, Any], float | None]]] = {}
     for r in latest.values():
         s = r["settings"]
@@ -91,6 +98,21 @@ def paired_gaps(rows: list[dict[str, Any]]) -> dict[float, list[tuple[int, dict[
             gap = sweep.gap_closed(r["test_perplexity_after"], base, reference)
             out.setdefault(float(s["epsilon"]), []).append((s["seed"], r, gap))
     return {eps: sorted(v, key=lambda t: t[0]) for eps, v in sorted(out.items(), reverse=True)}
+
+
+def best_nonprivate(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """seed -> the lowest test perplexity among that seed's non-private runs."""
+    best: dict[int, float] = {}
+    for r in {r["cell"]: r for r in rows if r["status"] == "ok"}.values():
+        if r["settings"]["kind"] == "nonprivate":
+            seed, ppl = r["settings"]["seed"], r["test_perplexity_after"]
+            best[seed] = min(ppl, best.get(seed, ppl))
+    return best
+
+
+def _variant_label(variant: dict[str, Any]) -> str:
+    clip = f" + gradient-norm clip {variant['grad_clip']:g}" if variant.get("grad_clip") else ""
+    return f"{variant['optimizer']} lr {variant['lr']:g}{clip}"
 
 
 def _geometric_mean(values: list[float]) -> float | None:
@@ -120,11 +142,12 @@ def report(out: Path) -> Path:
         "",
         f"Recipe chosen by the recipe sweep on public notes (data_seed={sweep.PUBLIC_DATA_SEED}): "
         f"{RECIPE['optimizer']} lr {RECIPE['lr']:g}, C = {RECIPE['clip']:g}, flat clipping, PLD accountant, "
-        f"δ = {DELTA:g}; non-private reference: {NONPRIVATE['optimizer']} lr {NONPRIVATE['lr']:g}. "
-        f"Run here on the training/test notes (data_seed={PRIVATE_DATA_SEED}); every figure is test perplexity "
-        "on held-out test notes. Gap closed = (log ppl_base − log ppl_DP) / (log ppl_base − log ppl_nonprivate), "
-        "against the non-private run of the same seed, or the geometric mean of the non-private runs where the "
-        "seed has none.",
+        f"δ = {DELTA:g}. Run here on the training/test notes (data_seed={PRIVATE_DATA_SEED}); every figure is "
+        "test perplexity on held-out test notes. Gap closed = (log ppl_base − log ppl_DP) / (log ppl_base − "
+        "log ppl_nonprivate), against the best non-private run of the same seed (its variants: "
+        f"{', '.join(_variant_label(v) for v in NONPRIVATE_VARIANTS)}; chosen on test, which can only make the "
+        "reference better and the gap closed smaller), or the geometric mean of the seeds' best non-private "
+        "runs where the seed has none.",
         "",
     ]
     if rows:
@@ -151,9 +174,13 @@ def report(out: Path) -> Path:
     ordered += sorted(nonprivate, key=lambda r: r["settings"]["seed"])
     ordered += [r for items in gaps.values() for _, r, _ in items]
     gap_of = {r["cell"]: g for items in gaps.values() for _, r, g in items}
+    reference_of = best_nonprivate(rows)
     for r in ordered:
         s = r["settings"]
-        gap = 1.0 if s["kind"] == "nonprivate" else (0.0 if s["kind"] == "base" else gap_of.get(r["cell"]))
+        if s["kind"] == "nonprivate":  # 100 % for the seed's reference, below for the other variants
+            gap = sweep.gap_closed(r["test_perplexity_after"], base, reference_of.get(s["seed"]))
+        else:
+            gap = 0.0 if s["kind"] == "base" else gap_of.get(r["cell"])
         lines.append(
             f"| {r['cell']} | {s.get('seed', '–')} | {sweep._fmt(s.get('epsilon'), 'g')} "
             f"| {sweep._fmt(r['epsilon_spent'], '.3f')} | {sweep._fmt(r['sigma'], '.3f')} "
@@ -164,7 +191,7 @@ def report(out: Path) -> Path:
     if rows:
         lines += ["", f"Command: `{rows[-1]['command']}`"]
     if gaps and base is not None:
-        plot = plot_perplexity_vs_epsilon(gaps, base, [r["test_perplexity_after"] for r in nonprivate], out)
+        plot = plot_perplexity_vs_epsilon(gaps, base, list(best_nonprivate(rows).values()), out)
         lines += ["", f"![test perplexity vs ε]({plot.name})"]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
@@ -286,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         task["steps"] = args.steps
     seeds = tuple(args.seeds or ((0,) if args.quick or args.downstream else SEEDS))
-    cells = gap_grid(seeds, (8.0,) if args.quick or args.downstream else EPSILONS)
+    # the quick run checks the machinery with one non-private variant; the downstream runs use the variant
+    # that served as the perplexity reference
+    variants = (NONPRIVATE,) if args.quick else ((DOWNSTREAM_NONPRIVATE,) if args.downstream else None)
+    cells = gap_grid(
+        seeds,
+        (8.0,) if args.quick or args.downstream else EPSILONS,
+        nonprivate_variants=variants or NONPRIVATE_VARIANTS,
+    )
     failures = sweep.run_cells(cells, task, args.out, args, command_line("gap_closure.py", argv), report_fn)
     report_fn(args.out)
     return 1 if failures else 0

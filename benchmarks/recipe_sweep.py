@@ -87,6 +87,8 @@ def _cell_stem(cell: dict[str, Any]) -> str:
     name += f"_lr{cell['lr']:g}"
     if cell.get("schedule", "constant") != "constant":
         name += f"_{cell['schedule']}"
+    if cell.get("grad_clip"):
+        name += f"_gc{cell['grad_clip']:g}"
     if cell["kind"] == "dpsgd":
         name += f"_C{cell['clip']:g}_eps{cell['epsilon']:g}"
     return name
@@ -164,6 +166,10 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
         },
         "callbacks": [],
     }
+    if cell.get("grad_clip"):
+        # non-private only: clip the batch gradient's global norm, as non-private fine-tuning usually does
+        # (the DP strategies refuse it: their clipping is per example)
+        trainer["gradient_clip_val"] = cell["grad_clip"]
     if cell["kind"] == "dpsgd":
         trainer["strategy"] = {
             "class_path": "dplightning.strategies.DPSGDStrategy",

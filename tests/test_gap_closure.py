@@ -22,8 +22,9 @@ def test_grid_has_base_then_whole_seeds_and_unique_names() -> None:
     gap = load_benchmark("gap_closure")
     cells = gap.gap_grid((0, 1), (8.0, 2.0), nonprivate_seeds=(0, 1))
     names = [load_benchmark("recipe_sweep").cell_name(c) for c in cells]
-    assert names[0] == "base" and len(names) == len(set(names)) == 1 + 2 * 3
-    assert [c.get("seed") for c in cells[1:]] == [0, 0, 0, 1, 1, 1]
+    per_seed = len(gap.NONPRIVATE_VARIANTS) + 2
+    assert names[0] == "base" and len(names) == len(set(names)) == 1 + 2 * per_seed
+    assert [c.get("seed") for c in cells[1:]] == [0] * per_seed + [1] * per_seed
 
 
 def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
@@ -31,6 +32,7 @@ def test_gaps_are_paired_with_the_same_seeds_nonprivate_run() -> None:
     rows = [
         _row("base", "base", 100.0),
         _row("np0", "nonprivate", 10.0, seed=0),
+        _row("np0_unstable", "nonprivate", 50.0, seed=0),  # a worse variant is not the reference
         _row("np1", "nonprivate", 1.0, seed=1),
         _row("dp0", "dpsgd", 10.0**0.5 * 10.0, seed=0, epsilon=8.0),  # half of seed 0's log gap
         _row("dp1", "dpsgd", 10.0, seed=1, epsilon=8.0),  # half of seed 1's (wider) log gap
@@ -47,7 +49,9 @@ def test_default_grid_runs_one_nonprivate_reference_and_every_dp_seed() -> None:
     gap = load_benchmark("gap_closure")
     cells = gap.gap_grid()
     kinds = [(c["kind"], c.get("seed"), c.get("epsilon")) for c in cells]
-    assert kinds[:2] == [("base", None, None), ("nonprivate", 0, None)]
+    variants = len(gap.NONPRIVATE_VARIANTS)
+    assert kinds[: 1 + variants] == [("base", None, None)] + [("nonprivate", 0, None)] * variants
+    assert {"grad_clip": 1.0} in [{k: v for k, v in c.items() if k == "grad_clip"} for c in cells]
     assert sorted(k for k in kinds if k[0] == "dpsgd") == sorted(
         ("dpsgd", s, e) for s in gap.SEEDS for e in gap.EPSILONS
     )

@@ -16,6 +16,16 @@ def test_cell_names_are_unique_and_references_come_first() -> None:
     assert names[:2] == ["base", "nonprivate_adamw_lr0.005"]
 
 
+def test_gradient_norm_clipping_reaches_only_nonprivate_trainers(tmp_path: Path) -> None:
+    sweep = _load("recipe_sweep")
+    cell = {"kind": "nonprivate", "optimizer": "adamw", "lr": 1e-2, "grad_clip": 1.0, "seed": 0}
+    config = sweep.cell_config(cell, sweep.FULL_TASK, tmp_path)
+    assert sweep.cell_name(cell) == "nonprivate_adamw_lr0.01_gc1_s0"
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and "strategy" not in config["trainer"]
+    plain = sweep.cell_config({**cell, "grad_clip": None}, sweep.FULL_TASK, tmp_path)
+    assert "gradient_clip_val" not in plain["trainer"]
+
+
 def test_gap_closed() -> None:
     sweep = _load("recipe_sweep")
     assert sweep.gap_closed(100.0, 100.0, 10.0) == pytest.approx(0.0)
