@@ -94,11 +94,19 @@ def _device_kind(accelerator: Any, strategy: Any) -> str:
 
 
 def is_zeroth_order(strategy: Any) -> bool:
-    """Whether ``strategy`` estimates gradients from loss differences (DP-ZO and its subclasses)."""
-    if strategy is None or isinstance(strategy, str):
+    """Whether ``strategy`` estimates gradients from loss differences (DP-ZO and its subclasses): an instance, or
+    the name of a preset registered in Lightning's ``StrategyRegistry`` (a user's, with its budget)."""
+    if strategy is None:
         return False
     from dplightning.strategies.dpzo import DPZOStrategy
 
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if strategy not in StrategyRegistry:
+            return False
+        registered = StrategyRegistry[strategy]["strategy"]
+        return isinstance(registered, type) and issubclass(registered, DPZOStrategy)
     return isinstance(strategy, DPZOStrategy)
 
 

@@ -440,6 +440,66 @@ def test_lora_and_all_parameter_modes(trainable: str, tiny_data: Any, tmp_path: 
     assert all(p.grad is None for p in module.parameters())  # no backward ever ran
 
 
+class ReleaseRecorder(pl.Callback):
+    """Records the released projected gradients ``[n]`` of every step."""
+
+    def __init__(self) -> None:
+        self.releases: list[Tensor] = []
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        grads = trainer.strategy.last_projected_grads  # type: ignore[attr-defined]
+        self.releases.append(grads.clone())
+
+
+def test_bf16_mixed_releases_exactly_what_32_true_releases(tiny_data: Any) -> None:
+    """The perturbed forwards run in the parameters' precision, never under bf16 autocast: with the same seed a
+    ``bf16-mixed`` run releases the same scalars and ends with the same LoRA weights as a ``32-true`` run (on the
+    tiny model bf16 would already move the losses' low bits, and so the grid units)."""
+    target, steps = 4.0, 2
+    runs = {}
+    for precision in ("bf16-mixed", "32-true"):
+        module = _tiny_module(lr=1e-2)
+        before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        autocast: list[bool] = []
+        per_example_loss = module.per_example_loss
+
+        def probed(
+            batch: Any, per_example_loss: Any = per_example_loss, autocast: list[bool] = autocast
+        ) -> Tensor:
+            autocast.append(torch.is_autocast_enabled("cpu"))
+            return per_example_loss(batch)
+
+        module.per_example_loss = probed  # type: ignore[method-assign]
+        strategy = DPZOStrategy(mu=1e-2, noise_multiplier=1.0, target_epsilon=target, seed=5, device="cpu")
+        recorder = ReleaseRecorder()
+        trainer = quiet_trainer(
+            strategy, [recorder], max_steps=steps, limit_val_batches=0, precision=precision
+        )
+        trainer.fit(module, datamodule=tiny_data)
+        assert trainer.precision == precision
+        assert autocast and not any(autocast)  # two forwards per direction, none under autocast
+        assert strategy.accountant.steps == steps and len(recorder.releases) == steps
+        assert 0 < strategy.epsilon() <= target
+        assert strategy.expected_batch_size == 16
+        for release in recorder.releases:
+            assert release.dtype == torch.float64 and release.shape == (1,)
+            # g = γ·(units + noise) / E: with E = 16 (a power of two) g·E/γ is exactly the integer release
+            units = release * strategy.expected_batch_size / strategy.grid
+            assert torch.equal(units, units.round())
+        after = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        assert all(after[n].dtype == torch.float32 and not torch.equal(after[n], before[n]) for n in after)
+        runs[precision] = (recorder.releases, after, strategy.epsilon())
+    (bf16_releases, bf16_weights, bf16_eps), (fp32_releases, fp32_weights, fp32_eps) = runs.values()
+    assert bf16_eps == fp32_eps
+    for bf16, fp32 in zip(bf16_releases, fp32_releases):
+        assert torch.equal(bf16, fp32)
+    assert bf16_weights.keys() == fp32_weights.keys()
+    for name, weight in bf16_weights.items():
+        assert torch.equal(weight, fp32_weights[name]), name
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_clear_errors() -> None:
     with pytest.raises(DPLightningError, match="noise_multiplier or target_epsilon"):

@@ -14,6 +14,7 @@ from dplightning.hardware import (
     apply_thread_policy,
     bf16_is_fast,
     cpu_flags,
+    is_zeroth_order,
     resolve_precision,
     resolve_threads,
 )
@@ -141,6 +142,41 @@ def test_cli_trainer_resolves_auto(bf16_cpu: None) -> None:
     }
     assert trainer_cls(**kwargs).precision == "bf16-mixed"  # the default is "auto"
     assert trainer_cls(precision="32-true", **kwargs).precision == "32-true"
+
+
+def test_cli_trainer_keeps_dpzo_in_fp32_from_auto(bf16_cpu: None) -> None:
+    """The CLI's Trainer on a bf16 CPU: ``precision="auto"`` is 32-true for a DP-ZO strategy (an object, or a user's
+    registered preset name), bf16-mixed for DP-SGD; an explicit bf16-mixed is honoured for DP-ZO too."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from dplightning.cli import auto_precision_trainer_class
+    from dplightning.strategies import DPSGDStrategy, DPZOStrategy
+
+    trainer_cls = auto_precision_trainer_class()
+    kwargs = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+    }
+
+    def zo() -> DPZOStrategy:
+        return DPZOStrategy(noise_multiplier=1.0, device="cpu")
+
+    assert trainer_cls(strategy=zo(), **kwargs).precision == "32-true"
+    assert trainer_cls(strategy=zo(), precision="auto", **kwargs).precision == "32-true"
+    assert trainer_cls(strategy=zo(), precision="bf16-mixed", **kwargs).precision == "bf16-mixed"
+    sgd = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    assert trainer_cls(strategy=sgd, **kwargs).precision == "bf16-mixed"
+    name = "test_dplightning_zo_preset"
+    StrategyRegistry.register(name, DPZOStrategy, noise_multiplier=1.0, device="cpu")
+    try:
+        assert is_zeroth_order(name)
+        trainer = trainer_cls(strategy=name, **kwargs)
+        assert isinstance(trainer.strategy, DPZOStrategy) and trainer.precision == "32-true"
+    finally:
+        StrategyRegistry.remove(name)
+    assert not is_zeroth_order("ddp") and not is_zeroth_order("no_such_strategy")
 
 
 def test_cli_parses_precision_auto_and_rejects_typos(
