@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,11 @@ def _cell_stem(cell: dict[str, Any]) -> str:
         name += f"_gc{cell['grad_clip']:g}"
     if cell["kind"] == "dpsgd":
         name += f"_C{cell['clip']:g}_eps{cell['epsilon']:g}"
+    # keys only the benchmarks built on this sweep use (its own cells lack them, so their names are unchanged)
+    if cell.get("controller"):
+        name += f"_{cell['controller']}"
+    if "data_seed" in cell:
+        name += f"_data{cell['data_seed']}"
     return name
 
 
@@ -222,6 +228,12 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
     }
 
 
+# A cell's config from (cell, task, log directory); benchmarks that reuse the sweep's machinery pass their own.
+ConfigFn = Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]]
+# Figures only some cells produce (a callback's): copied into the row when the cell reports them.
+OPTIONAL_METRICS = ("clipped_val_loss", "selection_examples")
+
+
 # ------------------------------------------------------------------------------------------------ the sweep
 def load_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
@@ -230,11 +242,17 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def run_one(
-    cell: dict[str, Any], task: dict[str, Any], out: Path, threads: int, timeout: float, command: str
+    cell: dict[str, Any],
+    task: dict[str, Any],
+    out: Path,
+    threads: int,
+    timeout: float,
+    command: str,
+    config_fn: ConfigFn = cell_config,
 ) -> dict[str, Any]:
     """Run one cell in its own subprocess and append its row (ok or failed) to the JSONL."""
     name = cell_name(cell)
-    config = cell_config(cell, task, out / "tb" / name)
+    config = config_fn(cell, task, out / "tb" / name)
     config_path = out / "configs" / f"{name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     # a rerun must not read back the scalars of an earlier attempt
@@ -249,7 +267,7 @@ def run_one(
         "config_hash": config_hash(config),
         "settings": {**cell, "expected_batch": expected_batch, "max_length": task["max_length"]},
         "task": task,
-        "data": data_label(task),
+        "data": data_label({**task, **({"data_seed": cell["data_seed"]} if "data_seed" in cell else {})}),
         "status": "ok" if metrics is not None else "failed",
         "threads": threads,
         "loadavg_before": load_before,
@@ -282,8 +300,21 @@ def run_one(
             downstream_accuracy=metrics.get("downstream_accuracy"),
             downstream_majority_rate=metrics.get("downstream_majority_rate"),
         )
+        row.update(_optional_figures(metrics))
     append_row(out / JSONL, row)
     return row
+
+
+def _optional_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The optional metrics a cell reported, and the range of σ and of the clip norm over its steps when they
+    moved (a controller's cell; a plain cell's σ is its ``sigma``)."""
+    figures = {key: metrics[key] for key in OPTIONAL_METRICS if key in metrics}
+    trajectories = metrics.get("trajectories") or {}
+    for key, tag in (("sigma_steps", "privacy/noise_multiplier"), ("clip_steps", "privacy/clip_norm")):
+        values = [v for _, v in trajectories.get(tag, [])]
+        if values and min(values) != max(values):
+            figures[key] = {"min": min(values), "mean": sum(values) / len(values), "max": max(values)}
+    return figures
 
 
 def data_label(task: dict[str, Any]) -> str:
@@ -305,16 +336,18 @@ def run_cells(
     args: argparse.Namespace,
     command: str,
     report_fn: Any,
+    config_fn: ConfigFn = cell_config,
 ) -> int:
     """Run the cells of ``cells`` not finished yet (same name and config hash), ``args.jobs`` at a time; rewrite
-    the report with ``report_fn(out)`` after each cell if ``args.report_each``. Returns the number of failures."""
+    the report with ``report_fn(out)`` after each cell if ``args.report_each``. ``config_fn`` builds a cell's
+    config (default: this sweep's). Returns the number of failures."""
     # DPLIGHTNING_THREADS is what a `dplightning fit` run reads; run_subprocess pins the cell to the same count
     os.environ["DPLIGHTNING_THREADS"] = str(args.threads)
     done = {(r["cell"], r["config_hash"]) for r in load_rows(out / JSONL) if r["status"] == "ok"}
     todo = []
     for i, cell in enumerate(cells, 1):
         name = cell_name(cell)
-        if (name, config_hash(cell_config(cell, task, out / "tb" / name))) in done:
+        if (name, config_hash(config_fn(cell, task, out / "tb" / name))) in done:
             print(f"[{i}/{len(cells)}] {name}: done already", flush=True)
         else:
             todo.append((f"[{i}/{len(cells)}] {name}", cell))
@@ -322,7 +355,7 @@ def run_cells(
 
     def run_and_print(item: tuple[str, dict[str, Any]]) -> bool:
         label, cell = item
-        row = run_one(cell, task, out, args.threads, args.cell_timeout, command)
+        row = run_one(cell, task, out, args.threads, args.cell_timeout, command, config_fn)
         if row["status"] != "ok":
             print(f"{label}: FAILED\n{row['error']}", flush=True)
             return False

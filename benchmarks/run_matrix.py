@@ -287,6 +287,9 @@ AUDIT_KEYS = {
     "audit/epsilon_lower_bound": "empirical_epsilon_lower_bound",
     "downstream/accuracy": "downstream_accuracy",
     "downstream/majority_rate": "downstream_majority_rate",
+    # benchmarks/private_selection.py's ClippedValidationLoss: the score of a private choice between runs
+    "selection/clipped_val_loss": "clipped_val_loss",
+    "selection/examples": "selection_examples",
 }
 
 
