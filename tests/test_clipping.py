@@ -1,14 +1,29 @@
-"""Per-example gradients from hooks equal a per-example autograd loop; clipping bounds every group."""
+"""Per-example gradients from hooks equal a per-example autograd loop; clipping bounds every group; the
+streaming clip-and-sum gives the plain implementation's integers bit for bit."""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
-from conftest import clipped_sums
+from conftest import clipped_sums, load_benchmark
 from torch import nn
 
 from dplightning.errors import DPLightningError
-from dplightning.privacy.clipping import group_key, make_groups, per_example_norms
+from dplightning.privacy import clipping
+from dplightning.privacy.clipping import (
+    clip_factors,
+    clip_to_grid_and_sum,
+    group_grids,
+    group_key,
+    make_groups,
+    per_example_norms,
+)
+from dplightning.privacy.discretization import CLIP_MARGIN, l2_grid, to_grid
 from dplightning.privacy.per_example_grads import PerExampleGradients
 
 
@@ -124,3 +139,215 @@ def test_l1_norms() -> None:
     g = {"w": torch.tensor([[[1.0, -2.0]], [[3.0, 4.0]]])}
     norms = per_example_norms(g, {"all": ["w"]}, p=1.0)
     torch.testing.assert_close(norms["all"], torch.tensor([3.0, 7.0]))
+
+
+# ------------------------------------------------------------------------ exact clip-and-sum: fast = plain
+def _plain_clip_to_grid_and_sum(
+    grads: dict[str, torch.Tensor],
+    groups: dict[str, list[str]],
+    thresholds: dict[str, float],
+    grids: dict[str, float],
+    p: float = 2.0,
+    stability: float | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The straightforward clip-and-sum: whole float64 copies, non-finite examples masked to 0, clip, round to
+    the grid (non-finite products to 0), re-check each example's integers, int64 sum of those within."""
+    wide = {n: g.detach().double() for n, g in grads.items()}
+    norms = per_example_norms(wide, groups, p)
+    summed = {}
+    for group, names in groups.items():
+        finite = torch.isfinite(norms[group])
+        factors = clip_factors(norms[group].nan_to_num(0.0), thresholds[group] * (1 - CLIP_MARGIN), stability)
+        factors = torch.where(finite, factors, torch.zeros_like(factors))
+        units = {}
+        for n in names:
+            g = wide[n].flatten(1)
+            contribution = torch.where(finite[:, None], g, torch.zeros_like(g)) * factors[:, None]
+            units[n] = to_grid(contribution.nan_to_num(0.0, 0.0, 0.0), grids[group])
+        powers = [u.double().abs().sum(1) if p == 1.0 else u.double().pow(2).sum(1) for u in units.values()]
+        norm = torch.stack(powers).sum(0)
+        within = (norm if p == 1.0 else norm.sqrt()) <= thresholds[group] / grids[group] * (
+            1 - CLIP_MARGIN / 4
+        )
+        for n, u in units.items():
+            summed[n] = torch.where(within[:, None], u, torch.zeros_like(u)).sum(0).view(grads[n].shape[1:])
+    return summed, norms
+
+
+_NAMES = [f"l{i}.{proj}.lora_{ab}.default.weight" for i in range(2) for proj in ("q", "v") for ab in "AB"]
+
+
+def _hostile_batch(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-example gradients whose norms span the dtype's range: zero, subnormal-small, huge, an inf, a NaN,
+    one huge coordinate, and ordinary examples below and above C."""
+    gen = torch.Generator().manual_seed(seed)
+    big = torch.finfo(dtype).max ** 0.5 / 64  # squares stay finite in float64, whatever the dtype
+    tiny = torch.finfo(dtype).tiny
+    scales = torch.tensor([0.0, tiny, 1e-3, 0.3, 1.0, 3.0, 1e3, big] * 3, dtype=torch.float64)
+    grads = {}
+    for k, name in enumerate(_NAMES):
+        shape = (len(scales), 7 + 5 * k, 3 + k)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64) * scales.view(-1, 1, 1) / 10
+        grads[name] = g.to(dtype)
+    grads[_NAMES[0]][9, 1, 1] = math.inf  # an inf in one example's first adapter ...
+    grads[_NAMES[3]][10, 0, 0] = math.nan  # ... a NaN in another's last
+    grads[_NAMES[2]][11] = 0.0
+    grads[_NAMES[2]][11, 0, 0] = big  # all of one example's norm in one coordinate
+    return grads
+
+
+def _both(grads: dict[str, torch.Tensor], mode: str, stability: float | None) -> tuple[Any, Any]:
+    groups = make_groups(list(grads), mode)  # type: ignore[arg-type]
+    p = 1.0 if mode == "flat_l1" else 2.0
+    thresholds = {g: 0.5 + i for i, g in enumerate(groups)}
+    grids = group_grids(groups, {n: g.shape[1:].numel() for n, g in grads.items()}, thresholds, p)
+    args = (grads, groups, thresholds, grids)
+    return clip_to_grid_and_sum(*args, p=p, stability=stability), _plain_clip_to_grid_and_sum(
+        *args, p=p, stability=stability
+    )
+
+
+def _assert_identical(got: Any, want: Any) -> None:
+    assert got[0].keys() == want[0].keys()
+    for name, units in want[0].items():
+        assert got[0][name].dtype == torch.int64 and got[0][name].shape == units.shape, name
+        assert torch.equal(got[0][name], units), name
+    for group, norm in want[1].items():
+        assert got[1][group].dtype == torch.float64
+        assert torch.equal(got[1][group].isnan(), norm.isnan()), group
+        assert torch.equal(got[1][group].nan_to_num(0.0), norm.nan_to_num(0.0)), group
+
+
+@pytest.fixture
+def exact_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Small blocks (several per tensor, one row left over) and a record of the groups the plain path redid."""
+    calls: list[str] = []
+    plain = clipping._exact_group_sums
+
+    def record(mats: Any, clip: Any) -> Any:
+        calls.extend(mats)
+        return plain(mats, clip)
+
+    monkeypatch.setattr(clipping, "_BLOCK_ELEMENTS", 100)
+    monkeypatch.setattr(clipping, "_exact_group_sums", record)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stability", [None, 1e-3])
+@pytest.mark.parametrize("mode", ["flat", "per_layer", "per_adapter", "flat_l1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_streaming_clip_and_sum_equals_the_plain_one_bit_for_bit(
+    dtype: torch.dtype, mode: str, stability: float | None, threads: int, exact_path_calls: list[str]
+) -> None:
+    grads = _hostile_batch(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, want = _both(grads, mode, stability)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_identical(got, want)
+    assert exact_path_calls == []  # inf, NaN, zero, tiny and huge examples all stay on the streaming path
+    for name in _NAMES:  # one bad example masks only its own group: the finite ones still add up
+        assert got[0][name].abs().sum() > 0
+
+
+def test_wide_tensors_sum_rows_as_the_whole_matrix_does() -> None:
+    """Above torch's grain size a lone row is reduced by several threads, in another order; blocks of two rows
+    or more keep the whole matrix's per-row sums (norms equal bit for bit) on two threads."""
+    gen = torch.Generator().manual_seed(3)
+    grads = {"w": torch.randn(5, 3, 40_000, generator=gen)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, want = _both(grads, "flat", None)
+    finally:
+        torch.set_num_threads(previous)
+    _assert_identical(got, want)
+
+
+@pytest.mark.parametrize(
+    "constant, value",
+    [("_FOLD_MAX_GRID", 2.0**-40), ("_SCALED_CAP", 1.0), ("_EXACT_FLOAT_INTEGERS", 1.0)],
+)
+def test_each_bail_out_of_the_streaming_path_gives_the_plain_result(
+    constant: str, value: float, exact_path_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clipping, constant, value)
+    grads = _hostile_batch(torch.float32, seed=1)
+    got, want = _both(grads, "per_adapter", None)
+    _assert_identical(got, want)
+    assert sorted(exact_path_calls) == sorted(_NAMES)
+
+
+def test_underflowing_norms_fall_back_to_the_plain_path_and_stay_within_c(
+    exact_path_calls: list[str],
+) -> None:
+    """Squares of float64 values near 1e-300 underflow, so automatic clipping with a tiny stability over-scales:
+    the integer re-check rejects such examples, and the group is redone by the plain path."""
+    gen = torch.Generator().manual_seed(2)
+    grads = {"w": torch.randn(6, 64, generator=gen, dtype=torch.float64) * 1e-300}
+    grads["w"][3] = torch.randn(64, generator=gen, dtype=torch.float64) * 1e-3
+    groups, c = {"all": ["w"]}, 1e-8
+    grid = l2_grid(c, 64)
+    got = clip_to_grid_and_sum(grads, groups, {"all": c}, {"all": grid}, stability=1e-300)
+    want = _plain_clip_to_grid_and_sum(grads, groups, {"all": c}, {"all": grid}, stability=1e-300)
+    _assert_identical(got, want)
+    assert exact_path_calls == ["w"]
+    assert got[0]["w"].abs().sum() > 0  # the ordinary example still counts
+
+
+def _integer_norm_at_most(units: torch.Tensor, bound: float, p: float) -> bool:
+    """``‖units‖_p ≤ bound``, decided exactly on Python integers and fractions."""
+    values = [int(v) for v in units.flatten().tolist()]
+    if p == 1.0:
+        return Fraction(sum(abs(v) for v in values)) <= Fraction(bound)
+    return Fraction(sum(v * v for v in values)) <= Fraction(bound) ** 2
+
+
+@pytest.mark.parametrize("stability", [None, 1e-300])
+@pytest.mark.parametrize("mode", ["flat", "per_adapter", "flat_l1"])
+def test_each_example_moves_the_sum_by_at_most_its_bound(
+    mode: str, stability: float | None, exact_path_calls: list[str]
+) -> None:
+    """Every example alone contributes an integer vector of norm ≤ C/γ in each group (checked in exact
+    arithmetic), and the batch's sum is the sum of the examples' contributions."""
+    grads = _hostile_batch(torch.float64, seed=4)
+    grads[_NAMES[1]][2] *= 1e-300  # squares that underflow, for the automatic-clipping case
+    groups = make_groups(_NAMES, mode)  # type: ignore[arg-type]
+    p = 1.0 if mode == "flat_l1" else 2.0
+    thresholds = dict.fromkeys(groups, 0.7)
+    grids = group_grids(groups, {n: g.shape[1:].numel() for n, g in grads.items()}, thresholds, p)
+    batch, _ = clip_to_grid_and_sum(grads, groups, thresholds, grids, p=p, stability=stability)
+    total = {n: torch.zeros_like(u) for n, u in batch.items()}
+    for i in range(grads[_NAMES[0]].shape[0]):
+        one = {n: g[i : i + 1] for n, g in grads.items()}
+        units, _ = clip_to_grid_and_sum(one, groups, thresholds, grids, p=p, stability=stability)
+        for group, names in groups.items():
+            joined = torch.cat([units[n].flatten() for n in names])
+            assert _integer_norm_at_most(joined, thresholds[group] / grids[group], p), (i, group)
+        for n, u in units.items():
+            total[n] += u
+    for n in batch:
+        assert torch.equal(batch[n], total[n]), n
+
+
+def test_block_sizes_cover_the_rows_and_never_leave_one_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clipping, "_BLOCK_ELEMENTS", 30)
+    for count in range(1, 40):
+        for width in (1, 7, 10, 16, 31):
+            sizes = clipping._block_sizes(torch.empty(count, width))
+            assert sum(sizes) == count
+            assert count == 1 or min(sizes) >= 2, (count, width, sizes)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra", [[], ["--poison", "--clipping", "per_adapter", "--dtype", "bfloat16"]])
+def test_clip_speed_benchmark_quick(tmp_path: Path, extra: list[str]) -> None:
+    bench = load_benchmark("clip_speed")
+    out = tmp_path / "clip_speed.md"
+    record = bench.main(["--quick", "--out", str(out), *extra])  # fails unless both agree bit for bit
+    assert set(record["run"]["times"]) == {"new", "reference"}
+    assert record["speedup_median"] > 0
+    assert out.read_text().startswith("# Exact clip-and-sum speed")
