@@ -240,3 +240,28 @@ def test_callback_smoke_in_a_two_step_dp_fit(tmp_path: Path) -> None:
     assert "downstream/accuracy" in logged and "downstream/majority_rate" in logged
     with pytest.raises(DPLightningError, match="held out"):
         DownstreamAccuracy(split="train")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_prefix_shared_scoring_equals_running_every_text_whole(name: str) -> None:
+    """The fast path (each prompt once, its KV cache repeated per answer) gives the scores of running every
+    prompt + answer whole, on real notes with answers of different lengths, through ``DPLoRAModule``."""
+    from dplightning.evaluation import field_extraction as fe
+    from dplightning.module import DPLoRAModule
+
+    module = DPLoRAModule(model_name=name, lora_rank=4)
+    data = TextDataModule(tokenizer=name, num_records=300, data_seed=5, max_length=96)
+    data.setup("fit")
+    examples = fe.heldout_examples(data, "test", 9)
+    pad = data.tokenizer.pad_token_id or 0
+    for field in FIELDS:
+        prompts = [fe.qa_prompt(note, field) for note, _ in examples]
+        answers = [fe.qa_answer(v, field) for v in fe.QA_ANSWERS[field]]
+        rows = fe._scored_tokens(data.tokenizer, prompts, answers, None)
+        with torch.no_grad():
+            whole = fe._full_scores(module, rows, 5, pad, "cpu")
+            shared = fe._prefix_shared_scores(fe._causal_lm(module), rows, len(answers), 5, pad, "cpu")
+        assert torch.isfinite(whole).all()
+        assert torch.allclose(shared, whole, rtol=0, atol=1e-4), (shared - whole).abs().max()
+        via_scorer = lm_scorer(module, data.tokenizer, batch_size=7)(prompts, answers)
+        assert torch.allclose(via_scorer.flatten(), whole, rtol=0, atol=1e-4)

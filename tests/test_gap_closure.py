@@ -139,3 +139,58 @@ def test_sgd_recipe_differs_from_the_adamw_recipe_only_in_the_optimiser() -> Non
     adamw_model = adamw.pop("model")
     adamw_model.pop("optimizer"), adamw_model.pop("learning_rate")
     assert model == adamw_model and sgd == adamw
+
+
+def test_demo_is_the_downstream_recipe_and_its_references_are_the_stored_rows() -> None:
+    """``make demo`` runs the recipe on the downstream task's data; the base and non-private perplexities its
+    summary compares against are the stored benchmark rows of that task, not typed-in figures."""
+    import yaml
+
+    gap, sweep = load_benchmark("gap_closure"), load_benchmark("recipe_sweep")
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "configs" / "demo.yaml").read_text())
+    model, data, trainer = config["model"], config["data"], config["trainer"]
+    strategy = trainer["strategy"]["init_args"]
+    assert (model["optimizer"], model["learning_rate"], strategy["max_grad_norm"]) == (
+        gap.RECIPE["optimizer"],
+        gap.RECIPE["lr"],
+        gap.RECIPE["clip"],
+    )
+    assert (strategy["clipping"], strategy["accountant"], strategy["target_epsilon"]) == ("flat", "pld", 8.0)
+    task = gap.DOWNSTREAM_TASK
+    assert (data["max_length"], data["batch_size"], data["qa_fraction"]) == (
+        task["max_length"],
+        task["batch_size"],
+        task["qa_fraction"],
+    )
+    assert (
+        data["num_records"],
+        data["data_seed"],
+        trainer["limit_val_batches"],
+        data["eval_batch_size"],
+    ) == (
+        sweep.FULL_TASK["num_records"],
+        gap.PRIVATE_DATA_SEED,
+        sweep.FULL_TASK["val_batches"],
+        sweep.FULL_TASK["eval_batch_size"],
+    )
+    assert trainer["max_steps"] <= task["steps"]
+
+    rows = [
+        r
+        for r in sweep.load_rows(root / "benchmarks/results/recipe_downstream/recipe_sweep.jsonl")
+        if r["status"] == "ok"
+    ]
+    base = next(r for r in rows if r["settings"]["kind"] == "base")
+    nonprivate = next(
+        r
+        for r in rows
+        if r["settings"]["kind"] == "nonprivate"
+        and r["settings"].get("lr") == gap.DOWNSTREAM_NONPRIVATE["lr"]
+    )
+    report = next(c["init_args"] for c in trainer["callbacks"] if c["class_path"].endswith("FineTuneReport"))
+    assert report["reference_base_perplexity"] == base["val_perplexity_before"]
+    assert report["reference_perplexity"] == nonprivate["val_perplexity_after"]
+    assert "recipe_downstream" in report["reference_source"]
+    downstream = next(c for c in trainer["callbacks"] if c["class_path"].endswith("DownstreamAccuracy"))
+    assert downstream["init_args"]["score_before_fit"] is True

@@ -149,12 +149,110 @@ def _scored_tokens(
     return out
 
 
+def _causal_lm(model: Any) -> Any | None:
+    """The Hugging Face causal LM behind ``model`` (itself, or ``DPLoRAModule``'s ``.model``), if it has one:
+    only such a model takes ``past_key_values``, which the prefix-sharing path needs."""
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and hasattr(candidate, "config") and callable(candidate):
+            return candidate
+    return None
+
+
+def _padded(seqs: Sequence[Sequence[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask ``[len(seqs), longest]``."""
+    width = max(len(t) for t in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, tokens in enumerate(seqs):
+        ids[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attn[r, : len(tokens)] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _summed_logp(logits: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of ``targets[r, t]`` under ``logits[r, t]`` where ``scored``."""
+    row, pos = scored.nonzero(as_tuple=True)
+    # Only the answer positions need a softmax; taking it over [B, T, V] would cost T times more.
+    logp = torch.log_softmax(logits[row, pos].double(), dim=-1)
+    picked = logp.gather(-1, targets[row, pos][:, None]).squeeze(-1)
+    return torch.zeros(len(scored), dtype=torch.float64, device=logits.device).index_add_(0, row, picked)
+
+
+def _full_scores(
+    model: Any, rows: Sequence[tuple[list[int], int]], batch_size: int, pad: int, device: Any
+) -> torch.Tensor:
+    """Every row run whole: one forward per ``batch_size`` rows of similar length."""
+    flat = torch.zeros(len(rows), dtype=torch.float64)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        ids, attn = _padded([rows[i][0] for i in chunk], pad, device)
+        scored = torch.zeros_like(attn, dtype=torch.bool)
+        for r, i in enumerate(chunk):
+            tokens, start = rows[i]
+            scored[r, start : len(tokens)] = True
+        out = model(ids, attn)
+        logits = getattr(out, "logits", out)
+        flat[chunk] = _summed_logp(logits[:, :-1], ids[:, 1:], scored[:, 1:]).cpu()
+    return flat
+
+
+def _prefix_shared_scores(
+    lm: Any, rows: Sequence[tuple[list[int], int]], per_prompt: int, batch_size: int, pad: int, device: Any
+) -> torch.Tensor:
+    """The same scores as :func:`_full_scores`, computing each prompt's shared prefix once.
+
+    A prompt's rows (one per continuation) agree on their first ``min(start) - 1`` tokens; that prefix runs once
+    with the KV cache kept, the cache is repeated for the prompt's continuations, and only the suffixes (the
+    answer, eos and a token or two of the boundary) run per row. Prompts are right-padded, so each suffix gets
+    explicit position ids and an attention mask that skips the padding in the cache. About ``per_prompt`` times
+    fewer tokens than running every row whole.
+    """
+    from transformers import DynamicCache
+
+    n_prompts = len(rows) // per_prompt
+    flat = torch.zeros(len(rows), dtype=torch.float64)
+    prompts_per_batch = max(1, batch_size // per_prompt)
+    heads = [min(rows[k * per_prompt + j][1] for j in range(per_prompt)) - 1 for k in range(n_prompts)]
+    order = sorted(range(n_prompts), key=lambda k: heads[k])
+    for b in range(0, n_prompts, prompts_per_batch):
+        chunk = order[b : b + prompts_per_batch]
+        prefix_ids, prefix_attn = _padded([rows[k * per_prompt][0][: heads[k]] for k in chunk], pad, device)
+        cache = DynamicCache()
+        lm(
+            input_ids=prefix_ids,
+            attention_mask=prefix_attn,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(per_prompt)
+        members = [k * per_prompt + j for k in chunk for j in range(per_prompt)]
+        suffixes = [rows[i][0][heads[i // per_prompt] :] for i in members]
+        ids, attn = _padded(suffixes, pad, device)
+        head = torch.tensor([heads[i // per_prompt] for i in members], device=device)
+        positions = head[:, None] + torch.arange(ids.shape[1], device=device)[None, :]
+        full_attn = torch.cat([prefix_attn.repeat_interleave(per_prompt, dim=0), attn], dim=1)
+        out = lm(input_ids=ids, attention_mask=full_attn, position_ids=positions, past_key_values=cache)
+        scored = torch.zeros_like(attn, dtype=torch.bool)
+        for r, i in enumerate(members):
+            tokens, start = rows[i]
+            scored[r, start - heads[i // per_prompt] : len(tokens) - heads[i // per_prompt]] = True
+        # suffix logit t predicts suffix token t + 1; the first scored token (start) is predicted by suffix
+        # position start - 1 - head >= 0, so every scored token is predicted inside this pass
+        flat[members] = _summed_logp(out.logits[:, :-1], ids[:, 1:], scored[:, 1:]).cpu()
+        del cache
+    return flat
+
+
 def lm_scorer(model: Any, tokenizer: Any, batch_size: int = 16, max_length: int | None = None) -> ScoreFn:
     """A :data:`ScoreFn` backed by a causal LM: summed log-probability of each continuation's tokens and eos.
 
     ``model(input_ids, attention_mask)`` returns logits ``[B, T, V]`` (``DPLoRAModule``) or an output with
     ``.logits`` (a Hugging Face model). ``max_length`` caps the tokens per scored text (default: the
-    tokenizer's ``model_max_length``); longer texts are cut on the left.
+    tokenizer's ``model_max_length``); longer texts are cut on the left. When the model is (or wraps, as
+    ``DPLoRAModule`` does) a Hugging Face causal LM and no text was cut, each prompt is run once and only the
+    continuations per answer (:func:`_prefix_shared_scores`); otherwise every (prompt, answer) text is run whole.
     """
     if batch_size < 1:
         raise DPLightningError(f"batch_size must be >= 1, got {batch_size}; pass a positive batch size")
@@ -164,32 +262,17 @@ def lm_scorer(model: Any, tokenizer: Any, batch_size: int = 16, max_length: int 
     @torch.no_grad()
     def score(prompts: Sequence[str], continuations: Sequence[str]) -> torch.Tensor:
         rows = _scored_tokens(tokenizer, prompts, continuations, limit)
-        flat = torch.zeros(len(rows), dtype=torch.float64)
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths pad little
+        lm = _causal_lm(model)
+        # A row cut on the left no longer shares its prompt's prefix; rows at exactly the limit may have been.
+        uncut = all((limit is None or len(ids) < limit) and start >= 2 for ids, start in rows)
         try:
-            for b in range(0, len(order), batch_size):
-                chunk = order[b : b + batch_size]
-                width = max(len(rows[i][0]) for i in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(chunk), width), dtype=torch.long)
-                scored = torch.zeros((len(chunk), width), dtype=torch.bool)
-                for r, i in enumerate(chunk):
-                    tokens, start = rows[i]
-                    ids[r, : len(tokens)] = torch.tensor(tokens)
-                    attn[r, : len(tokens)] = 1
-                    scored[r, start : len(tokens)] = True
-                ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
-                out = model(ids, attn)
-                logits = getattr(out, "logits", out)
-                # Only the answer positions need a softmax; taking it over [B, T, V] would cost T times more.
-                row, pos = scored[:, 1:].nonzero(as_tuple=True)
-                logp = torch.log_softmax(logits[row, pos].double(), dim=-1)
-                picked = logp.gather(-1, ids[row, pos + 1][:, None]).squeeze(-1)
-                sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, row, picked)
-                flat[chunk] = sums.cpu()
+            if lm is not None and uncut:
+                flat = _prefix_shared_scores(lm, rows, len(continuations), batch_size, pad, device)
+            else:
+                flat = _full_scores(model, rows, batch_size, pad, device)
         finally:
             model.train(was_training)
         return flat.view(len(prompts), len(continuations))
