@@ -158,11 +158,9 @@ def test_demo_is_the_downstream_recipe_and_its_references_are_the_stored_rows() 
     )
     assert (strategy["clipping"], strategy["accountant"], strategy["target_epsilon"]) == ("flat", "pld", 8.0)
     task = gap.DOWNSTREAM_TASK
-    assert (data["max_length"], data["batch_size"], data["qa_fraction"]) == (
-        task["max_length"],
-        task["batch_size"],
-        task["qa_fraction"],
-    )
+    assert (data["max_length"], data["qa_fraction"]) == (task["max_length"], task["qa_fraction"])
+    # A shortened run: no larger batch and no more steps than the stored private reference.
+    assert data["batch_size"] <= task["batch_size"]
     assert (
         data["num_records"],
         data["data_seed"],
