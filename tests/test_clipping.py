@@ -267,6 +267,26 @@ def test_wide_tensors_sum_rows_as_the_whole_matrix_does() -> None:
     _assert_identical(got, want)
 
 
+def test_an_example_alone_is_clipped_as_in_a_batch_on_two_threads() -> None:
+    """A lone row above torch's grain size is reduced by two threads in another order than a row of a batch, so
+    an example's norm (hence its clip factor and, at rounding ties, its integers) would depend on whether the
+    (micro-)batch held anything else: a dependence on other records that the bound C does not cover. Alone or
+    in a batch, every example gets the same norm and integers, bit for bit."""
+    gen = torch.Generator().manual_seed(6)
+    grads = {"w": torch.randn(8, 40_000, generator=gen, dtype=torch.float64) * 0.05}
+    groups, thresholds = {"all": ["w"]}, {"all": 1.0}
+    grids = group_grids(groups, {"w": 40_000}, thresholds)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = clip_to_grid_and_sum(grads, groups, thresholds, grids)
+        alone = [clip_to_grid_and_sum({"w": g[None]}, groups, thresholds, grids) for g in grads["w"]]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(torch.cat([norms["all"] for _, norms in alone]), batch[1]["all"])
+    assert torch.equal(torch.stack([units["w"] for units, _ in alone]).sum(0), batch[0]["w"])
+
+
 @pytest.mark.parametrize(
     "constant, value",
     [("_FOLD_MAX_GRID", 2.0**-40), ("_SCALED_CAP", 1.0), ("_EXACT_FLOAT_INTEGERS", 1.0)],
@@ -331,6 +351,82 @@ def test_each_example_moves_the_sum_by_at_most_its_bound(
             total[n] += u
     for n in batch:
         assert torch.equal(batch[n], total[n]), n
+
+
+def _odd_layouts(count: int) -> dict[str, torch.Tensor]:
+    """One adapter group of float16 / bfloat16 / float32 parameters in awkward layouts: a 1-D bias ``[B]``, a
+    transposed and a strided view, a broadcast (stride 0) batch, an empty parameter; an inf in one example."""
+    gen = torch.Generator().manual_seed(count)
+    grads = {
+        "m.lora_A.d.weight": torch.randn(count, 13, 5, generator=gen).half().transpose(1, 2),
+        "m.lora_B.d.weight": (torch.randn(2 * count, 9, 14, generator=gen) * 30).bfloat16()[::2, :, ::2],
+        "m.lora_embedding_A.d.weight": torch.randn(1, 11, generator=gen).expand(count, 11),
+        "m.lora_embedding_B.d.weight": torch.zeros(count, 0, 3),
+        "m.bias": torch.randn(count, generator=gen) * 3,
+    }
+    if count > 2:
+        grads["m.lora_A.d.weight"][2, 1, 1] = math.inf
+    return grads
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7])
+def test_odd_layouts_and_dtypes_match_the_plain_path_in_any_order(
+    count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Non-contiguous, broadcast, 1-D, empty and float16 gradients, batches of 0 to 7 examples: every block size
+    and the whole-tensor path give the same integers and norms, and permuting the examples changes nothing."""
+    grads = _odd_layouts(count)
+    groups = make_groups(list(grads), "per_adapter")
+    thresholds = {g: 0.3 for g in groups}
+    grids = group_grids(groups, {n: g.shape[1:].numel() for n, g in grads.items()}, thresholds)
+    want = clip_to_grid_and_sum(grads, groups, thresholds, grids)
+    columns = {
+        n: g.unsqueeze(1) if g.dim() == 1 else g for n, g in grads.items()
+    }  # the plain one wants [B, D]
+    plain_units, plain_norms = _plain_clip_to_grid_and_sum(columns, groups, thresholds, grids)
+    _assert_identical(want, ({n: u.view(want[0][n].shape) for n, u in plain_units.items()}, plain_norms))
+    monkeypatch.setattr(clipping, "_fast_group_sums", lambda mats, clip: None)
+    _assert_identical(clip_to_grid_and_sum(grads, groups, thresholds, grids), want)
+    monkeypatch.undo()
+    for block in (1, 20):
+        monkeypatch.setattr(clipping, "_BLOCK_ELEMENTS", block)
+        _assert_identical(clip_to_grid_and_sum(grads, groups, thresholds, grids), want)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    permuted, norms = clip_to_grid_and_sum({n: g[order] for n, g in grads.items()}, groups, thresholds, grids)
+    for name, units in want[0].items():
+        assert torch.equal(permuted[name], units), name
+    for group, norm in want[1].items():
+        assert torch.equal(norms[group].nan_to_num(0.0), norm[order].nan_to_num(0.0)), group
+    if count > 2:
+        assert not math.isfinite(want[1]["m"][2]) and want[0]["m.bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("threshold", [1e-300, 0.7, 1e300])
+@pytest.mark.parametrize("p", [1.0, 2.0])
+def test_norms_at_c_and_extreme_thresholds_stay_within_c(threshold: float, p: float) -> None:
+    """Examples whose norm is exactly C, C(1 − η) or just above, or all in one coordinate, for thresholds whose
+    grids fall outside the streaming path's range (γ < 2^-1000, γ > 1) and inside it: each example's integers
+    stay within C/γ (exact arithmetic), float32 or float64. (At the extremes examples may contribute nothing:
+    squares overflow to an infinite norm, float32 overflows, and ``clip_factors``' 1e-12 swamps tiny norms.)"""
+    d = 16
+    g = torch.zeros(5, d, dtype=torch.float64)
+    g[0, 0] = threshold  # L1 and L2 norm C
+    g[1] = threshold / (4 if p == 2.0 else 16)  # norm exactly C
+    g[2] = g[1] * (1 - CLIP_MARGIN)
+    g[3] = g[1] * (1 + 2.0**-52)
+    g[4] = torch.linspace(-threshold, threshold, d, dtype=torch.float64)
+    for grads in ({"w": g}, {"w": g.float()}):
+        groups, thresholds = {"all": ["w"]}, {"all": threshold}
+        grids = group_grids(groups, {"w": d}, thresholds, p)
+        bound = threshold / grids["all"]
+        batch, _ = clip_to_grid_and_sum(grads, groups, thresholds, grids, p=p)
+        total = torch.zeros_like(batch["w"])
+        for i in range(g.shape[0]):
+            units, _ = clip_to_grid_and_sum({"w": grads["w"][i : i + 1]}, groups, thresholds, grids, p=p)
+            assert _integer_norm_at_most(units["w"], bound, p), i
+            assert threshold != 0.7 or units["w"].abs().sum() > 0, i  # nothing dropped at ordinary scales
+            total += units["w"]
+        assert torch.equal(batch["w"], total)
 
 
 def test_block_sizes_cover_the_rows_and_never_leave_one_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,7 +142,8 @@ def _block_sizes(mat: Tensor) -> list[int]:
 
     No block holds a single row unless the matrix does: a multi-threaded sum over a lone row splits the row
     between threads, which changes its rounding; over two rows or more, each row is summed whole by one thread,
-    as in the whole matrix."""
+    as in the whole matrix (and a matrix of one row is summed beside a row of zeros, see
+    :func:`_row_power_sums_`)."""
     count = mat.shape[0]
     rows = count if mat.device.type != "cpu" else max(2, _BLOCK_ELEMENTS // max(mat.shape[1], 1))
     sizes = [rows] * (count // rows) + ([count % rows] if count % rows else [])
@@ -165,7 +166,8 @@ def _power_sums(mat: Tensor, p: float) -> Tensor:
     """Per row, ``Σ_j x_j²`` (``Σ_j |x_j|`` for ``p = 1``) of ``mat`` in float64, block by block.
 
     Each row's sum is the one ``mat.double().pow(2).sum(1)`` computes (same values, same reduction of a
-    contiguous row), without a float64 copy of the whole matrix."""
+    contiguous row; for a lone row, the one of a matrix of several), without a float64 copy of the whole
+    matrix."""
     out = torch.empty(mat.shape[0], dtype=torch.float64, device=mat.device)
     for block, rows, out_rows in _blocks(mat, out):
         block.copy_(rows)
@@ -175,16 +177,25 @@ def _power_sums(mat: Tensor, p: float) -> Tensor:
 
 def _row_power_sums_(block: Tensor, p: float, out: Tensor) -> None:
     """``out[i] = Σ_j |block_ij|^p`` (``p`` 1 or 2), overwriting ``block`` with the powers on the way. ``x · x``
-    is what ``pow(2)`` computes, so the sums are those of ``block.pow(2).sum(1)``."""
+    is what ``pow(2)`` computes, so the sums are those of ``block.pow(2).sum(1)``.
+
+    A lone row is summed beside a row of zeros: on several threads torch splits a lone wide row between them,
+    in another order than a row of a matrix, so an example's norm (its clip factor, its integers at rounding
+    ties) would depend on whether its (micro-)batch held another record, a dependence the bound does not cover.
+    On CPU each row's sum is thus a function of that row alone, whatever the batch and the thread count."""
     if p == 1.0:
         block.abs_()
     else:
         block.mul_(block)
-    torch.sum(block, 1, out=out)
+    if block.shape[0] == 1:
+        out.copy_(torch.cat([block, torch.zeros_like(block)]).sum(1)[:1])
+    else:
+        torch.sum(block, 1, out=out)
 
 
 def _group_norms(mats: Mapping[str, Tensor], p: float) -> Tensor:
-    """Per-example ``L_p`` norm of the group in float64; equals :func:`per_example_norms` of float64 copies."""
+    """Per-example ``L_p`` norm of the group in float64; equals :func:`per_example_norms` of float64 copies
+    (except a batch of one wide example on several threads, see :func:`_row_power_sums_`)."""
     total = torch.stack([_power_sums(m, p) for m in mats.values()]).sum(0)
     return total if p == 1.0 else total.sqrt()
 
@@ -299,8 +310,11 @@ def _exact_group_sums(mats: Mapping[str, Tensor], clip: _GroupClip) -> dict[str,
 
 
 def _integer_power_sums(units: Iterable[Tensor], p: float) -> Tensor:
-    """Per example, ``Σ_j |u_j|^p`` of int64 units across the group's parameters, in float64."""
-    parts = [u.double() for u in units]
-    if p == 1.0:
-        return torch.stack([x.abs().sum(1) for x in parts]).sum(0)
-    return torch.stack([x.pow(2).sum(1) for x in parts]).sum(0)
+    """Per example, ``Σ_j |u_j|^p`` of int64 units across the group's parameters, in float64, each row summed as
+    :func:`_row_power_sums_` sums it on the streaming path (contiguous, a lone row beside zeros)."""
+    parts = []
+    for u in units:
+        out = torch.empty(u.shape[0], dtype=torch.float64, device=u.device)
+        _row_power_sums_(u.double().contiguous(), p, out)
+        parts.append(out)
+    return torch.stack(parts).sum(0)
