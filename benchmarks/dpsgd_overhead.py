@@ -17,9 +17,27 @@ Variants (one step = everything from ``zero_grad`` to ``optimizer.step``):
 - ``opacus_flat``: reference. Opacus ``GradSampleModule`` (hooks mode) around the peft model + Opacus
   ``DPOptimizer`` (flat per-sample clipping, Gaussian noise, / expected batch size) wrapping AdamW. sigma = 1, C = 1.
 
-Time: all variants live in one process (one model copy each) and are run interleaved, round-robin with the order
-rotated every round; ``--warmup`` rounds are discarded, then the median over ``--steps`` rounds is reported, with
-the median of the per-round ratios to the non-private step of the same round (robust to load drift).
+Precision (``--precisions``, default ``32-true bf16-mixed``): every variant is timed under each, as Lightning's
+``Trainer(precision=...)`` runs it: the step's forward and loss run inside the forward context of the precision
+plugin the Trainer builds (``32-true``: :class:`~lightning.pytorch.plugins.precision.Precision`, no autocast;
+``bf16-mixed``: :class:`~lightning.pytorch.plugins.precision.MixedPrecision`, i.e.
+``torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)``), while backward, the hooks' per-example
+gradients, clipping, sums, noise and AdamW run outside it, as in ``Trainer.fit``. Under bf16-mixed the hooks'
+per-example LoRA gradients come out in bf16 (the dtype of the backward's activations and output gradients); the
+strategy's clipping reads them into float64 blocks, sums on the integer grid and adds the noise there, and the
+released gradient is float32, whatever the forward's precision. Both precisions of a variant share its model and
+optimizer (the weights stay float32; only the forward's matmuls change dtype).
+
+Time: all (variant, precision) pairs live in one process (one model copy per variant) and are run interleaved,
+round-robin with the order rotated every round; ``--warmup`` rounds are discarded, then the median over ``--steps``
+rounds is reported, with the median of the per-round ratios to the non-private step of the same precision and
+round (robust to load drift). The bf16 speed-up of a variant is the median over rounds of its 32-true step / its
+bf16-mixed step of the same round; the DP cost under a precision is that paired ratio of the DP variant to the
+non-private step. For the DP variants the time spent in the strategy's two parts is kept too (median over the
+timed rounds): ``_add_clipped`` (per-example norms, clipping onto the integer grid, sums) and
+``release_noisy_gradient`` (discrete Gaussian noise per coordinate, budget check, accountant step). The 1-minute
+load average is read after every timed round and reported (median and range).
+Memory is measured under the first precision given that is ``32-true`` (else the first given).
 
 Memory: each variant is run again in a fresh process (forked from a ``forkserver`` that has only imported the
 libraries, one variant per process): build model + batches, ``malloc_trim``, reset the peak-RSS
@@ -40,6 +58,7 @@ Usage::
     .venv/bin/python benchmarks/dpsgd_overhead.py            # SmolLM2-135M + tiny-llama, writes benchmarks/results/
     .venv/bin/python benchmarks/dpsgd_overhead.py --quick    # tiny-llama only, few steps (< 1 min), prints only
     .venv/bin/python benchmarks/dpsgd_overhead.py --models smollm2-135m --steps 20 --threads 2
+    .venv/bin/python benchmarks/dpsgd_overhead.py --precisions 32-true --variants nonprivate dp_flat
 """
 
 from __future__ import annotations
@@ -50,12 +69,16 @@ import ctypes
 import datetime as dt
 import gc
 import math
+import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import command_line, machine, publish, quiet, status_kb
 
@@ -63,6 +86,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ("nonprivate", "dp_flat", "dp_per_layer", "dp_per_adapter", "opacus_flat")
 DP_VARIANTS = ("dp_flat", "dp_per_layer", "dp_per_adapter")
+PRECISIONS = ("32-true", "bf16-mixed")
 NUM_BATCHES = 4  # distinct fixed batches, cycled
 SIGMA, CLIP, LR = 1.0, 1.0, 2e-3
 GOAL_TIME, GOAL_MEM = 1.05, 1.10
@@ -93,10 +117,26 @@ def make_batches(model_name: str, batch_size: int, seq_len: int, device: Any) ->
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
-def build_variant(
-    variant: str, model_name: str, batch_size: int, device: Any
-) -> tuple[Callable[[dict], None], dict]:
-    """A fresh model + optimizer for ``variant`` and its step function ``step(batch)``."""
+def precision_plugin(precision: str, device: Any) -> Any:
+    """The precision plugin ``Trainer(precision=precision)`` builds on ``device`` (Lightning's accelerator
+    connector: ``MixedPrecision(precision, "cpu" | "cuda")`` for mixed precision, plain ``Precision`` for
+    ``32-true``). Its ``forward_context()`` is what ``Trainer.fit`` wraps each ``training_step`` in."""
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    if precision == "32-true":
+        return Precision()
+    if precision == "bf16-mixed":
+        return MixedPrecision("bf16-mixed", "cuda" if str(device).startswith("cuda") else "cpu")
+    raise ValueError(f"unknown precision {precision}")
+
+
+# step(batch, precision plugin) -> seconds spent in the strategy's own parts of the step (DP variants), else None
+Step = Callable[[dict, Any], "dict[str, float] | None"]
+
+
+def build_variant(variant: str, model_name: str, batch_size: int, device: Any) -> tuple[Step, dict, Any]:
+    """A fresh model + optimizer for ``variant``, its step function ``step(batch, plugin)`` (forward and loss in
+    ``plugin.forward_context()``, everything after it outside, as in ``Trainer.fit``) and the module."""
     import torch
 
     from dplightning.module import DPLoRAModule
@@ -111,12 +151,16 @@ def build_variant(
     if variant == "nonprivate":
         opt = torch.optim.AdamW(trainable, lr=LR)
 
-        def step(batch: dict) -> None:
+        def step(batch: dict, plugin: Any) -> None:
             opt.zero_grad(set_to_none=True)
-            module.per_example_loss(batch).mean().backward()
+            # == Strategy.training_step's `with precision_plugin.train_step_context()` (= forward_context):
+            with plugin.forward_context():
+                loss = module.per_example_loss(batch).mean()
+            loss.backward()
             opt.step()
+            return None
 
-        return step, info
+        return step, info, module
 
     if variant in DP_VARIANTS:
         from dplightning.privacy.clipping import make_groups
@@ -141,16 +185,23 @@ def build_variant(
         info["groups"] = len(strategy.groups)
         opt = torch.optim.AdamW(trainable, lr=LR)
 
-        def step(batch: dict) -> None:
+        def step(batch: dict, plugin: Any) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
-            module.per_example_loss(batch).mean().backward()
-            # == DPSGDMixin.backward after super().backward():
+            # == Strategy.training_step's `with precision_plugin.train_step_context()` (= forward_context):
+            with plugin.forward_context():
+                loss = module.per_example_loss(batch).mean()
+            loss.backward()
+            t0 = time.perf_counter()
+            # == DPSGDMixin.backward after super().backward(), outside autocast:
             strategy._add_clipped(engine.pop())
+            t1 = time.perf_counter()
             # == DPSGDMixin.optimizer_step's private closure, then the optimizer step:
             strategy.release_noisy_gradient()
+            t2 = time.perf_counter()
             opt.step()
+            return {"clip_s": t1 - t0, "release_s": t2 - t1}
 
-        return step, info
+        return step, info, module
 
     if variant == "opacus_flat":
         from opacus import GradSampleModule
@@ -168,12 +219,15 @@ def build_variant(
         )
         info["opacus_wrapped"] = type(gsm).__name__
 
-        def step(batch: dict) -> None:
+        def step(batch: dict, plugin: Any) -> None:
             opt.zero_grad(set_to_none=True)
-            module.per_example_loss(batch).mean().backward()
+            with plugin.forward_context():
+                loss = module.per_example_loss(batch).mean()
+            loss.backward()
             opt.step()
+            return None
 
-        return step, info
+        return step, info, module
 
     raise ValueError(f"unknown variant {variant}")
 
@@ -186,22 +240,43 @@ def _sync(device: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- timing
-def time_variants(
-    model_name: str, variants: list[str], batch_size: int, seq_len: int, warmup: int, steps: int, device: Any
-) -> dict[str, Any]:
+def _key(variant: str, precision: str) -> str:
+    return f"{variant}@{precision}"
 
+
+def time_variants(
+    model_name: str,
+    variants: list[str],
+    batch_size: int,
+    seq_len: int,
+    warmup: int,
+    steps: int,
+    device: Any,
+    precisions: list[str] | tuple[str, ...] = ("32-true",),
+) -> dict[str, Any]:
+    """Median step time of every (variant, precision), interleaved round-robin in this process (see docstring).
+
+    Returns ``by_precision[precision][variant]`` rows (times, and the paired ratio to the non-private step of the
+    same precision; for DP variants also ``median_clip_s``, the strategy's ``_add_clipped``, and
+    ``median_release_s``, its ``release_noisy_gradient``), ``errors`` keyed ``variant@precision``, and the load
+    average read after each timed round.
+    """
     batches = make_batches(model_name, batch_size, seq_len, device)
-    built: dict[str, Callable[[dict], None]] = {}
+    plugins = {p: precision_plugin(p, device) for p in precisions}
+    built: dict[str, Step] = {}
     infos: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for v in variants:
         try:
-            built[v], infos[v] = build_variant(v, model_name, batch_size, device)
+            built[v], infos[v], _ = build_variant(v, model_name, batch_size, device)
         except Exception as exc:  # e.g. an Opacus incompatibility: report it, keep the others
-            errors[v] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-    names = [v for v in variants if v in built]
-    times: dict[str, list[float]] = {v: [] for v in names}
-    warm: dict[str, list[float]] = {v: [] for v in names}
+            for p in precisions:
+                errors[_key(v, p)] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+    names = [(v, p) for p in precisions for v in variants if v in built]
+    times: dict[tuple[str, str], list[float]] = {n: [] for n in names}
+    warm: dict[tuple[str, str], list[float]] = {n: [] for n in names}
+    parts: dict[tuple[str, str], dict[str, list[float]]] = {n: {} for n in names}
+    loads: list[float] = []
     # A full gc.collect() costs ~0.5 s with torch + transformers + lightning loaded: do it once and freeze the
     # survivors, so the collections that still happen during the steps are cheap and alike for every variant.
     gc.collect()
@@ -209,57 +284,119 @@ def time_variants(
     for r in range(warmup + steps):
         order = names[r % len(names) :] + names[: r % len(names)]
         batch = batches[r % NUM_BATCHES]
-        for v in order:
+        for n in order:
+            v, p = n
             _sync(device)
             t0 = time.perf_counter()
             try:
-                built[v](batch)
+                part = built[v](batch, plugins[p])
             except Exception as exc:
-                errors[v] = f"{type(exc).__name__} in step: {str(exc).splitlines()[0][:300]}"
-                names.remove(v)
+                errors[_key(v, p)] = f"{type(exc).__name__} in step: {str(exc).splitlines()[0][:300]}"
+                names.remove(n)
                 continue
             _sync(device)
-            (warm if r < warmup else times)[v].append(time.perf_counter() - t0)
+            (warm if r < warmup else times)[n].append(time.perf_counter() - t0)
+            if r >= warmup:
+                for k, x in (part or {}).items():
+                    parts[n].setdefault(k, []).append(x)
+        if r >= warmup:
+            loads.append(os.getloadavg()[0])
         print(
             f"  [{model_name}] round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""),
             " ".join(
-                f"{v}={(warm if r < warmup else times)[v][-1] * 1e3:.0f}ms" for v in order if v in names
+                f"{_key(*n)}={(warm if r < warmup else times)[n][-1] * 1e3:.0f}ms"
+                for n in order
+                if n in names
             ),
+            f"load={os.getloadavg()[0]:.1f}",
             flush=True,
         )
-    out: dict[str, Any] = {"variants": {}, "errors": errors}
-    base = times.get("nonprivate")
-    for v in names:
-        ts = times[v]
-        row: dict[str, Any] = {
-            "median_s": statistics.median(ts),
-            "mean_s": statistics.fmean(ts),
-            "min_s": min(ts),
-            "steps_s": ts,
-            "warmup_s": warm[v],
-            **infos[v],
-        }
-        if base:
-            row["ratio_of_medians"] = row["median_s"] / statistics.median(base)
-            row["median_paired_ratio"] = statistics.median(t / b for t, b in zip(ts, base))
-        out["variants"][v] = row
+    out: dict[str, Any] = {
+        "precisions": list(precisions),
+        "by_precision": {p: {} for p in precisions},
+        "errors": errors,
+        "loadavg_1min_during": {
+            "median": statistics.median(loads) if loads else None,
+            "min": min(loads, default=None),
+            "max": max(loads, default=None),
+            "per_round": loads,
+        },
+    }
+    for p in precisions:
+        base = times.get(("nonprivate", p)) if ("nonprivate", p) in names else None
+        for v in variants:
+            if (v, p) not in names:
+                continue
+            ts = times[(v, p)]
+            row: dict[str, Any] = {
+                "precision": p,
+                "median_s": statistics.median(ts),
+                "mean_s": statistics.fmean(ts),
+                "min_s": min(ts),
+                "steps_s": ts,
+                "warmup_s": warm[(v, p)],
+                **{f"median_{k}": statistics.median(xs) for k, xs in parts[(v, p)].items()},
+                **infos[v],
+            }
+            if base:
+                row["ratio_of_medians"] = row["median_s"] / statistics.median(base)
+                row["median_paired_ratio"] = statistics.median(t / b for t, b in zip(ts, base))
+            out["by_precision"][p][v] = row
     del built
     gc.unfreeze()
     gc.collect()
     return out
 
 
+def precision_summary(timing: dict[str, Any], reference: str = "32-true") -> dict[str, Any]:
+    """Per variant, for every precision but ``reference``: its speed-up over ``reference`` (paired: median over
+    rounds of reference step / this precision's step of the same round; and of the medians) and the DP cost
+    (paired DP / non-private) under both precisions."""
+    by = timing["by_precision"]
+    out: dict[str, Any] = {}
+    if reference not in by:
+        return out
+    for p, rows in by.items():
+        if p == reference:
+            continue
+        per: dict[str, Any] = {}
+        for v, row in rows.items():
+            ref = by[reference].get(v)
+            if ref is None:
+                continue
+            n = min(len(ref["steps_s"]), len(row["steps_s"]))
+            per[v] = {
+                "speedup_paired": statistics.median(
+                    a / b for a, b in zip(ref["steps_s"][:n], row["steps_s"][:n])
+                ),
+                "speedup_of_medians": ref["median_s"] / row["median_s"],
+                f"dp_cost_{reference}": ref.get("median_paired_ratio") if v != "nonprivate" else None,
+                f"dp_cost_{p}": row.get("median_paired_ratio") if v != "nonprivate" else None,
+            }
+        out[p] = per
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- memory
-def mem_child(model_name: str, variant: str, batch_size: int, seq_len: int, steps: int) -> dict[str, Any]:
-    """Runs in a fresh process: peak memory of ``steps`` cold steps of ``variant``."""
+def mem_child(
+    model_name: str, variant: str, batch_size: int, seq_len: int, steps: int, precision: str = "32-true"
+) -> dict[str, Any]:
+    """Runs in a fresh process: peak memory of ``steps`` cold steps of ``variant`` under ``precision``."""
     import torch
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     batches = make_batches(model_name, batch_size, seq_len, device)
-    step, info = build_variant(variant, model_name, batch_size, device)
+    step, info, _ = build_variant(variant, model_name, batch_size, device)
+    plugin = precision_plugin(precision, device)
     gc.collect()
-    res: dict[str, Any] = {"variant": variant, "steps": steps, "device": str(device), **info}
+    res: dict[str, Any] = {
+        "variant": variant,
+        "precision": precision,
+        "steps": steps,
+        "device": str(device),
+        **info,
+    }
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -276,7 +413,7 @@ def mem_child(model_name: str, variant: str, batch_size: int, seq_len: int, step
         base = status_kb("VmRSS") / 1024
     t0 = time.perf_counter()
     for i in range(steps):
-        step(batches[i % NUM_BATCHES])
+        step(batches[i % NUM_BATCHES], plugin)
     _sync(device)
     res["seconds"] = time.perf_counter() - t0
     res["base_mb"] = base
@@ -321,7 +458,14 @@ def _mem_task(spec: dict[str, Any]) -> dict[str, Any]:
     quiet()
     torch.set_num_threads(spec["threads"])
     try:
-        return mem_child(spec["model"], spec["variant"], spec["batch_size"], spec["seq_len"], spec["steps"])
+        return mem_child(
+            spec["model"],
+            spec["variant"],
+            spec["batch_size"],
+            spec["seq_len"],
+            spec["steps"],
+            spec["precision"],
+        )
     except Exception as exc:  # reported in the table, the other variants go on
         return {
             "variant": spec["variant"],
@@ -330,7 +474,14 @@ def _mem_task(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure_memory(
-    model_name: str, variants: list[str], batch_size: int, seq_len: int, steps: int, threads: int, jobs: int
+    model_name: str,
+    variants: list[str],
+    batch_size: int,
+    seq_len: int,
+    steps: int,
+    threads: int,
+    jobs: int,
+    precision: str = "32-true",
 ) -> dict[str, Any]:
     """One fresh process per variant, ``jobs`` at a time (peaks are per process, so they do not interact).
 
@@ -347,6 +498,7 @@ def measure_memory(
             "seq_len": seq_len,
             "steps": steps,
             "threads": threads,
+            "precision": precision,
         }
         for v in variants
     ]
@@ -370,6 +522,56 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def primary_precision(precisions: list[str] | tuple[str, ...]) -> str:
+    """The precision of the main table, the memory processes and the goals: ``32-true`` if timed, else the first."""
+    return "32-true" if "32-true" in precisions else precisions[0]
+
+
+def _load_text(load: dict[str, Any]) -> str:
+    if load.get("median") is None:
+        return "—"
+    return f"{load['median']:.1f} (range {load['min']:.1f}–{load['max']:.1f})"
+
+
+def _precision_table(r: dict[str, Any]) -> list[str]:
+    """bf16 speed-up per variant and DP cost under each precision (see :func:`precision_summary`)."""
+    t = r["time"]
+    ref = "32-true"
+    lines: list[str] = []
+    for p, per in r.get("precision", {}).items():
+        if not per:
+            continue
+        lines += [
+            "",
+            f"{p} vs {ref} (same process and rounds; *speed-up* = median over rounds of the {ref} step / the {p} "
+            f"step of the same variant in the same round, in brackets the ratio of the medians; *DP cost* = paired "
+            f"DP / non-private under that precision):",
+            "",
+            f"| variant | {ref} median step (ms) | {p} median step (ms) | {p} speed-up (paired) | "
+            f"DP cost {ref} | DP cost {p} | clip + sum (ms), {ref} / {p} | noise + release (ms), {ref} / {p} |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for v in VARIANTS:
+            if v not in per:
+                continue
+            s = per[v]
+            a, b = t["by_precision"][ref][v], t["by_precision"][p][v]
+            part = {
+                k: f"{_ms(a.get(k))} / {_ms(b.get(k))}" if k in a or k in b else "—"
+                for k in ("median_clip_s", "median_release_s")
+            }
+            lines.append(
+                f"| {v} | {a['median_s'] * 1e3:.1f} | {b['median_s'] * 1e3:.1f} | {s['speedup_paired']:.2f} "
+                f"({s['speedup_of_medians']:.2f}) | {_f(s[f'dp_cost_{ref}'], '{:.3f}')} | "
+                f"{_f(s[f'dp_cost_{p}'], '{:.3f}')} | {part['median_clip_s']} | {part['median_release_s']} |"
+            )
+    return lines
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [
@@ -385,29 +587,41 @@ def to_markdown(result: dict[str, Any]) -> str:
         "Step = `zero_grad` → forward → mean loss → backward → [per-example clip + noise] → AdamW step, LoRA r=8 on "
         "q_proj/v_proj, same fixed batches for every variant. DP variants run `DPSGDStrategy`'s own step code "
         "(hooks, `clip_to_grid_and_sum`, `release_noisy_gradient`) without a Trainer; see the script docstring. "
-        "Time: interleaved round-robin in one process, median over the timed rounds; *paired* = median over rounds "
-        "of (variant / non-private of the same round). Memory: a fresh process per variant (forked from a "
+        "Precision: forward and loss inside the forward context of the precision plugin `Trainer(precision=...)` "
+        'builds (`bf16-mixed`: `torch.autocast("cpu", dtype=torch.bfloat16)`), backward, per-example '
+        "gradients, clipping, noise and AdamW outside it, as in `Trainer.fit`; weights stay float32 (under bf16 "
+        "the hooks' per-example gradients are bf16, clipped in float64 blocks onto the integer grid). "
+        "Time: every (variant, precision) interleaved round-robin in one process, median over the timed rounds; "
+        "*paired* = median over rounds of (variant / non-private of the same precision and round). Memory (main "
+        "table's precision only): a fresh process per variant (forked from a "
         "forkserver that only imported the libraries); *process peak* = `ru_maxrss` (Python, libraries, model, "
         "batches and the steps), *step peak* = peak RSS (`VmHWM`) during the steps above the pre-step RSS.",
         "",
     ]
     for model, r in result["models"].items():
         cfg = r["config"]
+        primary = r["time"]["primary_precision"]
+        variants = r["time"]["by_precision"].get(primary, {})
         lines += [
             f"## {model} (B={cfg['batch_size']}, T={cfg['seq_len']}, {cfg['warmup']} warm-up + {cfg['steps']} timed "
             f"rounds, memory over {cfg['mem_steps']} cold steps)",
+            "",
+            f"1-minute load average during the timed rounds: {_load_text(r['time']['loadavg_1min_during'])}.",
+            "",
+            f"Precision {primary}:",
             "",
             "| variant | median step (ms) | × non-private (medians) | × non-private (paired) | process peak RSS (MB) "
             "| × | step peak (MB) | × |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for v in VARIANTS:
-            t = r["time"]["variants"].get(v)
+            t = variants.get(v)
             mem = r["memory"].get(v, {})
-            if t is None and v not in r["time"]["errors"]:
+            err = r["time"]["errors"].get(_key(v, primary))
+            if t is None and err is None:
                 continue
             if t is None:
-                lines.append(f"| {v} | failed: {r['time']['errors'][v]} | | | | | | |")
+                lines.append(f"| {v} | failed: {err} | | | | | | |")
                 continue
             peak_key = "peak_mb" if "peak_mb" in mem else "process_peak_mb"
             peak_ratio_key = peak_key.replace("_mb", "_ratio")
@@ -417,16 +631,17 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{_f(mem.get(peak_ratio_key), '{:.3f}')} | {_f(mem.get('step_peak_mb'), '{:.0f}')} | "
                 f"{_f(mem.get('step_peak_ratio'), '{:.3f}')} |"
             )
+        lines += _precision_table(r)
         if r["time"]["errors"]:
             lines += ["", "Errors: " + "; ".join(f"`{k}`: {v}" for k, v in r["time"]["errors"].items())]
         lines += [
             "",
-            "Goals (DP step ≤ 1.05× non-private time, ≤ 1.10× peak memory, faster than Opacus):",
+            f"Goals ({primary}; DP step ≤ 1.05× non-private time, ≤ 1.10× peak memory, faster than Opacus):",
             "",
         ]
         for g in r["goals"]:
             lines.append(
-                f"- `{g['variant']}`: time {g['time_ratio']:.3f}× → {'met' if g['time_ok'] else 'NOT met'}; "
+                f"- `{g['variant']}`: time {_f(g['time_ratio'], '{:.3f}')}× → {'met' if g['time_ok'] else 'NOT met'}; "
                 f"process peak {_f(g['mem_ratio'], '{:.3f}')}× → {'met' if g['mem_ok'] else 'NOT met'} "
                 f"(step peak {_f(g['step_mem_ratio'], '{:.3f}')}×); vs Opacus "
                 f"{_f(g['vs_opacus'], '{:.2f}')}× → {'faster' if g['faster_than_opacus'] else 'NOT faster' if g['vs_opacus'] else 'n/a'}"
@@ -437,9 +652,19 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_result(cfg: dict[str, Any], timing: dict[str, Any], memory: dict[str, Any]) -> dict[str, Any]:
+    """One model's entry of the results: its configuration, timing (with the main precision), memory, the
+    precision summary (:func:`precision_summary`) and the goals."""
+    timing["primary_precision"] = primary_precision(timing["precisions"])
+    r = {"config": cfg, "time": timing, "memory": memory, "precision": precision_summary(timing)}
+    r["goals"] = goals(r)
+    return r
+
+
 def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals, judged under the main table's precision (``32-true`` when it was timed)."""
     out = []
-    tv, mem = r["time"]["variants"], r["memory"]
+    tv, mem = r["time"]["by_precision"].get(r["time"]["primary_precision"], {}), r["memory"]
     op = tv.get("opacus_flat")
     for v in DP_VARIANTS:
         if v not in tv:
@@ -470,6 +695,13 @@ def main() -> None:
     )
     parser.add_argument("--models", nargs="+", default=None, help="default: smollm2-135m tiny-llama")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=list(PRECISIONS),
+        choices=PRECISIONS,
+        help="Trainer precisions to time every variant under (interleaved in the same rounds)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 1 SmolLM2, 5 tiny)")
@@ -478,6 +710,9 @@ def main() -> None:
     parser.add_argument("--mem-jobs", type=int, default=2, help="memory processes at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docstring)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument(
+        "--note", action="append", default=[], help="a line for the report's notes (repeatable)"
+    )
     parser.add_argument(
         "--out",
         default=None,
@@ -517,10 +752,21 @@ def main() -> None:
             "lora_rank": 8,
             "lora_alpha": 16,
             "threads": args.threads,
+            "precisions": list(args.precisions),
         }
-        print(f"[{model}] t={time.perf_counter() - T0:.0f}s timing {args.variants} ...", flush=True)
+        print(
+            f"[{model}] t={time.perf_counter() - T0:.0f}s timing {args.variants} x {args.precisions} ...",
+            flush=True,
+        )
         timing = time_variants(
-            model, list(args.variants), args.batch_size, args.seq_len, warmup, steps, device
+            model,
+            list(args.variants),
+            args.batch_size,
+            args.seq_len,
+            warmup,
+            steps,
+            device,
+            precisions=list(args.precisions),
         )
         print(f"[{model}] t={time.perf_counter() - T0:.0f}s memory ...", flush=True)
         memory = (
@@ -534,13 +780,12 @@ def main() -> None:
                 args.mem_steps,
                 args.threads,
                 args.mem_jobs,
+                primary_precision(args.precisions),
             )
         )
-        r = {"config": cfg, "time": timing, "memory": memory}
-        r["goals"] = goals(r)
-        result["models"][model] = r
+        result["models"][model] = model_result(cfg, timing, memory)
     result["wall_s"] = time.perf_counter() - t_start
-    result["notes"] = []
+    result["notes"] = list(args.note)
     publish(
         result, to_markdown(result), args.out or (None if args.quick else str(RESULTS / "dpsgd_overhead"))
     )
