@@ -216,7 +216,6 @@ def run_fit(kind: str, model_name: str, data_path: Path, args: argparse.Namespac
             rl_interval=args.rl_interval,
             warmup_steps=0,
             learning_starts=1,
-            action_scope="per_adapter",
             public_batches=1,
             seed=0,
         )

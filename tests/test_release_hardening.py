@@ -459,6 +459,15 @@ def test_large_discrete_noise_keeps_its_low_bits_random(bits: float) -> None:
     assert abs(float((gauss % 2 != 0).double().mean()) - 0.5) < 0.02
 
 
+@pytest.mark.parametrize("scale", [0.7, 1e5, 2.0**30 - 1, 2.0**30, 2.0**30 + 1, 2.0**47.3])
+def test_one_scale_fast_path_draws_exactly_what_the_per_entry_path_draws(scale: float) -> None:
+    """The discrete Gaussian's proposals take a scalar-scale path: same law, same random draws, same integers."""
+    n = 5003
+    fast = NoiseSource(seed=4)._discrete_laplace_scalar(n, scale)
+    per_entry = NoiseSource(seed=4).discrete_laplace((n,), torch.full((n,), scale, dtype=torch.float64))
+    assert torch.equal(fast, per_entry)
+
+
 def test_noise_beyond_int64_is_refused_or_added_exactly() -> None:
     source = NoiseSource(seed=0)
     with pytest.raises(ValueError, match="int64"):

@@ -79,6 +79,26 @@ class NoiseSource:
             out[big] = (blocks << m) + offsets
         return out
 
+    def _geometric_scalar(self, n: int, scale: float) -> Tensor:
+        """:meth:`_geometric` for ``n`` draws of one scale: the same law and the same random draws, without the
+        per-entry masks and gathers (most of the cost on the few-hundred-thousand coordinates of a LoRA step)."""
+        if scale < _SPLIT_SCALE:
+            return torch.floor(-scale * torch.log(self.uniform(n))).to(torch.int64)
+        m = math.floor(math.log2(scale)) - _OFFSET_BITS
+        blocks = torch.floor(-torch.log(self.uniform(n)) * (scale / 2.0**m)).to(torch.int64)
+        offsets = torch.empty(n, dtype=torch.int64)
+        pending = torch.arange(n)
+        while pending.numel():
+            draw = self._integers(pending.numel(), m)  # uniform in [0, 2^m)
+            keep = self.uniform(pending.numel()) < torch.exp(-draw.double() / scale)
+            offsets[pending[keep]] = draw[keep]
+            pending = pending[~keep]
+        return (blocks << m) + offsets
+
+    def _discrete_laplace_scalar(self, n: int, scale: float) -> Tensor:
+        """``n`` draws of :meth:`discrete_laplace` at one scale (already checked), int64."""
+        return self._geometric_scalar(n, scale) - self._geometric_scalar(n, scale)
+
     def discrete_laplace(self, shape: torch.Size | tuple[int, ...], scale: float | Tensor) -> Tensor:
         """Integers with ``P(k) ∝ exp(-|k| / scale)``, int64 on CPU; ``scale`` in grid units (a float or a
         tensor of ``shape``, one scale per coordinate), at most 2^56 (larger scales: :meth:`add_discrete_laplace`).
@@ -148,7 +168,7 @@ class NoiseSource:
         pending = torch.arange(n)
         while pending.numel():
             m = pending.numel()
-            y = self.discrete_laplace((m,), float(t))
+            y = self._discrete_laplace_scalar(m, float(t))
             accept_prob = torch.exp(-((y.abs().double() - sigma**2 / t) ** 2) / (2.0 * sigma**2))
             accepted = self.uniform(m) < accept_prob
             out[pending[accepted]] = y[accepted]

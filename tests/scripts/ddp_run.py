@@ -94,13 +94,21 @@ class RecordingDDPDPSGD(DDPDPSGDStrategy):
     def release_noisy_gradient(self) -> None:
         self._released = []
         super().release_noisy_gradient()
-        # the release loop's order: groups as grids() lists them, each group's names in order
+        # one release per group, in the order grids() lists them: each group's tensors flattened in order
         order = [(n, g, grid) for g, grid in self.grids().items() for n in self.groups[g]]
-        assert len(order) == len(self._released), "every trainable tensor is released with noise"
+        assert len(self._released) == len(self.grids()), "every group is released with noise"
+        pieces = [
+            piece.view(self._sums[n].shape)
+            for g, release in zip(self.grids(), self._released)
+            for n, piece in zip(
+                self.groups[g], release.split([self._sums[n].numel() for n in self.groups[g]])
+            )
+        ]
+        assert len(pieces) == len(order), "every trainable tensor is released with noise"
         self.steps.append(
             {
                 "sums": {n: self._sums[n].clone() for n, _, _ in order},
-                "released": {n: r for (n, _, _), r in zip(order, self._released)},
+                "released": {n: r for (n, _, _), r in zip(order, pieces)},
                 "grid": {n: grid for n, _, grid in order},
                 # the noise std in grid units, σ_g · C_g / γ_g
                 "noise_std_units": {
