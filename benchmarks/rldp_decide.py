@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import private_selection as selection
 import recipe_sweep as sweep
+import rldp_trajectories as trajectories
 from common import command_line
 from run_matrix import DELTA, RESULTS, ROOT
 
@@ -707,6 +708,28 @@ def _header(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def trajectories_section(out: Path, rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[str]:
+    """Plots of the step size, σ and clip that M5–M7 chose, one per (ε, seed) whose controller cells have logs."""
+    seeds = sorted({r["settings"]["seed"] for r in rows if r["settings"].get("controller")})
+    images = []
+    for eps in plan["epsilons"]:
+        for seed in seeds:
+            path = trajectories.write_plot(out, rows, eps, seed)
+            if path is not None:
+                images.append(f"![ε = {eps:g}, seed {seed}]({path.name})")
+    if not images:
+        return []
+    return [
+        "",
+        "## Trajectories",
+        "",
+        "Effective step size lr·C relative to the recipe's (under SGD the update scales with it), σ and C per "
+        "optimizer step, from the cells' TensorBoard logs (`benchmarks/rldp_trajectories.py`).",
+        "",
+        *images,
+    ]
+
+
 def report(out: Path) -> Path:
     """``<out>/README.md`` from the JSONL and the plan only."""
     all_rows = sweep.load_rows(out / sweep.JSONL)
@@ -715,6 +738,7 @@ def report(out: Path) -> Path:
     lines = _header(rows, plan)
     for eps in plan["epsilons"]:
         lines += epsilon_section(rows, plan, eps)
+    lines += trajectories_section(out, rows, plan)
     lines += cells_section(rows, plan)
     failed = sorted({r["cell"] for r in all_rows if r["status"] != "ok"} - {r["cell"] for r in rows})
     if failed:

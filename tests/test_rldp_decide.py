@@ -276,6 +276,7 @@ def test_quick_run_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
         assert "(1 seed)" in method_rows[method], method_rows[method]
     assert "M7 not run" in readme and "| 0 | 1 |" in readme  # M4's account row for seed 0: one trial
     assert "ε spent ≤ target in every one of the 4 private cells" in readme
+    assert "## Trajectories" in readme and (tmp_path / "trajectories_eps8_s0.png").stat().st_size > 1000
 
     assert decide.main(["--quick", "--out", str(tmp_path)]) == 0  # resumable: nothing reruns
     assert capsys.readouterr().out.count("done already") == 4
