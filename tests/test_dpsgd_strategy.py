@@ -250,3 +250,14 @@ def test_each_epoch_draws_fresh_poisson_batches() -> None:
     )  # 5 logical batches per epoch: steps 5..9 are epoch 1
     assert len(seen) == 10
     assert not all(torch.equal(a, b) for a, b in zip(seen[:5], seen[5:]))
+
+
+def test_noise_batches_cover_every_tensor_once_in_order() -> None:
+    from dplightning.strategies.dpsgd import _noise_batches
+
+    sums = {n: torch.zeros(k, dtype=torch.int64) for n, k in (("a", 3), ("b", 3), ("c", 3), ("d", 10))}
+    names = list(sums)
+    assert _noise_batches(names, sums, 5) == [["a", "b"], ["c", "d"]]
+    assert _noise_batches(names, sums, 1) == [["a"], ["b"], ["c"], ["d"]]
+    assert _noise_batches(names, sums, 100) == [names]
+    assert _noise_batches([], sums, 5) == []

@@ -57,6 +57,25 @@ from dplightning.strategies.settings import PrivacySettings
 GradientNoise = Literal["gaussian", "lmo"]
 
 
+# The exact noise sampler costs a fixed amount per call (masks, rejection rounds), so small tensors (LoRA's
+# A and B) are released together, one draw per run of tensors holding at least this many coordinates; a bound
+# keeps the extra copies (int64 sums, noise, float64 release) small when a group holds whole weight matrices.
+NOISE_BATCH_ELEMENTS = 1 << 20
+
+
+def _noise_batches(names: list[str], sums: Mapping[str, Tensor], min_elements: int) -> list[list[str]]:
+    """``names`` cut into consecutive runs of at least ``min_elements`` coordinates (the last may hold fewer)."""
+    batches: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if size >= min_elements:
+            batches.append([])
+            size = 0
+        batches[-1].append(name)
+        size += sums[name].numel()
+    return [b for b in batches if b]
+
+
 def check_dpsgd_settings(
     settings: PrivacySettings, *, max_grad_norm: float, clipping: str, noise: str, lmo: Any
 ) -> None:
@@ -280,16 +299,19 @@ class DPSGDMixin(PrivateStrategyMixin):
             names = self.groups[group]
             # Noise std in grid units: σ_g · (sensitivity C_g/γ_g). The release is the integer sum + noise.
             std = self.noise_multipliers.get(group, 0.0) * self.clip_thresholds[group] / grid
-            # One draw for the whole group: the noise is i.i.d. per coordinate, and one large call to the exact
-            # sampler costs half as much as one call per LoRA tensor.
-            units = torch.cat([sums[name].reshape(-1) for name in names])
-            released = self._add_noise(units, std) if std > 0 else units.double()
             squared_norm = 0.0
-            for name, part in zip(names, released.split([sums[name].numel() for name in names]), strict=True):
-                p = self._params[name]
-                grad = (from_grid(part.view(sums[name].shape), grid) / self.expected_batch_size).to(p.dtype)
-                p.grad = grad
-                squared_norm += float(grad.pow(2).sum())
+            for batch in _noise_batches(names, sums, NOISE_BATCH_ELEMENTS):
+                units = torch.cat([sums[name].reshape(-1) for name in batch])
+                released = self._add_noise(units, std) if std > 0 else units.double()
+                for name, part in zip(
+                    batch, released.split([sums[name].numel() for name in batch]), strict=True
+                ):
+                    p = self._params[name]
+                    grad = (from_grid(part.view(sums[name].shape), grid) / self.expected_batch_size).to(
+                        p.dtype
+                    )
+                    p.grad = grad
+                    squared_norm += float(grad.pow(2).sum())
             self.last_noisy_grad_norms[group] = math.sqrt(squared_norm)
         self._summed.clear()
         # Keep this step's per-example norms (PRIVATE: only for mechanisms that privatise them) and start afresh.

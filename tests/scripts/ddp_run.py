@@ -94,17 +94,17 @@ class RecordingDDPDPSGD(DDPDPSGDStrategy):
     def release_noisy_gradient(self) -> None:
         self._released = []
         super().release_noisy_gradient()
-        # one release per group, in the order grids() lists them: each group's tensors flattened in order
+        # the releases, in the loop's order (groups as grids() lists them, each group's names in order), hold
+        # each tensor's coordinates once, however the strategy batches its noise draws
         order = [(n, g, grid) for g, grid in self.grids().items() for n in self.groups[g]]
-        assert len(self._released) == len(self.grids()), "every group is released with noise"
+        flat = torch.cat([r.reshape(-1) for r in self._released])
+        assert flat.numel() == sum(self._sums[n].numel() for n, _, _ in order), (
+            "every tensor is released once"
+        )
         pieces = [
             piece.view(self._sums[n].shape)
-            for g, release in zip(self.grids(), self._released)
-            for n, piece in zip(
-                self.groups[g], release.split([self._sums[n].numel() for n in self.groups[g]])
-            )
+            for (n, _, _), piece in zip(order, flat.split([self._sums[n].numel() for n, _, _ in order]))
         ]
-        assert len(pieces) == len(order), "every trainable tensor is released with noise"
         self.steps.append(
             {
                 "sums": {n: self._sums[n].clone() for n, _, _ in order},
