@@ -7,6 +7,9 @@ moves C, a linear schedule decays lr, plain DP-SGD keeps both. Sources, per cell
 (``PlateauController``, at its decisions); the schedule's lr is recomputed from the cell's settings
 (``lr_0 · max(0, 1 − k / steps)`` for ``linear``, as ``DPLoRAModule`` builds it).
 
+The TensorBoard logs are not kept in the repository, so the few tags the plots need are copied, once per cell, to
+``<out>/trajectories/<cell>.json`` (committed beside the JSONL); a later report redraws from those copies.
+
 Every figure is post-processing of released quantities (σ, C and lr are chosen from public data or the noisy
 releases). ``rldp_decide.py --report`` calls :func:`plot_trajectories` for each (ε, seed) whose controller cells
 have logs; by hand::
@@ -17,6 +20,7 @@ have logs; by hand::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,21 +142,44 @@ def cells_to_plot(rows: list[dict[str, Any]], epsilon: float, seed: int) -> list
     return chosen
 
 
+TAGS = ("privacy/clip_norm", "privacy/noise_multiplier", "controller/lr")  # all that trajectory() reads
+
+
+def cell_scalars(out: Path, cell: str) -> dict[str, Series] | None:
+    """A cell's :data:`TAGS`: read from ``<out>/tb/<cell>`` when its logs are there (and copied to
+    ``<out>/trajectories/<cell>.json``), else from that copy; None when neither exists."""
+    copy = out / "trajectories" / f"{cell}.json"
+    logdir = out / "tb" / cell
+    if logdir.is_dir():
+        scalars = {tag: series for tag, series in read_scalars(logdir).items() if tag in TAGS}
+        if scalars:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({tag: {str(k): v for k, v in sorted(s.items())} for tag, s in scalars.items()})
+            copy.write_text(text + "\n")
+            return scalars
+    if copy.is_file():
+        return {
+            tag: {int(k): float(v) for k, v in s.items()} for tag, s in json.loads(copy.read_text()).items()
+        }
+    return None
+
+
 def write_plot(out: Path, rows: list[dict[str, Any]], epsilon: float, seed: int) -> Path | None:
-    """``<out>/trajectories_eps<ε>_s<seed>.png`` when a controller cell of (ε, seed) has logs, else None."""
-    chosen = [
-        (label, row)
-        for label, row in cells_to_plot(rows, epsilon, seed)
-        if (out / "tb" / row["cell"]).is_dir()
-    ]
-    if not any(label in LABELS.values() for label, _ in chosen):
-        return None
+    """``<out>/trajectories_eps<ε>_s<seed>.png`` when a controller cell of (ε, seed) has logs or their copy;
+    else the PNG an earlier report drew, if any (its cells' logs are gone); else None."""
+    path = out / f"trajectories_eps{epsilon:g}_s{seed}.png"
+    chosen = []
+    for label, row in cells_to_plot(rows, epsilon, seed):
+        scalars = cell_scalars(out, row["cell"])
+        if scalars is not None:
+            chosen.append((label, row, scalars))
+    if not any(label in LABELS.values() for label, _, _ in chosen):
+        return path if path.is_file() else None
     trajectories = [
-        trajectory(label, row["settings"], read_scalars(out / "tb" / row["cell"]), int(row["steps"]))
-        for label, row in chosen
+        trajectory(label, row["settings"], scalars, int(row["steps"])) for label, row, scalars in chosen
     ]
     title = f"SGD recipe, ε = {epsilon:g}, seed {seed}: what each method did with the step size and σ"
-    return plot_trajectories(trajectories, title, out / f"trajectories_eps{epsilon:g}_s{seed}.png")
+    return plot_trajectories(trajectories, title, path)
 
 
 def main(argv: list[str] | None = None) -> int:

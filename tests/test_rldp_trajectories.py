@@ -67,6 +67,24 @@ def test_each_control_moves_the_effective_step_size_as_it_should(tmp_path: Path)
     assert path == tmp_path / "trajectories_eps8_s0.png" and path.stat().st_size > 1000
     assert traj.write_plot(tmp_path, rows, 2.0, 0) is None  # no controller cell at ε = 2
 
+    # the logs are not committed: a later report redraws from the copied tags alone
+    import shutil
+
+    shutil.rmtree(tmp_path / "tb")
+    path.unlink()
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == [
+        "plain.json",
+        "plateau.json",
+        "rldp.json",
+    ]
+    assert traj.cell_scalars(tmp_path, "plateau")["controller/lr"] == {4: 0.25}
+    assert traj.write_plot(tmp_path, rows, 8.0, 0) == path and path.stat().st_size > 1000
+    # neither logs nor copies: the PNG drawn earlier stays linked; without it, nothing
+    shutil.rmtree(tmp_path / "trajectories")
+    assert traj.write_plot(tmp_path, rows, 8.0, 0) == path
+    path.unlink()
+    assert traj.write_plot(tmp_path, rows, 8.0, 0) is None
+
 
 def test_a_cell_without_privacy_scalars_is_an_error_naming_it(tmp_path: Path) -> None:
     traj = load_benchmark("rldp_trajectories")
