@@ -33,8 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import recipe_sweep as sweep
+from cells import DELTA, RESULTS
 from common import command_line
-from run_matrix import DELTA, RESULTS
 
 OUT = RESULTS / "recipe_gap"
 DOWNSTREAM_OUT = RESULTS / "recipe_downstream"

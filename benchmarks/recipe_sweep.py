@@ -4,8 +4,8 @@ The shipped regime (20 steps of expected batch 8) closes only a few per cent of 
 base model and non-private LoRA. Published DP fine-tuning recipes use large logical batches, many steps, a
 constant fairly large learning rate and a small clip norm; this sweep measures that regime on this machine.
 
-Each cell is one ``dplightning fit``-style run, built and executed by ``run_matrix.py``'s machinery: a config
-written to ``<out>/configs/<cell>.yaml``, run in a fresh subprocess (``run_matrix.py --cell``), one JSON line
+Each cell is one ``dplightning fit``-style run, built and executed by ``cells.py``: a config
+written to ``<out>/configs/<cell>.yaml``, run in a fresh subprocess (``cells.py --cell``), one JSON line
 appended to ``<out>/recipe_sweep.jsonl``. A cell is keyed by its name (its settings) and the hash of its config:
 finished cells are never rerun, failed ones are.
 
@@ -38,8 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cells import DELTA, RESULTS, append_row, config_hash, run_subprocess
 from common import command_line
-from run_matrix import DELTA, RESULTS, append_row, config_hash, run_subprocess
 
 OUT = RESULTS / "recipe_sweep"
 JSONL = "recipe_sweep.jsonl"
@@ -74,7 +74,9 @@ QUICK_TASK: dict[str, Any] = {
 
 
 def cell_name(cell: dict[str, Any]) -> str:
-    """A cell's key from its settings (stable: finished cells are found again by it)."""
+    """A cell's key from its settings (stable: finished cells are found again by it), or its ``name``."""
+    if "name" in cell:
+        return str(cell["name"])
     if cell["kind"] == "base":
         return "base"
     name = _cell_stem(cell)
@@ -231,7 +233,24 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
 # A cell's config from (cell, task, log directory); benchmarks that reuse the sweep's machinery pass their own.
 ConfigFn = Callable[[dict[str, Any], dict[str, Any], Path], dict[str, Any]]
 # Figures only some cells produce (a callback's): copied into the row when the cell reports them.
-OPTIONAL_METRICS = ("clipped_val_loss", "selection_examples")
+OPTIONAL_METRICS = (
+    "clipped_val_loss",
+    "selection_examples",
+    "median_batch_s",
+    # the audit callbacks' figures (run_matrix.py's cells run them)
+    "mia_auc",
+    "mia_auc_se",
+    "mia_members",
+    "mia_reference_auc",
+    "mia_reference_auc_se",
+    "mia_tpr_at_1pct_fpr",
+    "mia_reference_tpr_at_1pct_fpr",
+    "canary_exposure",
+    "canary_exposure_r8",
+    "canary_exposure_not_inserted",
+    "canary_jaccard_r8",
+    "empirical_epsilon_lower_bound",
+)
 
 
 # ------------------------------------------------------------------------------------------------ the sweep

@@ -24,7 +24,7 @@ PLD accountant, δ = 1e-5; SGD with momentum 0.9, the optimiser for which the cl
 Seeds (``--seeds N M``): N = 3 for M4, M5, M6 and the reference; M = 5 for the grid (M1, M2, M3) and M7. Cells run
 in order of use: ε = 8 seed 0 of every method, then ε = 2 seed 0, then the next seeds.
 
-Each cell is one subprocess run by ``recipe_sweep.py``'s machinery (``run_matrix.py --cell``), one JSON line in
+Each cell is one subprocess run by ``recipe_sweep.py``'s machinery (``cells.py --cell``), one JSON line in
 ``<out>/recipe_sweep.jsonl``; finished cells (same name and config hash) are never rerun, so the same command
 continues an interrupted run. ``<out>/plan.json`` records what the run was asked for (ε, grid, seeds, policy), which
 the report reads beside the JSONL. On the 2-core machine (hours of CPU)::
@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import private_selection as selection
 import recipe_sweep as sweep
 import rldp_trajectories as trajectories
+from cells import DELTA, RESULTS, ROOT
 from common import command_line
-from run_matrix import DELTA, RESULTS, ROOT
 
 OUT = RESULTS / "rldp_decide"
 PLAN = "plan.json"

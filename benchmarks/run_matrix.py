@@ -1,531 +1,492 @@
-"""Privacy–utility matrix: every method × ε × seed on one fixed task, resumable, one JSON line per cell.
+"""Which method at which ε: every dplightning method in the DP-SGD recipe's regime, each tuned, audited, resumable.
 
-A *cell* is one private LoRA fine-tune, built exactly like ``dplightning fit --config``: the harness composes a
-config (the shared task below + the method's strategy and callbacks + ε + seed), writes it to
-``<out>/configs/<cell>.yaml`` and runs it in a fresh subprocess (``--cell``), so a cell's peak RSS is its own
-(``os.wait4``) and a crash only loses that cell. Inside, the cell validates once before training, trains with a
-validation every ``val_every`` steps (the perplexity-vs-step curve), tests, runs the audits when the audit
-modules are installed, reads σ and clip thresholds back from its TensorBoard scalars, and prints one JSON object.
+The regime is ``rldp_decide.py``'s (the SGD recipe where private LoRA learns): SmolLM2-135M, LoRA r = 8 on
+q_proj/v_proj, 13,333 pseudo-clinical records (private data ``data_seed 0``: 10,000 training notes, 10 %
+validation, 10 % test, 5 % public notes), T = 32, expected Poisson batch 128, 70 DP-SGD steps, bf16-mixed, PLD
+accountant, δ = 1e-5 (DP-ZO Laplace: pure ε). Methods:
 
-Resumable: a cell whose key ``(method, epsilon, seed, config_hash)`` already has an ``ok`` line in
-``matrix.jsonl`` is not rerun; failed cells are rerun. The report step (``report_matrix.py``) turns the JSONL into
-tables and plots.
+* ``pretrained`` the base model (no training) and ``nonprivate`` LoRA (AdamW, global gradient clip 1);
+* ``dpsgd_flat`` the SGD recipe (momentum 0.9, C = 1) at the learning rate and schedule chosen on public notes:
+  exactly ``rldp_decide.py``'s M3, whose public tuning cells it shares (they live in that benchmark's results);
+* ``automatic_clipping`` and ``quantile_clipping`` the same optimiser with the callback of that name;
+* ``rldp`` the RLDP controller on the recipe (``rldp_decide.py``'s M7 with ``--policy``, else M6: online);
+* ``dpzo_gaussian`` and ``dpzo_laplace`` zeroth-order DP (``DPZOStrategy``), given the steps that their
+  forward-only steps buy in DP-SGD's wall-clock (below).
 
-Sizes::
+**Tuning** (free: public notes, ``data_seed 1``, seed 0, ε = 8): every method gets its own learning rate (and μ
+for DP-ZO) from a small grid, chosen on the public validation perplexity; ``plan.json`` records each choice and
+the report lists every tuning cell. **DP-ZO's steps**: before its cells, short timing runs of DP-SGD and DP-ZO
+(alone, one after the other, alternating, one thread) measure the median training batch of each; DP-ZO gets
+``round(70 × t_DP-SGD / t_DP-ZO)`` steps. Equal steps would be the wrong comparison for a method whose step is
+two forwards; both counts are reported.
 
-    .venv/bin/python benchmarks/run_matrix.py                 # SmolLM2-135M, ε ∈ {0.5, 2, 8}, seeds 0 1 2
-    .venv/bin/python benchmarks/run_matrix.py --quick         # tiny-llama, ε=2, seed 0, a few steps (CI)
-    .venv/bin/python benchmarks/run_matrix.py --methods dpsgd_flat rldp --epsilons 2 --seeds 0
+**Grid**: ε ∈ {8, 2} for every private method and ε = 0.5 for ``dpsgd_flat`` and ``rldp``, seeds 0, 1, 2 (seed by
+seed, so an interrupted grid holds whole seeds). Every grid cell validates 7 times (the curves), is tested, and
+runs the audits: loss / min-k / reference-calibrated membership inference on 2,000 training notes against 2,000
+never-trained notes (validation + test; AUC standard error by Hanley–McNeil) and 32 + 32 secret canaries
+inserted once or 8 times, each with probability ½ (exposure, and the one-run ε lower bound of Steinke et al.
+2023 from the once-inserted ones). **Audit power**: ``control_memorise``, non-private LoRA on 1,000 training
+notes for the same 70 steps (about 9 epochs), scored against 1,000 non-members: the attacks must find *that*
+model's members, or a low AUC elsewhere means nothing.
+
+Not here: downstream (field-extraction) accuracy. Its question/answer line needs T = 128 (notes with the line
+are 57–107 tokens), four times this regime's cost per example; the recipe's downstream figures are in
+``gap_closure.py --downstream``'s results.
+
+Cells are subprocesses (``cells.py``), rows in ``<out>/recipe_sweep.jsonl``; finished cells (same name and
+config hash) are never rerun, so the same command continues. ``report_matrix.py`` writes ``<out>/README.md`` and
+the plots from the JSONL and ``plan.json``::
+
+    .venv/bin/python benchmarks/run_matrix.py --jobs 2 --threads 1 --policy runs/rldp_prior/policy.zip
+    .venv/bin/python benchmarks/run_matrix.py --stage tune     # only the tuning and timing cells
+    .venv/bin/python benchmarks/report_matrix.py               # the report, from the JSONL
+    .venv/bin/python benchmarks/run_matrix.py --quick          # tiny-llama, a minute or two (tests)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
-import os
-import shlex
-import shutil
-import subprocess
+import math
+import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-EPSILONS = (0.5, 2.0, 8.0)
-SEEDS = (0, 1, 2)
-DELTA = 1e-5
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The task every method is measured on: SmolLM2-135M LoRA (r=8 on q_proj/v_proj), seeded pseudo-clinical notes,
-# fixed train/val/test/public split (the public 5 % is used only by RLDP's reward; the others ignore it).
-# Sized for 2 CPU cores, where a SmolLM2 forward+backward costs ~5 ms per token (~10 ms on one contended thread):
-# one cell (20 steps of 8 notes cut to 32 tokens, 6 validations, test, audits) takes ~2 minutes on one thread,
-# and the 94 cells, two at a time (--jobs 2 --threads 1), under 2 hours.
+import recipe_sweep as sweep
+import rldp_decide as decide
+from cells import DELTA, RESULTS
+from common import command_line
+
+OUT = RESULTS / "matrix"
+PLAN = "plan.json"
+PUBLIC_DATA_SEED = sweep.PUBLIC_DATA_SEED
+TUNING_EPSILON = 8.0
+EPSILONS = (8.0, 2.0)
+LOW_EPSILON = 0.5
+LOW_EPSILON_METHODS = ("dpsgd_flat", "rldp")
+SEEDS = (0, 1, 2)
+METHODS = (
+    "pretrained",
+    "nonprivate",
+    "dpsgd_flat",
+    "automatic_clipping",
+    "quantile_clipping",
+    "rldp",
+    "dpzo_gaussian",
+    "dpzo_laplace",
+)
+PRIVATE = METHODS[2:]
+TIMING_ROUNDS = 3
+TIMING_STEPS = 6
+VALIDATIONS = 7  # per grid cell: the validation-perplexity curve
+
 FULL_TASK: dict[str, Any] = {
-    "model": "smollm2-135m",
-    "num_records": 2000,
-    "max_length": 32,
-    "batch_size": 8,
-    "eval_batch_size": 16,
-    "steps": 20,
-    "val_every": 4,
-    "val_batches": 1,
-    "test_batches": 2,
-    "mia_examples": 24,
-    "canaries": 4,
-    "canary_references": 20,
+    **decide.FULL_TASK,
+    "mia_examples": 2000,
+    "canaries": 32,
+    "canary_repeats": [1, 8],
+    "canary_references": 50,
 }
 QUICK_TASK: dict[str, Any] = {
-    "model": "tiny-llama",
-    "num_records": 200,
-    "max_length": 32,
-    "batch_size": 8,
-    "eval_batch_size": 16,
-    "steps": 6,
-    "val_every": 3,
-    "val_batches": 1,
-    "test_batches": 1,
+    **decide.QUICK_TASK,
+    "accumulate": 1,
     "mia_examples": 16,
     "canaries": 4,
-    "canary_references": 20,
+    "canary_repeats": [1, 8],
+    "canary_references": 10,
 }
-QUICK_METHODS = ("nonprivate", "dpsgd_flat", "rldp", "dpzo_laplace")
-NO_EPSILON = ("pretrained", "nonprivate")  # cells without a privacy budget: one per seed, not per ε
-SEED_FREE = ("pretrained",)  # untrained: identical for every seed (LoRA B starts at 0), so run once
+# the audit-power control: non-private on 1,000 training notes (70 steps × 128 ≈ 9 epochs), 1,000 test notes
+CONTROL_DATA = {"num_records": 4000, "val_fraction": 0.1, "test_fraction": 0.6}
+QUICK_CONTROL_DATA = {"num_records": 200, "val_fraction": 0.1, "test_fraction": 0.5}
+
+SGD = {"optimizer": "sgd", "momentum": 0.9, "clip": 1.0}
+# method -> its tuning grid (settings on top of the method's fixed ones); dpsgd_flat's is rldp_decide's grid
+TUNING: dict[str, list[dict[str, Any]]] = {
+    "nonprivate": [{"lr": 5e-3}, {"lr": 1e-2}, {"lr": 2e-2}],
+    "automatic_clipping": [{"lr": 0.25}, {"lr": 0.5}, {"lr": 1.0}],
+    "quantile_clipping": [{"lr": 0.25}, {"lr": 0.5}, {"lr": 1.0}],
+    # the ZO update is lr·ĝ·z with ĝ ≈ (clipped loss difference)/(2μ): μ trades clipping bias against noise as C
+    # does, and the step scales with lr/μ; MeZO's LoRA setting is lr 5e-5, μ 1e-2
+    "dpzo_gaussian": [
+        {"lr": 2.5e-5, "mu": 1e-2},
+        {"lr": 5e-5, "mu": 1e-2},
+        {"lr": 1e-4, "mu": 1e-2},
+        {"lr": 1.5e-5, "mu": 3e-3},
+    ],
+}
+TUNING["dpzo_laplace"] = TUNING["dpzo_gaussian"]
+QUICK_TUNING: dict[str, list[dict[str, Any]]] = {
+    "nonprivate": [{"lr": 1e-2}],
+    "automatic_clipping": [{"lr": 0.5}],
+    "quantile_clipping": [{"lr": 0.5}],
+    "dpzo_gaussian": [{"lr": 5e-5, "mu": 1e-2}, {"lr": 1e-4, "mu": 1e-2}],
+    "dpzo_laplace": [{"lr": 5e-5, "mu": 1e-2}],
+}
+QUICK_METHODS = ("pretrained", "nonprivate", "dpsgd_flat", "rldp", "dpzo_laplace")  # ε = 8, seed 0 only
 
 
-def _dpsgd(clipping: str, epsilon: float) -> dict[str, Any]:
+# ------------------------------------------------------------------------------------------------ cells
+def method_cell(method: str, settings: dict[str, Any], epsilon: float | None, seed: int) -> dict[str, Any]:
+    """A cell of ``method`` with ``settings`` (lr, schedule, μ, steps) at ε (None: non-private) and ``seed``."""
+    lr = settings.get("lr")
+    if method == "pretrained":
+        return {"kind": "base"}
+    if method in ("nonprivate", "control_memorise"):
+        return {"kind": "nonprivate", "optimizer": "adamw", "lr": lr, "grad_clip": 1.0, "seed": seed}
+    if method.startswith("dpzo"):
+        cell = {"kind": "dpzo", "optimizer": "sgd", "lr": lr, "mu": settings["mu"], "epsilon": epsilon}
+        return {**cell, "noise": method.removeprefix("dpzo_"), "steps": settings["steps"], "seed": seed}
+    point = (lr, settings.get("schedule", "constant"))
+    if method == "rldp":
+        return decide.sgd_cell(point, epsilon, seed, controller=settings["controller"])
+    cell = decide.sgd_cell(point, epsilon, seed)
+    if method != "dpsgd_flat":
+        cell["clipping"] = method.removesuffix("_clipping")
+    return cell
+
+
+def _label(settings: dict[str, Any]) -> str:
+    parts = [f"lr{settings['lr']:g}"]
+    if settings.get("schedule", "constant") != "constant":
+        parts.append(settings["schedule"])
+    if "mu" in settings:
+        parts.append(f"mu{settings['mu']:g}")
+    return "_".join(parts)
+
+
+def tuning_cells(tuning: dict[str, list[dict[str, Any]]], zo_steps: int | None) -> list[dict[str, Any]]:
+    """The tuning cells of every method but dpsgd_flat and rldp (public notes, seed 0, ε = 8); DP-ZO's only once
+    its step count is known."""
+    cells = []
+    for method, grid in tuning.items():
+        if method.startswith("dpzo") and zo_steps is None:
+            continue
+        for settings in grid:
+            full = {**settings, "steps": zo_steps} if method.startswith("dpzo") else settings
+            eps = None if method == "nonprivate" else TUNING_EPSILON
+            cell = method_cell(method, full, eps, 0)
+            name = f"tune_{method}_{_label(settings)}"
+            cells.append(
+                {**cell, "name": name, "method": method, "role": "tune", "data_seed": PUBLIC_DATA_SEED}
+            )
+    return cells
+
+
+def timing_cells(rounds: int) -> list[dict[str, Any]]:
+    """Short DP-SGD and DP-ZO runs on public notes, alternating, to time one training batch of each."""
+    cells = []
+    for r in range(rounds):
+        for method in ("dpsgd_flat", "dpzo_gaussian"):
+            settings = (
+                {"lr": 0.5} if method == "dpsgd_flat" else {"lr": 5e-5, "mu": 1e-2, "steps": TIMING_STEPS}
+            )
+            cell = method_cell(method, settings, TUNING_EPSILON, 0)
+            cells.append(
+                {
+                    **cell,
+                    "name": f"timing_{method}_r{r}",
+                    "method": method,
+                    "role": "timing",
+                    "data_seed": PUBLIC_DATA_SEED,
+                    "steps": TIMING_STEPS,
+                }
+            )
+    return cells
+
+
+def grid_cells(
+    methods: tuple[str, ...],
+    tuned: dict[str, dict[str, Any]],
+    epsilons: tuple[float, ...],
+    seeds: tuple[int, ...],
+    low_epsilon: bool = True,
+) -> list[dict[str, Any]]:
+    """Seed by seed: every method with its tuned settings at every ε (and the low ε for DP-SGD and RLDP)."""
+    cells: list[dict[str, Any]] = []
+    if "pretrained" in methods:
+        cells.append({"kind": "base", "name": "pretrained", "method": "pretrained", "role": "grid"})
+    for seed in seeds:
+        for method in methods:
+            if method == "pretrained" or method not in tuned:
+                continue
+            if method == "nonprivate":
+                eps_list: tuple[float | None, ...] = (None,)
+            else:
+                low = (LOW_EPSILON,) if method in LOW_EPSILON_METHODS and low_epsilon else ()
+                eps_list = (*epsilons, *low)
+            for eps in eps_list:
+                cell = method_cell(method, tuned[method], eps, seed)
+                name = f"{method}_eps{'inf' if eps is None else f'{eps:g}'}_s{seed}"
+                cells.append({**cell, "name": name, "method": method, "role": "grid", "audit": True})
+    return cells
+
+
+def control_cell(tuned: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    cell = method_cell("control_memorise", tuned["nonprivate"], None, 0)
     return {
-        "class_path": "dplightning.strategies.DPSGDStrategy",
+        **cell,
+        "name": "control_memorise_s0",
+        "method": "control_memorise",
+        "role": "control",
+        "audit": True,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def matrix_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dict[str, Any]:
+    """The LightningCLI config of a matrix cell: rldp_decide's for the SGD-recipe cells, DP-ZO's strategy for
+    DP-ZO, the clipping callbacks, the validation curve and the audits of grid and control cells."""
+    if cell["kind"] == "dpzo":
+        config = decide.decide_config({**cell, "kind": "nonprivate"}, task, logdir)
+        config["trainer"]["strategy"] = _dpzo_strategy(cell)
+        config["trainer"]["callbacks"].insert(0, {"class_path": "dplightning.callbacks.PrivacyBudget"})
+    else:
+        config = decide.decide_config(cell, task, logdir)
+    trainer = config["trainer"]
+    steps = int(cell.get("steps", task["steps"])) if cell["kind"] != "base" else 0
+    trainer["max_steps"] = steps
+    accumulate = int(task["accumulate"])  # val_check_interval counts training batches, not optimizer steps
+    trainer["val_check_interval"] = max(1, steps * accumulate)
+    if cell.get("clipping") == "automatic":
+        trainer["callbacks"].append({"class_path": "dplightning.callbacks.AutomaticClipping"})
+    elif cell.get("clipping") == "quantile":
+        trainer["callbacks"].append({"class_path": "dplightning.callbacks.QuantileClipping"})
+    if cell.get("method") == "control_memorise":
+        control = QUICK_CONTROL_DATA if task["model"] == "tiny-llama" else CONTROL_DATA
+        config["data"].update(control)
+    if cell.get("audit"):
+        if steps:
+            trainer["val_check_interval"] = max(1, math.ceil(steps / VALIDATIONS) * accumulate)
+        trainer["callbacks"] += audit_callbacks(task, int(cell.get("seed", 0)))
+    return config
+
+
+def _dpzo_strategy(cell: dict[str, Any]) -> dict[str, Any]:
+    pure = cell["noise"] == "laplace"
+    return {
+        "class_path": "dplightning.strategies.DPZOStrategy",
         "init_args": {
-            "target_epsilon": epsilon,
-            "target_delta": DELTA,
-            "max_grad_norm": 1.0,
-            "clipping": clipping,
-            "accountant": "rdp",
+            "noise": cell["noise"],
+            "target_epsilon": cell["epsilon"],
+            "target_delta": 0.0 if pure else DELTA,
+            "mu": cell["mu"],
+            "max_loss_diff": 1.0,
+            "num_directions": 1,
+            "trainable": "lora",
+            "accountant": "pld",
+            "seed": int(cell.get("seed", 0)),
             "device": "cpu",
         },
     }
 
 
-def _dpzo(noise: str, epsilon: float, delta: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    init = {
-        "noise": noise,
-        "target_epsilon": epsilon,
-        "target_delta": delta,
-        "mu": 1e-2,
-        "max_loss_diff": 1.0,
-        "num_directions": 1,
-        "trainable": "lora",
-        "accountant": "pld",
-        "device": "cpu",
-    }
-    init.update(extra or {})
-    return {"class_path": "dplightning.strategies.DPZOStrategy", "init_args": init}
-
-
-BUDGET = {"class_path": "dplightning.callbacks.PrivacyBudget"}
-ADAMW = {"optimizer": "adamw", "learning_rate": 2e-3}
-ZO_SGD = {"optimizer": "sgd", "learning_rate": 5e-5}  # MeZO's LoRA setting
-
-
-def _lmo_params(config: str) -> dict[str, Any]:
-    """The LMO mixture a recipe in ``configs/`` ships (found offline by ``dplightning privacy lmo-search``)."""
-    import yaml
-
-    return yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"]["strategy"]["init_args"]["lmo"]
-
-
-def _lmo_dpsgd(epsilon: float) -> dict[str, Any]:
-    strategy = _dpsgd("flat_l1", epsilon)
-    strategy["init_args"].update(noise="lmo", lmo=_lmo_params("lmo_dpsgd.yaml"))
-    return strategy
-
-
-def _method(
-    strategy: dict[str, Any] | None, callbacks: list[dict[str, Any]], optim: dict[str, Any]
-) -> dict[str, Any]:
-    return {"strategy": strategy, "callbacks": callbacks, "optim": optim}
-
-
-def _rldp_controller(steps: int) -> dict[str, Any]:
-    """RLDP's controller for a ``steps``-step run: DP-SGD warm-up for the first third, then a decision every
-    ``steps // 6`` steps (5 decisions in 20 steps), at most every 5 steps in longer runs (more to learn from)."""
-    return {
-        "class_path": "dplightning.callbacks.RLDPController",
-        "init_args": {
-            "rl_interval": max(1, min(steps // 6, 5)),
-            "warmup_steps": steps // 3,
-            "action_scope": "per_adapter",
-            "public_batches": 1,
-        },
-    }
-
-
-# method name -> (ε, planned steps) -> {strategy, callbacks, optim}. ``None`` strategy: Lightning's default (non-private).
-METHODS: dict[str, Callable[[float, int], dict[str, Any]]] = {
-    "pretrained": lambda e, t: _method(None, [], ADAMW),  # not trained (0 steps): the base model's figures
-    "nonprivate": lambda e, t: _method(None, [], ADAMW),
-    "dpsgd_flat": lambda e, t: _method(_dpsgd("flat", e), [BUDGET], ADAMW),
-    "dpsgd_per_adapter": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET], ADAMW),
-    "quantile_clipping": lambda e, t: _method(
-        _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.QuantileClipping"}], ADAMW
-    ),
-    "automatic_clipping": lambda e, t: _method(
-        _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.AutomaticClipping"}], ADAMW
-    ),
-    "noise_schedule": lambda e, t: _method(
-        _dpsgd("flat", e), [BUDGET, {"class_path": "dplightning.callbacks.NoiseSchedule"}], ADAMW
-    ),
-    "rldp": lambda e, t: _method(_dpsgd("per_adapter", e), [BUDGET, _rldp_controller(t)], ADAMW),
-    "dpzo_gaussian": lambda e, t: _method(_dpzo("gaussian", e, DELTA), [BUDGET], ZO_SGD),
-    "dpzo_laplace": lambda e, t: _method(_dpzo("laplace", e, 0.0), [BUDGET], ZO_SGD),
-    "lmo_dpzo": lambda e, t: _method(
-        _dpzo("lmo", e, DELTA, {"lmo": _lmo_params("lmo_dpzo.yaml")}), [BUDGET], ZO_SGD
-    ),
-    "lmo_dpsgd": lambda e, t: _method(_lmo_dpsgd(e), [BUDGET], ADAMW),
-}
-
-
-def method_available(name: str) -> str | None:
-    """``None`` if every class the method names imports in this checkout, else why not."""
-    import importlib
-
-    spec = METHODS[name](2.0, 30)
-    for entry in [spec["strategy"], *spec["callbacks"]]:
-        if entry is None:
-            continue
-        module, _, cls = entry["class_path"].rpartition(".")
-        try:
-            getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError) as exc:
-            return f"{entry['class_path']} not importable ({exc})"
-    return None
-
-
-def cell_config(
-    method: str, epsilon: float | None, seed: int, task: dict[str, Any], logdir: Path
-) -> dict[str, Any]:
-    """The LightningCLI config of one cell (what ``dplightning fit --config`` would read)."""
-    spec = METHODS[method](epsilon if epsilon is not None else 0.0, task["steps"])
-    trainer: dict[str, Any] = {
-        "accelerator": "cpu",
-        "max_steps": 0 if method == "pretrained" else task["steps"],
-        "val_check_interval": task["val_every"],
-        "check_val_every_n_epoch": None,
-        "limit_val_batches": task["val_batches"],
-        "limit_test_batches": task["test_batches"],
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 1,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": str(logdir), "name": "", "version": ""},
-        },
-        "callbacks": copy.deepcopy(spec["callbacks"]) + audit_callbacks(task),
-    }
-    if spec["strategy"] is not None:
-        trainer["strategy"] = copy.deepcopy(spec["strategy"])
-    return {
-        "seed_everything": seed,
-        "model": {
-            "model_name": task["model"],
-            "lora_rank": 8,
-            "lora_alpha": 16,
-            "seed": seed,
-            **spec["optim"],
-        },
-        "data": {
-            "dataset": "pseudo_clinical",
-            "num_records": task["num_records"],
-            "max_length": task["max_length"],
-            "batch_size": task["batch_size"],
-            "eval_batch_size": task["eval_batch_size"],
-            "public_fraction": 0.05,
-            "data_seed": 0,  # the split is fixed across seeds; the seed varies sampling, noise, init and the agent
-        },
-        "trainer": trainer,
-    }
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """Hash of a cell's config without where it logs (so moving ``--out`` keeps finished cells)."""
-    clean = copy.deepcopy(config)
-    clean["trainer"].pop("logger", None)
-    return hashlib.sha256(json.dumps(clean, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ one cell
-def _scalars(logdir: Path, prefixes: tuple[str, ...]) -> dict[str, list[tuple[int, float]]]:
-    """TensorBoard scalars under ``logdir`` whose tag starts with one of ``prefixes``: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(logdir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            if tag.startswith(prefixes):
-                out.setdefault(tag, []).extend((int(e.step), float(e.value)) for e in acc.Scalars(tag))
-    return out
-
-
-def audit_callbacks(task: dict[str, Any]) -> list[dict[str, Any]]:
-    """The audits every cell runs at the end of fit (sized by the task: they cost forwards on the model)."""
+def audit_callbacks(task: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """Membership inference on training vs never-trained notes, and the secret canaries (inserted before fit)."""
     return [
         {
             "class_path": "dplightning.callbacks.MembershipInferenceAudit",
-            "init_args": {"max_examples": task["mia_examples"], "batch_size": task["eval_batch_size"]},
+            "init_args": {
+                "max_examples": task["mia_examples"],
+                "batch_size": task["eval_batch_size"],
+                "nonmembers": "val+test",
+                "seed": seed,
+            },
         },
         {
             "class_path": "dplightning.callbacks.CanaryAudit",
             "init_args": {
                 "num_canaries": task["canaries"],
-                "repeats": [1, 4],
+                "repeats": list(task["canary_repeats"]),
                 "reference_samples": task["canary_references"],
+                "seed": seed,
             },
         },
     ]
 
 
-AUDIT_KEYS = {
-    "audit/mia/loss/auc": "mia_auc",
-    "audit/mia/reference/auc": "mia_reference_auc",
-    "audit/mia/loss/tpr@0.01fpr": "mia_tpr_at_1pct_fpr",
-    "audit/canary/r1/exposure": "canary_exposure",
-    "audit/canary/r4/exposure": "canary_exposure_r4",
-    "audit/canary/r1/jaccard": "canary_jaccard",
-    "audit/canary/r4/jaccard": "canary_jaccard_r4",
-    "audit/epsilon_lower_bound": "empirical_epsilon_lower_bound",
-    "downstream/accuracy": "downstream_accuracy",
-    "downstream/majority_rate": "downstream_majority_rate",
-    # benchmarks/private_selection.py's ClippedValidationLoss: the score of a private choice between runs
-    "selection/clipped_val_loss": "clipped_val_loss",
-    "selection/examples": "selection_examples",
-}
+# ------------------------------------------------------------------------------------------------ choices
+def _ok(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["cell"]: r for r in rows if r["status"] == "ok"}  # newest row of each cell
 
 
-def _audits(trainer: Any) -> dict[str, Any]:
-    """The audit callbacks' figures, under the matrix's column names."""
-    metrics: dict[str, float] = {}
-    for callback in trainer.callbacks:
-        metrics.update(getattr(callback, "metrics", None) or {})
-        result = getattr(callback, "result", None)  # DownstreamAccuracy's last ExtractionResult
-        if hasattr(result, "metrics"):
-            metrics.update(result.metrics())
-    return {name: float(metrics[key]) for key, name in AUDIT_KEYS.items() if key in metrics}
-
-
-def run_cell(config_path: Path) -> dict[str, Any]:
-    """Train, validate and test one cell in this process; returns its metrics (see module docstring)."""
-    import warnings
-
-    import lightning.pytorch as pl
-
-    from dplightning.cli import _lightning_cli_class
-    from dplightning.data import TextDataModule
-    from dplightning.module import DPLoRAModule
-
-    warnings.filterwarnings("ignore")
-    curve: list[tuple[int, float]] = []
-
-    class ValCurve(pl.Callback):
-        # on_validation_end: after the module's on_validation_epoch_end has logged this round's perplexity
-        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            ppl = trainer.callback_metrics.get("val/perplexity")
-            if ppl is not None and not trainer.sanity_checking:
-                curve.append((trainer.global_step, float(ppl)))
-
-    cli = _lightning_cli_class()(
-        DPLoRAModule,
-        TextDataModule,
-        args=["--config", str(config_path)],
-        run=False,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    trainer.callbacks.append(ValCurve())
-    trainer.validate(model, datamodule=data, verbose=False)  # step 0 of the curve
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    wall = time.perf_counter() - started
-    test = trainer.test(model, datamodule=data, verbose=False)[0]
-    strategy = trainer.strategy
-    private = hasattr(strategy, "accountant")
-    logdir = Path(trainer.logger.log_dir)
+def zo_steps_from(rows: list[dict[str, Any]], rounds: int, dpsgd_steps: int) -> dict[str, Any] | None:
+    """DP-ZO's step count from the timing cells: DP-SGD's steps × the median over rounds of (DP-SGD batch time /
+    DP-ZO batch time); None until every timing cell has run."""
+    done = _ok(rows)
+    pairs = []
+    for r in range(rounds):
+        sgd, zo = done.get(f"timing_dpsgd_flat_r{r}"), done.get(f"timing_dpzo_gaussian_r{r}")
+        if sgd is None or zo is None or not sgd.get("median_batch_s") or not zo.get("median_batch_s"):
+            return None
+        pairs.append((sgd["median_batch_s"], zo["median_batch_s"]))
+    ratio = statistics.median(s / z for s, z in pairs)
     return {
-        "steps": trainer.global_step,
-        "epsilon_spent": strategy.epsilon() if private else None,
-        "delta": strategy.target_delta if private else None,
-        "noise_multiplier": strategy.effective_noise_multiplier if private else None,
-        "val_curve": curve,
-        "final_val_perplexity": curve[-1][1] if curve else None,
-        "test_perplexity": float(test["test/perplexity"]),
-        "wall_time_s": wall,
-        "trajectories": _scalars(logdir, ("privacy/noise_multiplier", "privacy/clip", "rldp/")),
-        **_audits(trainer),
+        "dpsgd_batch_s": [s for s, _ in pairs],
+        "dpzo_batch_s": [z for _, z in pairs],
+        "ratio": ratio,
+        "dpsgd_steps": dpsgd_steps,
+        "zo_steps": max(1, round(dpsgd_steps * ratio)),
     }
 
 
-# ------------------------------------------------------------------------------------------------ the grid
-def load_done(path: Path) -> set[tuple[str, float | None, int, str]]:
-    done = set()
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                if row.get("status") == "ok":
-                    done.add((row["method"], row["epsilon"], row["seed"], row["config_hash"]))
-    return done
+def _val(row: dict[str, Any]) -> float:
+    value = row.get("val_perplexity_after")
+    return math.inf if value is None or math.isnan(value) else float(value)
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line with a single write + fsync, so an interrupted run never leaves half a line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(row, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def tuned_settings(
+    rows: list[dict[str, Any]],
+    decide_rows: list[dict[str, Any]],
+    tuning: dict[str, list[dict[str, Any]]],
+    zo_steps: int | None,
+    grid: tuple[decide.Point, ...],
+    controller: str,
+) -> dict[str, dict[str, Any]]:
+    """Each method's chosen settings (lowest public validation perplexity) once all its tuning cells have run;
+    dpsgd_flat's from rldp_decide's public cells (its M3: the recipe's point while they are missing, flagged)."""
+    done = _ok(rows)
+    tuned: dict[str, dict[str, Any]] = {"pretrained": {}}
+    for method, candidates in tuning.items():
+        scored = [(s, done.get(f"tune_{method}_{_label(s)}")) for s in candidates]
+        if any(row is None for _, row in scored):
+            continue
+        best, row = min(scored, key=lambda item: _val(item[1]))  # type: ignore[arg-type]
+        tuned[method] = {**best, "tuning_val_perplexity": _val(row)}  # type: ignore[arg-type]
+        if method.startswith("dpzo"):
+            if zo_steps is None:
+                del tuned[method]
+                continue
+            tuned[method]["steps"] = zo_steps
+    public = {
+        decide.point_of(r["settings"]): r
+        for r in _ok(decide_rows).values()
+        if r["settings"].get("data_seed") == PUBLIC_DATA_SEED
+        and r["settings"].get("kind") == "dpsgd"
+        and not r["settings"].get("controller")
+        and r["settings"].get("optimizer") == "sgd"
+        and math.isclose(r["settings"]["epsilon"], TUNING_EPSILON)
+    }
+    point, fallback = decide.public_choice(public, grid)
+    tuned["dpsgd_flat"] = {"lr": point[0], "schedule": point[1], "fallback": fallback}
+    # RLDP starts from the recipe's point, as rldp_decide's M6/M7 do; its controller moves the step size
+    lr, schedule = decide.RECIPE_POINT
+    tuned["rldp"] = {"lr": lr, "schedule": schedule, "controller": controller}
+    return tuned
 
 
-def run_subprocess(
-    config_path: Path, threads: int, timeout: float
-) -> tuple[dict[str, Any] | None, str, float]:
-    """Run one cell in a fresh interpreter: (metrics or None, stderr tail, peak RSS in MiB of that process)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--cell", str(config_path), "--threads", str(threads)],
-            stdout=out,
-            stderr=err,
-            env=env,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-    peak_mb = usage.ru_maxrss / 1024
-    marker = [line for line in stdout.splitlines() if line.startswith("CELL_RESULT ")]
-    if proc.returncode != 0 or not marker:
-        return None, stderr[-2000:] or f"exit code {proc.returncode}", peak_mb
-    return json.loads(marker[-1][len("CELL_RESULT ") :]), "", peak_mb
+# ------------------------------------------------------------------------------------------------ main
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    import report_matrix
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny-llama, ε=2, seed 0, few steps (minutes; CI)"
-    )
-    parser.add_argument(
-        "--methods", nargs="+", choices=sorted(METHODS), help="default: every available method"
-    )
-    parser.add_argument("--epsilons", nargs="+", type=float, help=f"default: {EPSILONS} ({{2}} with --quick)")
-    parser.add_argument("--seeds", nargs="+", type=int, help=f"default: {SEEDS} ({{0}} with --quick)")
-    parser.add_argument("--steps", type=int, help="override the step budget of every cell")
-    parser.add_argument(
-        "--val-every", type=int, help="override the validation interval (steps) of every cell"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="results directory (default benchmarks/results, or a temp dir with --quick)"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per cell")
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="cells run at once (2 jobs x 1 thread gave ~10%% more throughput than 1 x 2 on the 2-core machine; "
-        "wall times then include the neighbour's contention)",
-    )
-    parser.add_argument("--cell-timeout", type=float, default=3600.0, help="seconds before a cell is killed")
-    parser.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell config
-    args = parser.parse_args(argv)
-
-    if args.cell is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print("CELL_RESULT " + json.dumps(run_cell(args.cell)), flush=True)
-        return 0
-
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
     task = dict(QUICK_TASK if args.quick else FULL_TASK)
     if args.steps:
         task["steps"] = args.steps
-    if args.val_every:
-        task["val_every"] = args.val_every
-    out = args.out or (Path(tempfile.mkdtemp(prefix="dplightning-matrix-")) if args.quick else RESULTS)
-    methods = args.methods or list(QUICK_METHODS if args.quick else METHODS)
-    epsilons = args.epsilons or ([2.0] if args.quick else list(EPSILONS))
-    seeds = args.seeds or ([0] if args.quick else list(SEEDS))
-    missing = {m: why for m in methods if (why := method_available(m))}
-    for name, why in missing.items():
-        print(f"skipping {name}: {why}", flush=True)
-    methods = [m for m in methods if m not in missing]
+    decide_out = out if args.quick else decide.OUT
+    methods = tuple(args.methods or (QUICK_METHODS if args.quick else METHODS))
+    tuning = {m: g for m, g in (QUICK_TUNING if args.quick else TUNING).items() if m in methods}
+    grid = decide.QUICK_GRID if args.quick else decide.GRID
+    if args.policy is not None:
+        task["policy_path"] = decide.stage_policy(args.policy, out)
+        controller = "rldp_prior"
+    else:
+        controller = "rldp"
+        if "rldp" in methods:
+            print(
+                "rldp: no --policy given, so RLDP runs online from scratch (rldp_decide.py's M6)", flush=True
+            )
+    rounds = 1 if args.quick else TIMING_ROUNDS
+    command = command_line("run_matrix.py", argv)
+    failures = 0
 
-    jsonl = out / "matrix.jsonl"
-    done = load_done(jsonl)
-    command = shlex.join(
-        ["python", "benchmarks/run_matrix.py", *(argv if argv is not None else sys.argv[1:])]
-    )
-    # ε-major in the order given, then seed, then method: an interrupted grid has whole ε rows first
-    cells = [
-        (m, None if m in NO_EPSILON else e, seeds[0] if m in SEED_FREE else s)
-        for e in epsilons
-        for s in seeds
-        for m in methods
-    ]
-    cells = list(dict.fromkeys(cells))  # runs that do not depend on ε (or the seed) once
-    todo: list[tuple[str, str, str, float | None, int, dict[str, Any], str]] = []
-    for i, (method, epsilon, seed) in enumerate(cells, 1):
-        name = f"{method}_eps{epsilon if epsilon is not None else 'inf'}_seed{seed}"
-        config = cell_config(method, epsilon, seed, task, out / "tb" / name)
-        key = (method, epsilon, seed, config_hash(config))
-        if key in done:
-            print(f"[{i}/{len(cells)}] {name}: done already", flush=True)
-        else:
-            todo.append((f"[{i}/{len(cells)}] {name}", name, method, epsilon, seed, config, key[3]))
+    def rows() -> list[dict[str, Any]]:
+        return sweep.load_rows(out / sweep.JSONL)
 
-    def run_one(item: tuple[str, str, str, float | None, int, dict[str, Any], str]) -> bool:
-        label, name, method, epsilon, seed, config, chash = item
-        config_path = out / "configs" / f"{name}.yaml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        # a rerun (failed or interrupted cell) must not read back the σ/threshold scalars of an earlier attempt
-        shutil.rmtree(out / "tb" / name, ignore_errors=True)
-        config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-        started = time.perf_counter()
-        metrics, error, peak_mb = run_subprocess(config_path, args.threads, args.cell_timeout)
-        row = {
-            "method": method,
-            "epsilon": epsilon,
-            "seed": seed,
-            "config_hash": chash,
-            "task": task,
-            "status": "ok" if metrics is not None else "failed",
-            "peak_rss_mb": peak_mb,
-            "cell_wall_s": time.perf_counter() - started,
-            "command": command,
-            "jobs": args.jobs,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **(metrics or {"error": error}),
-        }
-        append_row(jsonl, row)
-        if metrics is None:
-            print(f"{label}: FAILED\n{error}", flush=True)
-            return False
-        eps = metrics["epsilon_spent"]
-        print(
-            f"{label}: test ppl {metrics['test_perplexity']:.3f}, "
-            f"ε {'∞' if eps is None else f'{eps:.3f}'}, {row['cell_wall_s']:.0f} s, {peak_mb:.0f} MiB",
-            flush=True,
+    def run_cells(
+        cells: list[dict[str, Any]], jobs: int, task_: dict[str, Any], where: Path, config_fn: Any
+    ) -> int:
+        jobs_args = argparse.Namespace(**{**vars(args), "jobs": jobs})
+        return sweep.run_cells(cells, task_, where, jobs_args, command, report_matrix.report, config_fn)
+
+    # 1. timing, alone (one cell at a time): DP-ZO's step count comes from it
+    if any(m.startswith("dpzo") for m in methods):
+        failures += run_cells(timing_cells(rounds), 1, task, out, matrix_config)
+    calibration = zo_steps_from(rows(), rounds, task["steps"])
+    zo_steps = None if calibration is None else calibration["zo_steps"]
+    # 2. tuning: dpsgd_flat's public cells are rldp_decide's (shared: run into its results), the others here
+    if "dpsgd_flat" in methods:
+        public = [decide.sgd_cell(p, TUNING_EPSILON, 0, data_seed=PUBLIC_DATA_SEED) for p in grid]
+        failures += run_cells(
+            public,
+            args.jobs,
+            decide.QUICK_TASK if args.quick else decide.FULL_TASK,
+            decide_out,
+            decide.decide_config,
         )
-        return True
+    failures += run_cells(tuning_cells(tuning, zo_steps), args.jobs, task, out, matrix_config)
+    tuned = tuned_settings(
+        rows(), sweep.load_rows(decide_out / sweep.JSONL), tuning, zo_steps, grid, controller
+    )
+    plan = {
+        "methods": list(methods),
+        "epsilons": [8.0] if args.quick else list(EPSILONS),
+        "low_epsilon": None if args.quick else LOW_EPSILON,
+        "seeds": list(args.seeds or ((0,) if args.quick else SEEDS)),
+        "tuning": tuning,
+        "tuned": tuned,
+        "timing": calibration,
+        "policy": task.get("policy_path"),
+        "decide_out": str(decide_out.resolve().relative_to(decide.ROOT))
+        if decide_out.resolve().is_relative_to(decide.ROOT)
+        else str(decide_out),
+        "quick": args.quick,
+    }
+    (out / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
+    missing = [m for m in methods if m not in tuned]
+    if missing:
+        print(f"not tuned yet (their grid cells wait): {', '.join(missing)}", flush=True)
+    if args.stage == "grid" or args.stage == "all":
+        eps = tuple(plan["epsilons"])
+        cells = grid_cells(methods, tuned, eps, tuple(plan["seeds"]), low_epsilon=not args.quick)
+        if "nonprivate" in tuned:
+            cells.insert(1, control_cell(tuned))
+        failures += run_cells(cells, args.jobs, task, out, matrix_config)
+    print(report_matrix.report(out))
+    return 1 if failures or missing else 0
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # each cell is its own subprocess
-        failures = sum(not ok for ok in pool.map(run_one, todo))
-    print(f"results: {jsonl}", flush=True)
-    return 1 if failures else 0
+
+def main(argv: list[str] | None = None) -> int:
+    argv_list = sys.argv[1:] if argv is None else argv
+    if "--cell" in argv_list:  # a cell started by an older harness process: run it as cells.py would
+        import cells
+
+        return cells.main(argv_list)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sweep.add_run_arguments(parser, OUT)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all (a few with --quick)")
+    parser.add_argument("--seeds", nargs="+", type=int, help=f"default {' '.join(map(str, SEEDS))}")
+    parser.add_argument(
+        "--stage", choices=("tune", "grid", "all"), default="all", help="tune: tuning + timing only"
+    )
+    parser.add_argument(
+        "--policy", type=Path, help="RLDP's prior (benchmarks/rldp_pretrain.py); online without"
+    )
+    args = parser.parse_args(argv)
+    if args.policy is not None and not args.policy.is_file():
+        parser.error(f"--policy {args.policy}: no such file; pre-train one with benchmarks/rldp_pretrain.py")
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="dplightning-matrix-")) if args.quick else OUT
+    if args.report:
+        import report_matrix
+
+        print(report_matrix.report(args.out))
+        return 0
+    return run(args, argv)
 
 
 if __name__ == "__main__":

@@ -10,35 +10,43 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from dplightning.auditing.membership import AttackResult, membership_audit, save_roc_png
 from dplightning.errors import DPLightningError
 
+NONMEMBER_SPLITS = ("test", "val+test")
+
 
 def audit_loaders(
-    datamodule: Any, max_examples: int, batch_size: int, seed: int = 0
+    datamodule: Any, max_examples: int, batch_size: int, seed: int = 0, nonmembers: str = "test"
 ) -> tuple[DataLoader, DataLoader]:
     """Balanced member / non-member loaders: members from the training split (inserted canaries excluded),
-    non-members from the test split (same distribution, never trained on); at most ``max_examples`` each."""
+    non-members from the test split, or the validation and test splits together (``nonmembers="val+test"``,
+    for more non-members than the test split holds): the same distribution, never trained on. At most
+    ``max_examples`` each."""
+    if nonmembers not in NONMEMBER_SPLITS:
+        raise DPLightningError(f"nonmembers must be one of {NONMEMBER_SPLITS}, got {nonmembers!r}")
     datamodule.setup()
     train, test = datamodule.train_dataset, datamodule.test_dataset
     if train is None or test is None or len(test) == 0:
         raise DPLightningError(
             "membership inference needs a test split of non-members; set data.test_fraction > 0"
         )
+    if nonmembers == "val+test" and getattr(datamodule, "val_dataset", None) is not None:
+        test = ConcatDataset([datamodule.val_dataset, test])
     n_members = len(train) - sum(
         getattr(datamodule, "canary_repeats", [])
     )  # canaries are appended at the end
     n = min(n_members, len(test), max_examples)
     gen = torch.Generator().manual_seed(seed)
     members = torch.randperm(n_members, generator=gen)[:n].tolist()
-    nonmembers = torch.randperm(len(test), generator=gen)[:n].tolist()
+    nonmember_indices = torch.randperm(len(test), generator=gen)[:n].tolist()
 
     def make(dataset: Any, indices: list[int]) -> DataLoader:
         return DataLoader(Subset(dataset, indices), batch_size=batch_size, collate_fn=datamodule.collate_fn)
 
-    return make(train, members), make(test, nonmembers)
+    return make(train, members), make(test, nonmember_indices)
 
 
 class MembershipInferenceAudit(Callback):
@@ -55,6 +63,8 @@ class MembershipInferenceAudit(Callback):
         roc_png_dir: write ``roc_<step>.png`` there (needs matplotlib; skipped with a note if missing).
         batch_size: evaluation batch size.
         seed: which examples are sampled.
+        nonmembers: ``"test"`` (default) or ``"val+test"``: where non-members come from (the validation split
+            only chooses checkpoints and stops, so it is never trained on either).
     """
 
     def __init__(
@@ -65,7 +75,10 @@ class MembershipInferenceAudit(Callback):
         roc_png_dir: str | None = None,
         batch_size: int = 32,
         seed: int = 0,
+        nonmembers: str = "test",
     ) -> None:
+        if nonmembers not in NONMEMBER_SPLITS:
+            raise DPLightningError(f"nonmembers must be one of {NONMEMBER_SPLITS}, got {nonmembers!r}")
         if max_examples < 2 or batch_size < 1:
             raise DPLightningError("max_examples must be >= 2 and batch_size >= 1")
         if every_n_epochs is not None and every_n_epochs < 1:
@@ -76,6 +89,7 @@ class MembershipInferenceAudit(Callback):
         self.roc_png_dir = roc_png_dir
         self.batch_size = batch_size
         self.seed = seed
+        self.nonmembers = nonmembers
         self.results: dict[str, AttackResult] = {}
         self.metrics: dict[str, float] = {}
 
@@ -85,7 +99,9 @@ class MembershipInferenceAudit(Callback):
             raise DPLightningError(
                 "MembershipInferenceAudit needs a data module with a test split; use TextDataModule"
             )
-        members, nonmembers = audit_loaders(datamodule, self.max_examples, self.batch_size, self.seed)
+        members, nonmembers = audit_loaders(
+            datamodule, self.max_examples, self.batch_size, self.seed, self.nonmembers
+        )
         self.results = membership_audit(pl_module, members, nonmembers, self.min_k_fraction)
         self.metrics = {k: v for r in self.results.values() for k, v in r.metrics().items()}
         if trainer.logger is not None:

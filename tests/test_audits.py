@@ -273,3 +273,33 @@ def test_audit_of_a_peft_adapter_directory_and_mismatch_error(tmp_path: Path) ->
     DPLoRAModule(model_name="tiny-llama", lora_rank=4).save_adapter(tmp_path / "bad")
     with pytest.raises(DPLightningError, match="does not fit this model"):
         run_audit(str(tmp_path / "bad"), str(cfg))
+
+
+def test_auc_standard_error_matches_the_spread_of_auc_over_resampled_audits() -> None:
+    # Hanley–McNeil's SE, from one audit's AUC and sizes, against the spread of AUCs over many audits
+    rng = np.random.default_rng(0)
+    n1, n0, shift = 200, 300, 0.5
+    aucs = [evaluate_attack("x", rng.normal(shift, 1, n1), rng.normal(0, 1, n0)).auc for _ in range(400)]
+    one = evaluate_attack("x", rng.normal(shift, 1, n1), rng.normal(0, 1, n0))
+    assert one.auc_se == pytest.approx(float(np.std(aucs)), rel=0.15)
+    figures = one.metrics()
+    assert figures["audit/mia/x/auc_se"] == one.auc_se and figures["audit/mia/x/members"] == n1
+    # chance level: SE of an AUC of 0.5 is about sqrt((n1 + n0 + 1) / (12 n1 n0))
+    half = evaluate_attack("y", np.zeros(n1), np.zeros(n0))
+    assert half.auc == 0.5 and half.auc_se == pytest.approx(
+        math.sqrt((n1 + n0 + 1) / (12 * n1 * n0)), rel=0.05
+    )
+
+
+def test_membership_audit_can_draw_non_members_from_validation_and_test() -> None:
+    from dplightning.callbacks.membership_inference_audit import audit_loaders
+    from dplightning.data import TextDataModule
+
+    data = TextDataModule(num_records=100, max_length=16, val_fraction=0.2, test_fraction=0.1)
+    data.setup()
+    test_only = audit_loaders(data, 1000, 8)
+    both = audit_loaders(data, 1000, 8, nonmembers="val+test")
+    assert len(test_only[1].dataset) == len(data.test_dataset) == len(test_only[0].dataset)
+    assert len(both[1].dataset) == len(data.val_dataset) + len(data.test_dataset) == len(both[0].dataset)
+    with pytest.raises(DPLightningError, match="nonmembers must be one of"):
+        MembershipInferenceAudit(nonmembers="train")

@@ -126,7 +126,9 @@ def run_audit(ckpt: str, config: str, max_examples: int | None = None) -> dict[s
     from dplightning.auditing.membership import membership_audit
     from dplightning.callbacks.membership_inference_audit import audit_loaders
 
-    members, nonmembers = audit_loaders(datamodule, mia.max_examples, mia.batch_size, mia.seed)
+    members, nonmembers = audit_loaders(
+        datamodule, mia.max_examples, mia.batch_size, mia.seed, mia.nonmembers
+    )
     for result in membership_audit(model, members, nonmembers, mia.min_k_fraction).values():
         out.update(result.metrics())
     canary = _callback(trainer.callbacks, "CanaryAudit")

@@ -75,9 +75,21 @@ class AttackResult:
     num_members: int = 0
     num_nonmembers: int = 0
 
+    @property
+    def auc_se(self) -> float:
+        """Standard error of the AUC (Hanley & McNeil 1982), from the AUC and the two sample sizes: how far an
+        AUC of 0.5 + x can be from chance by sampling alone."""
+        a, n1, n0 = self.auc, self.num_members, self.num_nonmembers
+        if n1 < 1 or n0 < 1:
+            return float("nan")
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+        return float(np.sqrt(max(var, 0.0)))
+
     def metrics(self, prefix: str = "audit/mia") -> dict[str, float]:
         """Flat ``{name: value}`` for a logger, e.g. ``audit/mia/loss/auc``, ``audit/mia/loss/tpr@0.01fpr``."""
-        out = {f"{prefix}/{self.name}/auc": self.auc}
+        out = {f"{prefix}/{self.name}/auc": self.auc, f"{prefix}/{self.name}/auc_se": self.auc_se}
+        out[f"{prefix}/{self.name}/members"] = float(self.num_members)
         out.update({f"{prefix}/{self.name}/tpr@{level:g}fpr": v for level, v in self.tpr_at_fpr.items()})
         return out
 
