@@ -160,6 +160,9 @@ def run_cell(config_path: Path) -> dict[str, Any]:
         "wall_time_s": wall,
         # the median training batch: a step's cost without the validations and audits inside fit
         "median_batch_s": statistics.median(step_times) if step_times else None,
+        "train_s": sum(
+            step_times
+        ),  # training batches only: fit's wall time also holds validations and audits
         "trajectories": _scalars(logdir, ("privacy/noise_multiplier", "privacy/clip", "rldp/")),
         **_audits(trainer),
     }

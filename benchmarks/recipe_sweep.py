@@ -237,6 +237,7 @@ OPTIONAL_METRICS = (
     "clipped_val_loss",
     "selection_examples",
     "median_batch_s",
+    "train_s",
     # the audit callbacks' figures (run_matrix.py's cells run them)
     "mia_auc",
     "mia_auc_se",

@@ -29,9 +29,12 @@ inserted once or 8 times, each with probability ½ (exposure, and the one-run ε
 notes for the same 70 steps (about 9 epochs), scored against 1,000 non-members: the attacks must find *that*
 model's members, or a low AUC elsewhere means nothing.
 
-Not here: downstream (field-extraction) accuracy. Its question/answer line needs T = 128 (notes with the line
-are 57–107 tokens), four times this regime's cost per example; the recipe's downstream figures are in
-``gap_closure.py --downstream``'s results.
+**Downstream block** (``--stage downstream``, after the grid): field-extraction accuracy on 500 held-out test
+notes needs the question/answer line inside the training text, so T = 128 (notes with the line are 57–107
+tokens), expected batch 64 and 40 DP-SGD steps (``gap_closure.py --downstream``'s task). It runs what the
+downstream targets concern: ``pretrained``, ``nonprivate``, ``dpsgd_flat``, ``dpzo_gaussian`` and
+``dpzo_laplace`` at ε = 2, seeds 0, 1, 2, with the learning rates tuned above and DP-ZO's steps from timing runs
+at this task's size. One cell at a time: a DP-SGD cell at B = 64, T = 128 peaks at 13–16.5 GB.
 
 Cells are subprocesses (``cells.py``), rows in ``<out>/recipe_sweep.jsonl``; finished cells (same name and
 config hash) are never rerun, so the same command continues. ``report_matrix.py`` writes ``<out>/README.md`` and
@@ -56,6 +59,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gap_closure as gap
 import recipe_sweep as sweep
 import rldp_decide as decide
 from cells import DELTA, RESULTS
@@ -99,6 +103,12 @@ QUICK_TASK: dict[str, Any] = {
     "canary_repeats": [1, 8],
     "canary_references": 10,
 }
+# the downstream block: gap_closure.py's field-extraction task (T = 128, B = 64, 40 steps, the answer line in the
+# training text); only what the downstream targets concern, at ε = 2
+DOWNSTREAM_TASK: dict[str, Any] = {**FULL_TASK, **gap.DOWNSTREAM_TASK}
+QUICK_DOWNSTREAM_TASK: dict[str, Any] = {**QUICK_TASK, **gap.DOWNSTREAM_QUICK_TASK}
+DOWNSTREAM_METHODS = ("pretrained", "nonprivate", "dpsgd_flat", "dpzo_gaussian", "dpzo_laplace")
+DOWNSTREAM_EPSILON = 2.0
 # the audit-power control: non-private on 1,000 training notes (70 steps × 128 ≈ 9 epochs), 1,000 test notes
 CONTROL_DATA = {"num_records": 4000, "val_fraction": 0.1, "test_fraction": 0.6}
 QUICK_CONTROL_DATA = {"num_records": 200, "val_fraction": 0.1, "test_fraction": 0.5}
@@ -176,7 +186,7 @@ def tuning_cells(tuning: dict[str, list[dict[str, Any]]], zo_steps: int | None) 
     return cells
 
 
-def timing_cells(rounds: int) -> list[dict[str, Any]]:
+def timing_cells(rounds: int, prefix: str = "timing") -> list[dict[str, Any]]:
     """Short DP-SGD and DP-ZO runs on public notes, alternating, to time one training batch of each."""
     cells = []
     for r in range(rounds):
@@ -188,7 +198,7 @@ def timing_cells(rounds: int) -> list[dict[str, Any]]:
             cells.append(
                 {
                     **cell,
-                    "name": f"timing_{method}_r{r}",
+                    "name": f"{prefix}_{method}_r{r}",
                     "method": method,
                     "role": "timing",
                     "data_seed": PUBLIC_DATA_SEED,
@@ -236,6 +246,26 @@ def control_cell(tuned: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def downstream_cells(
+    tuned: dict[str, dict[str, Any]], zo_steps: int | None, seeds: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """The downstream block: each method of :data:`DOWNSTREAM_METHODS` that is tuned, at ε = 2 (seed by seed),
+    DP-ZO with the step count timed at this task's size (its cells wait for it)."""
+    cells: list[dict[str, Any]] = [
+        {"kind": "base", "name": "downstream_pretrained", "method": "pretrained", "role": "downstream"}
+    ]
+    for seed in seeds:
+        for method in DOWNSTREAM_METHODS[1:]:
+            if method not in tuned or (method.startswith("dpzo") and zo_steps is None):
+                continue
+            settings = {**tuned[method], "steps": zo_steps} if method.startswith("dpzo") else tuned[method]
+            eps = None if method == "nonprivate" else DOWNSTREAM_EPSILON
+            cell = method_cell(method, settings, eps, seed)
+            name = f"downstream_{method}_eps{'inf' if eps is None else f'{eps:g}'}_s{seed}"
+            cells.append({**cell, "name": name, "method": method, "role": "downstream"})
+    return cells
+
+
 # ------------------------------------------------------------------------------------------------ configs
 def matrix_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dict[str, Any]:
     """The LightningCLI config of a matrix cell: rldp_decide's for the SGD-recipe cells, DP-ZO's strategy for
@@ -247,6 +277,12 @@ def matrix_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> d
     else:
         config = decide.decide_config(cell, task, logdir)
     trainer = config["trainer"]
+    if (
+        cell.get("role") == "timing"
+    ):  # timing runs time training batches; scoring the downstream task is waste
+        trainer["callbacks"] = [
+            c for c in trainer["callbacks"] if not c["class_path"].endswith("DownstreamAccuracy")
+        ]
     steps = int(cell.get("steps", task["steps"])) if cell["kind"] != "base" else 0
     trainer["max_steps"] = steps
     accumulate = int(task["accumulate"])  # val_check_interval counts training batches, not optimizer steps
@@ -313,13 +349,15 @@ def _ok(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["cell"]: r for r in rows if r["status"] == "ok"}  # newest row of each cell
 
 
-def zo_steps_from(rows: list[dict[str, Any]], rounds: int, dpsgd_steps: int) -> dict[str, Any] | None:
+def zo_steps_from(
+    rows: list[dict[str, Any]], rounds: int, dpsgd_steps: int, prefix: str = "timing"
+) -> dict[str, Any] | None:
     """DP-ZO's step count from the timing cells: DP-SGD's steps × the median over rounds of (DP-SGD batch time /
     DP-ZO batch time); None until every timing cell has run."""
     done = _ok(rows)
     pairs = []
     for r in range(rounds):
-        sgd, zo = done.get(f"timing_dpsgd_flat_r{r}"), done.get(f"timing_dpzo_gaussian_r{r}")
+        sgd, zo = done.get(f"{prefix}_dpsgd_flat_r{r}"), done.get(f"{prefix}_dpzo_gaussian_r{r}")
         if sgd is None or zo is None or not sgd.get("median_batch_s") or not zo.get("median_batch_s"):
             return None
         pairs.append((sgd["median_batch_s"], zo["median_batch_s"]))
@@ -364,7 +402,8 @@ def tuned_settings(
     public = {
         decide.point_of(r["settings"]): r
         for r in _ok(decide_rows).values()
-        if r["settings"].get("data_seed") == PUBLIC_DATA_SEED
+        if not r["settings"].get("role")  # the matrix's own cells (timing runs) may share rldp_decide's file
+        and r["settings"].get("data_seed") == PUBLIC_DATA_SEED
         and r["settings"].get("kind") == "dpsgd"
         and not r["settings"].get("controller")
         and r["settings"].get("optimizer") == "sgd"
@@ -433,6 +472,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         rows(), sweep.load_rows(decide_out / sweep.JSONL), tuning, zo_steps, grid, controller
     )
     plan = {
+        # what the rows of this regime share (the staged prior's path changes RLDP's cells only)
+        "task": {k: v for k, v in task.items() if k != "policy_path"},
         "methods": list(methods),
         "epsilons": [8.0] if args.quick else list(EPSILONS),
         "low_epsilon": None if args.quick else LOW_EPSILON,
@@ -450,14 +491,39 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     missing = [m for m in methods if m not in tuned]
     if missing:
         print(f"not tuned yet (their grid cells wait): {', '.join(missing)}", flush=True)
-    if args.stage == "grid" or args.stage == "all":
+    if args.stage in ("grid", "all"):
         eps = tuple(plan["epsilons"])
         cells = grid_cells(methods, tuned, eps, tuple(plan["seeds"]), low_epsilon=not args.quick)
         if "nonprivate" in tuned:
             cells.insert(1, control_cell(tuned))
         failures += run_cells(cells, args.jobs, task, out, matrix_config)
+    if args.stage in ("downstream", "all"):
+        failures += run_downstream(args, out, tuned, plan, rounds, run_cells)
     print(report_matrix.report(out))
     return 1 if failures or missing else 0
+
+
+def run_downstream(
+    args: argparse.Namespace,
+    out: Path,
+    tuned: dict[str, dict[str, Any]],
+    plan: dict[str, Any],
+    rounds: int,
+    run_cells: Any,
+) -> int:
+    """The downstream block, one cell at a time; DP-ZO's steps timed first at this task's size."""
+    task = dict(QUICK_DOWNSTREAM_TASK if args.quick else DOWNSTREAM_TASK)
+    failures = run_cells(timing_cells(rounds, "timing_downstream"), 1, task, out, matrix_config)
+    timing = zo_steps_from(sweep.load_rows(out / sweep.JSONL), rounds, task["steps"], "timing_downstream")
+    plan["downstream"] = {
+        "task": task,
+        "methods": list(DOWNSTREAM_METHODS),
+        "epsilon": DOWNSTREAM_EPSILON,
+        "timing": timing,
+    }
+    (out / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
+    cells = downstream_cells(tuned, None if timing is None else timing["zo_steps"], tuple(plan["seeds"]))
+    return failures + run_cells(cells, 1, task, out, matrix_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all (a few with --quick)")
     parser.add_argument("--seeds", nargs="+", type=int, help=f"default {' '.join(map(str, SEEDS))}")
     parser.add_argument(
-        "--stage", choices=("tune", "grid", "all"), default="all", help="tune: tuning + timing only"
+        "--stage",
+        choices=("tune", "grid", "downstream", "all"),
+        default="all",
+        help="tune: tuning + timing only; grid: and the grid; downstream: tuning + the downstream block",
     )
     parser.add_argument(
         "--policy", type=Path, help="RLDP's prior (benchmarks/rldp_pretrain.py); online without"

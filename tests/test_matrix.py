@@ -58,6 +58,21 @@ def test_quick_matrix_tunes_runs_audits_and_resumes(
     assert control["num_records"] == run_matrix.QUICK_CONTROL_DATA["num_records"] < nonprivate["num_records"]
     assert "mia_auc" in by_cell["control_memorise_s0"]
 
+    # the downstream block: field extraction scored after fit, at its own task size, DP-ZO steps timed for it
+    downstream = {n: r for n, r in by_cell.items() if r["settings"].get("role") == "downstream"}
+    assert set(downstream) == {
+        "downstream_pretrained",
+        "downstream_nonprivate_epsinf_s0",
+        "downstream_dpsgd_flat_eps2_s0",
+        "downstream_dpzo_laplace_eps2_s0",
+    }
+    for row in downstream.values():
+        assert 0.0 <= row["downstream_accuracy"] <= 1.0 and row["settings"]["max_length"] == 128
+    assert downstream["downstream_dpzo_laplace_eps2_s0"]["steps"] == plan["downstream"]["timing"]["zo_steps"]
+    assert "downstream_accuracy" not in by_cell["dpsgd_flat_eps8_s0"] or (
+        by_cell["dpsgd_flat_eps8_s0"]["downstream_accuracy"] is None
+    )
+
     capsys.readouterr()
     assert run_matrix.main(["--quick", "--out", str(tmp_path)]) == 0
     assert "test ppl" not in capsys.readouterr().out  # resumable: nothing reran
