@@ -1,8 +1,9 @@
 """Pre-train RLDP's prior policy on the simulator (public notes only: it costs no privacy), resumably.
 
 Each episode is one simulated DP-SGD LoRA run (:class:`dplightning.envs.DPTrainingEnv`: the SGD recipe's model,
-LoRA, optimizer, clip norm and σ calibration on pseudo-clinical notes of a seed that is not the private data's,
-batch 32 and 30 steps for a CPU). The agent (:class:`dplightning.envs.rldp_agent.RLDPAgent`, the controller's own
+LoRA, optimizer and clip norm on pseudo-clinical notes of a seed that is not the private data's, batch 32 and 30
+steps for a CPU) at the recipe's noise per averaged gradient σ/B (``--sigma-over-batch``), not at its ε: at batch
+32 the recipe's ε would give four times the recipe's σ/B, where every step hurts. The agent (:class:`dplightning.envs.rldp_agent.RLDPAgent`, the controller's own
 set-up) samples actions, stores every transition and takes ``--gradient-steps`` SAC updates per decision.
 
 After every episode the agent, its replay buffer, its random streams and the episode count are written atomically
@@ -29,6 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# The recipe's noise per averaged gradient: σ/B = 0.472/128 ≈ 0.0037 at ε = 8 and 0.760/128 ≈ 0.0059 at ε = 2;
+# the simulator keeps their geometric mean at its smaller batch (the same ε at batch 32 would give four times it)
+SIGMA_OVER_BATCH = 0.0047
 QUICK_ENV = {
     "model_name": "tiny-llama",
     "num_records": 120,
@@ -52,7 +56,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/rldp_prior/policy.zip"), help="policy zip")
     parser.add_argument("--state", type=Path, default=None, help="resume state (default: <out>.state.pt)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--target-epsilon", type=float, default=8.0)
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--sigma-over-batch",
+        type=float,
+        default=SIGMA_OVER_BATCH,
+        help="noise per averaged gradient σ/B of the simulated runs (default: between the recipe's at ε = 8 and 2)",
+    )
+    budget.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=None,
+        help="calibrate σ from this ε instead of --sigma-over-batch",
+    )
     parser.add_argument("--episode-steps", type=int, default=30)
     parser.add_argument("--rl-interval", type=int, default=5)
     parser.add_argument(
@@ -77,9 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def env_settings(args: argparse.Namespace) -> dict[str, Any]:
+    batch = QUICK_ENV["batch_size"] if args.quick else args.batch_size
+    budget = (
+        {"target_epsilon": args.target_epsilon}
+        if args.target_epsilon is not None
+        else {"noise_multiplier": args.sigma_over_batch * batch}
+    )
     settings: dict[str, Any] = {
         "model_name": args.model,
-        "target_epsilon": args.target_epsilon,
+        **budget,
         "episode_steps": args.episode_steps,
         "rl_interval": args.rl_interval,
         "batch_size": args.batch_size,

@@ -39,7 +39,7 @@ from dplightning.envs.rldp_core import (
     split_sigma,
 )
 from dplightning.errors import DPLightningError
-from dplightning.privacy.accounting import make_accountant, noise_for_target
+from dplightning.privacy.accounting import compute_epsilon, make_accountant, noise_for_target
 from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.clipping import clip_to_grid_and_sum, group_grids, make_groups
 from dplightning.privacy.discretization import from_grid
@@ -58,6 +58,10 @@ class DPTrainingEnv(gym.Env):
         eval_examples: size of the fixed public evaluation set (the reward's).
         episode_steps, rl_interval: DP-SGD steps per episode and between decisions.
         target_epsilon, delta, accountant: the episode's budget and its accounting.
+        noise_multiplier: the recipe's σ, given directly instead of calibrated from ``target_epsilon`` (which is
+            then the ε that σ spends over the episode). A reduced simulator (a smaller batch, fewer steps) should
+            keep the real run's noise per averaged gradient σ/B, not its ε: at batch 32 the real run's ε would
+            give about four times its σ/B, a regime where every step hurts.
         clip_step, clip_range, sigma_range, clip_allocation, allocation_range, count_budget_fraction: the
             action mapping and observation, as ``RLDPController`` takes them (must match to load the policy).
         simulation_seed: data seed of the simulated notes; private_data_seed: the private run's (refused if equal).
@@ -87,6 +91,7 @@ class DPTrainingEnv(gym.Env):
         target_epsilon: float = 8.0,
         delta: float = 1e-5,
         accountant: str = "rdp",
+        noise_multiplier: float | None = None,
         clip_step: float = 1.5,
         clip_range: float = 4.0,
         sigma_range: float = 1.5,
@@ -137,6 +142,20 @@ class DPTrainingEnv(gym.Env):
         self.episode = 0
         self._load_data(model_name, num_records, max_length, eval_examples)
         self.q = batch_size / len(self.train_ids)
+        self.noise_multiplier = noise_multiplier
+        if noise_multiplier is not None:
+            if not noise_multiplier > 0:
+                raise DPLightningError(
+                    f"DPTrainingEnv: noise_multiplier must be > 0, got {noise_multiplier}; e.g. 0.15"
+                )
+            # the budget the guard keeps: what σ spends over the episode
+            self.target_epsilon = compute_epsilon(
+                noise_multiplier,
+                self.q,
+                episode_steps,
+                delta,
+                accountant=accountant,  # type: ignore[arg-type]
+            )
         self._build_episode(seed * 1000)  # the spaces depend on the model's clipping groups
         self.observation_space, self.action_space = make_spaces(
             self._obs_size, self.control.mapper.action_size
@@ -190,7 +209,7 @@ class DPTrainingEnv(gym.Env):
         self.accountant = make_accountant(self.accountant_kind)  # type: ignore[arg-type]
         self.noise = NoiseSource(seed=run_seed)
         self.sampler = PoissonBatchSampler(len(self.train_ids), self.q, seed=run_seed)
-        base_sigma = noise_for_target(
+        base_sigma = self.noise_multiplier or noise_for_target(
             self.target_epsilon,
             self.delta,
             self.q,

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import fake_dpsgd_strategy
+from conftest import fake_dpsgd_strategy, load_benchmark
 
 from dplightning.callbacks import PrivacyBudget, RLDPController
 from dplightning.envs.rldp_agent import RLDPAgent
@@ -462,6 +462,27 @@ def test_simulator_poses_the_controllers_problem() -> None:
     _, _, done, _, info = env.step(np.array([1.0, 1.0], dtype=np.float32))
     assert done and info["clip"] == 1.5 and info["sigma"] == pytest.approx(base * 1.5)
     assert info["epsilon"] <= 8.0
+
+
+def test_simulator_can_keep_the_real_runs_noise_per_averaged_gradient() -> None:
+    """Given σ directly, the simulator uses it and its guard keeps exactly the ε that σ spends over the episode."""
+    from dplightning.envs import DPTrainingEnv
+    from dplightning.privacy.accounting import compute_epsilon
+
+    env = DPTrainingEnv(**{k: v for k, v in SIM.items() if k != "target_epsilon"}, noise_multiplier=0.3)
+    env.reset(seed=0)
+    assert env.control.mapper.base_sigma == 0.3
+    assert env.target_epsilon == compute_epsilon(0.3, env.q, SIM["episode_steps"], 1e-5, accountant="rdp")
+    _, _, _, _, info = env.step(np.zeros(2, dtype=np.float32))
+    assert info["sigma"] == 0.3
+    with pytest.raises(DPLightningError, match="noise_multiplier must be > 0"):
+        DPTrainingEnv(**SIM, noise_multiplier=0.0)
+    # the pre-training script sets σ = σ/B × its batch unless asked for an ε
+    pretrain = load_benchmark("rldp_pretrain")
+    settings = pretrain.env_settings(pretrain.parse_args(["--sigma-over-batch", "0.004"]))
+    assert settings["noise_multiplier"] == pytest.approx(0.004 * 32) and "target_epsilon" not in settings
+    settings = pretrain.env_settings(pretrain.parse_args(["--target-epsilon", "8"]))
+    assert settings["target_epsilon"] == 8.0 and "noise_multiplier" not in settings
 
 
 def test_pretraining_resumes_without_replay_and_the_policy_loads(tmp_path: Path) -> None:
