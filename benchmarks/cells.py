@@ -48,24 +48,6 @@ def _scalars(logdir: Path, prefixes: tuple[str, ...]) -> dict[str, list[tuple[in
     return out
 
 
-def audit_callbacks(task: dict[str, Any]) -> list[dict[str, Any]]:
-    """The audits every cell runs at the end of fit (sized by the task: they cost forwards on the model)."""
-    return [
-        {
-            "class_path": "dplightning.callbacks.MembershipInferenceAudit",
-            "init_args": {"max_examples": task["mia_examples"], "batch_size": task["eval_batch_size"]},
-        },
-        {
-            "class_path": "dplightning.callbacks.CanaryAudit",
-            "init_args": {
-                "num_canaries": task["canaries"],
-                "repeats": [1, 4],
-                "reference_samples": task["canary_references"],
-            },
-        },
-    ]
-
-
 AUDIT_KEYS = {
     "audit/mia/loss/auc": "mia_auc",
     "audit/mia/reference/auc": "mia_reference_auc",
@@ -145,6 +127,10 @@ def run_cell(config_path: Path) -> dict[str, Any]:
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     wall = time.perf_counter() - started
+    if (
+        curve and curve[-1][0] != trainer.global_step
+    ):  # the interval did not divide the steps: validate the end
+        trainer.validate(model, datamodule=data, verbose=False)
     test = trainer.test(model, datamodule=data, verbose=False)[0]
     strategy = trainer.strategy
     private = hasattr(strategy, "accountant")

@@ -20,7 +20,8 @@ Rules the targets are judged by (stated again in the README):
   around the crossing, as a fraction of flat's steps; met when every paired seed reaches it and the mean fraction
   is ≤ 60 %.
 * **MIA loss AUC no worse**: met when the mean paired difference (RLDP − flat) ≤ 2 × its standard error, from the
-  cells' Hanley–McNeil SEs treated as independent (conservative: both cells are scored on the same notes).
+  paired differences over seeds (one seed: one cell's Hanley–McNeil SE; the two cells score the same notes, so
+  their AUCs are correlated and adding their SEs as if independent would be lenient).
 * **Canary exposure no worse** (canaries inserted once, the ones DP protects): met when the mean paired
   difference ≤ max(0, sd of the never-inserted canaries' exposure over the same cells), i.e. no larger than the
   spread that chance alone gives a cell's mean exposure.
@@ -77,7 +78,7 @@ class Results:
 
     cells: dict[str, Row]  # cell name -> newest ok row (matrix rows only: those with a role)
     grid: dict[Key, Row]  # (method, ε, seed) -> row, role grid
-    left_out: int  # finished matrix cells of another regime
+    left_out: int  # finished matrix cells of another regime, or run with settings the plan no longer chooses
     failed: list[str]  # cells whose newest attempt failed and that have no ok row
 
 
@@ -110,14 +111,46 @@ def load_results(out: Path, plan: dict[str, Any]) -> Results:
         if regime(r["task"]) == regime(task)
         or (downstream_task is not None and regime(r["task"]) == regime(downstream_task))
     }
+    # a grid or downstream row run with other settings than the plan's choice (an earlier choice, another prior)
+    cells = {name: r for name, r in cells.items() if follows_plan(r, plan)}
     grid: dict[Key, Row] = {}
     for row in cells.values():
         s = row["settings"]
         if s["role"] == "grid":
             grid[(s["method"], _eps(s.get("epsilon")), s.get("seed"))] = row
-    ok = {r["cell"] for r in rows if r["status"] == "ok"}
-    failed = sorted({r["cell"] for r in rows if r["status"] != "ok"} - ok)
+    newest_attempt = {r["cell"]: r for r in rows}
+    failed = sorted(name for name, r in newest_attempt.items() if r["status"] != "ok")
     return Results(cells, grid, len(newest) - len(cells), failed)
+
+
+SETTING_KEYS = (
+    "optimizer",
+    "momentum",
+    "lr",
+    "schedule",
+    "clip",
+    "grad_clip",
+    "mu",
+    "noise",
+    "steps",
+    "controller",
+)
+
+
+def follows_plan(row: Row, plan: dict[str, Any]) -> bool:
+    """Whether a grid or downstream row has the settings the plan's tuned choice gives its method (other rows,
+    and any row while the plan has no choice for its method, pass)."""
+    s = row["settings"]
+    tuned = (plan.get("tuned") or {}).get(s["method"])
+    if s["role"] not in ("grid", "downstream") or tuned is None or s["method"] == "pretrained":
+        return True
+    settings = dict(tuned)
+    if s["method"].startswith("dpzo") and s["role"] == "downstream":
+        timing = (plan.get("downstream") or {}).get("timing") or {}
+        settings["steps"] = timing.get("zo_steps", s.get("steps"))
+    expected = matrix.method_cell(s["method"], settings, s.get("epsilon"), s.get("seed", 0))
+    defaults = {"schedule": "constant"}
+    return all(s.get(key, defaults.get(key)) == expected.get(key, defaults.get(key)) for key in SETTING_KEYS)
 
 
 def _downstream(row: Row) -> bool:
@@ -278,10 +311,15 @@ def auc_target(results: Results, epsilon: float) -> Target:
         return Target(name, epsilon, "–", NOT_YET if not paired(results, epsilon) else "not measured")
     diffs = {s: a["mia_auc"] - b["mia_auc"] for s, a, b in pairs}
     mean = statistics.mean(diffs.values())
-    # SE of a mean of independent per-seed differences, each with variance se_a² + se_b²
-    se = math.sqrt(sum(a["mia_auc_se"] ** 2 + b["mia_auc_se"] ** 2 for _, a, b in pairs)) / len(pairs)
+    # Both cells of a seed score the same members and non-members, so their AUCs are correlated and treating the
+    # two SEs as independent would overstate the difference's SE (a lenient test). With ≥ 2 seeds: the SE of the
+    # paired differences' mean over seeds (training-seed variation included); with one: one cell's SE.
+    if len(diffs) >= 2:
+        se, how = statistics.stdev(diffs.values()) / math.sqrt(len(diffs)), "over seeds"
+    else:
+        se, how = max(a["mia_auc_se"] for _, a, _ in pairs), "one cell's Hanley–McNeil SE"
     seeds = ", ".join(f"s{s} {d:+.3f}" for s, d in diffs.items())
-    figures = f"mean difference {mean:+.3f} ({seeds}); {SE_FACTOR:g} × SE = {SE_FACTOR * se:.3f}"
+    figures = f"mean difference {mean:+.3f} ({seeds}); {SE_FACTOR:g} × SE = {SE_FACTOR * se:.3f} ({how})"
     return Target(name, epsilon, figures, "met" if mean <= SE_FACTOR * se else "not met")
 
 
@@ -933,7 +971,10 @@ def _delta(results: Results) -> str:
 def regime_line(results: Results) -> str:
     if not results.cells:
         return "Regime: no matrix cell has finished yet."
-    task = list(results.cells.values())[-1]["task"]
+    grid = [r for r in results.cells.values() if not _downstream(r)]
+    if not grid:
+        return "Regime: no matrix cell of the main grid has finished yet."
+    task = grid[-1]["task"]
     return (
         f"Regime: {task['model']}, N = {decide.train_size(task):,} training notes (of {task['num_records']:,} "
         f"pseudo-clinical records, data_seed {task.get('data_seed', 0)}), T = {task['max_length']}, expected "
@@ -1003,7 +1044,11 @@ def header(results: Results, plan: dict[str, Any]) -> list[str]:
     if plan.get("quick"):
         lines += ["**--quick run**: tiny-llama, a few steps: checks the machinery only.", ""]
     if results.left_out:
-        lines += [f"{results.left_out} finished cells of another regime (task) are left out.", ""]
+        lines += [
+            f"{results.left_out} finished cells of another regime (task) or of settings the plan no longer chooses "
+            "are left out.",
+            "",
+        ]
     if results.failed:
         lines += ["Failed (rerun by the next invocation): " + ", ".join(results.failed), ""]
     return lines

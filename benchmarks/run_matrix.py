@@ -7,16 +7,20 @@ accountant, δ = 1e-5 (DP-ZO Laplace: pure ε). Methods:
 
 * ``pretrained`` the base model (no training) and ``nonprivate`` LoRA (AdamW, global gradient clip 1);
 * ``dpsgd_flat`` the SGD recipe (momentum 0.9, C = 1) at the learning rate and schedule chosen on public notes:
-  exactly ``rldp_decide.py``'s M3, whose public tuning cells it shares (they live in that benchmark's results);
+  ``rldp_decide.py``'s M3, whose public tuning cells it shares (they live in that benchmark's results); its grid
+  cells differ from M3's by the audits' canaries (about 144 inserted notes among 10,000);
 * ``automatic_clipping`` and ``quantile_clipping`` the same optimiser with the callback of that name;
-* ``rldp`` the RLDP controller on the recipe (``rldp_decide.py``'s M7 with ``--policy``, else M6: online);
+* ``rldp`` the RLDP controller starting from DP-SGD flat's tuned point (its mean action is that DP-SGD run), from
+  the pre-trained prior with ``--policy`` (``act: deterministic``), else online from scratch (``act: sample``);
+  it is not tuned further: its controller moves the step size and σ;
 * ``dpzo_gaussian`` and ``dpzo_laplace`` zeroth-order DP (``DPZOStrategy``), given the steps that their
   forward-only steps buy in DP-SGD's wall-clock (below).
 
-**Tuning** (free: public notes, ``data_seed 1``, seed 0, ε = 8): every method gets its own learning rate (and μ
-for DP-ZO) from a small grid, chosen on the public validation perplexity; ``plan.json`` records each choice and
+**Tuning** (free: public notes, ``data_seed 1``, seed 0, ε = 8): every method but RLDP gets its own learning
+rate (and μ for DP-ZO) from a small grid, chosen on the public validation perplexity; ``plan.json`` records each choice and
 the report lists every tuning cell. **DP-ZO's steps**: before its cells, short timing runs of DP-SGD and DP-ZO
-(alone, one after the other, alternating, one thread) measure the median training batch of each; DP-ZO gets
+(one cell at a time, alternating, one thread: the grid's thread count) measure the median training batch of
+each (the load average beside them; alternating keeps the ratio when other jobs share the machine); DP-ZO gets
 ``round(70 × t_DP-SGD / t_DP-ZO)`` steps. Equal steps would be the wrong comparison for a method whose step is
 two forwards; both counts are reported.
 
@@ -86,6 +90,7 @@ METHODS = (
 PRIVATE = METHODS[2:]
 TIMING_ROUNDS = 3
 TIMING_STEPS = 6
+TIMING_THREADS = 1  # the grid's cells run on one thread each (--jobs 2 --threads 1 on 2 cores)
 VALIDATIONS = 7  # per grid cell: the validation-perplexity curve
 
 FULL_TASK: dict[str, Any] = {
@@ -362,7 +367,11 @@ def zo_steps_from(
             return None
         pairs.append((sgd["median_batch_s"], zo["median_batch_s"]))
     ratio = statistics.median(s / z for s, z in pairs)
+    timed = [done[f"{prefix}_{m}_r{r}"] for r in range(rounds) for m in ("dpsgd_flat", "dpzo_gaussian")]
     return {
+        "threads": sorted({r.get("threads") for r in timed}),
+        # other jobs on the machine slow both kinds of step; alternating them keeps the ratio, the loads say how busy
+        "loadavg_1min": [r["loadavg_before"][0] for r in timed if r.get("loadavg_before")],
         "dpsgd_batch_s": [s for s, _ in pairs],
         "dpzo_batch_s": [z for _, z in pairs],
         "ratio": ratio,
@@ -411,9 +420,8 @@ def tuned_settings(
     }
     point, fallback = decide.public_choice(public, grid)
     tuned["dpsgd_flat"] = {"lr": point[0], "schedule": point[1], "fallback": fallback}
-    # RLDP starts from the recipe's point, as rldp_decide's M6/M7 do; its controller moves the step size
-    lr, schedule = decide.RECIPE_POINT
-    tuned["rldp"] = {"lr": lr, "schedule": schedule, "controller": controller}
+    # RLDP starts as tuned DP-SGD (its mean action keeps the base step size and σ); its controller moves them
+    tuned["rldp"] = {"lr": point[0], "schedule": point[1], "controller": controller}
     return tuned
 
 
@@ -447,14 +455,20 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         return sweep.load_rows(out / sweep.JSONL)
 
     def run_cells(
-        cells: list[dict[str, Any]], jobs: int, task_: dict[str, Any], where: Path, config_fn: Any
+        cells: list[dict[str, Any]],
+        jobs: int,
+        task_: dict[str, Any],
+        where: Path,
+        config_fn: Any,
+        threads: int | None = None,
+        report_fn: Any = report_matrix.report,
     ) -> int:
-        jobs_args = argparse.Namespace(**{**vars(args), "jobs": jobs})
-        return sweep.run_cells(cells, task_, where, jobs_args, command, report_matrix.report, config_fn)
+        jobs_args = argparse.Namespace(**{**vars(args), "jobs": jobs, "threads": threads or args.threads})
+        return sweep.run_cells(cells, task_, where, jobs_args, command, report_fn, config_fn)
 
-    # 1. timing, alone (one cell at a time): DP-ZO's step count comes from it
+    # 1. timing, one cell at a time on one thread whatever --threads says: DP-ZO's step count comes from it
     if any(m.startswith("dpzo") for m in methods):
-        failures += run_cells(timing_cells(rounds), 1, task, out, matrix_config)
+        failures += run_cells(timing_cells(rounds), 1, task, out, matrix_config, threads=TIMING_THREADS)
     calibration = zo_steps_from(rows(), rounds, task["steps"])
     zo_steps = None if calibration is None else calibration["zo_steps"]
     # 2. tuning: dpsgd_flat's public cells are rldp_decide's (shared: run into its results), the others here
@@ -466,11 +480,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             decide.QUICK_TASK if args.quick else decide.FULL_TASK,
             decide_out,
             decide.decide_config,
+            report_fn=lambda _: None,  # these cells belong to rldp_decide's results: its report is its own
         )
     failures += run_cells(tuning_cells(tuning, zo_steps), args.jobs, task, out, matrix_config)
     tuned = tuned_settings(
         rows(), sweep.load_rows(decide_out / sweep.JSONL), tuning, zo_steps, grid, controller
     )
+    previous = json.loads((out / PLAN).read_text()) if (out / PLAN).exists() else {}
     plan = {
         # what the rows of this regime share (the staged prior's path changes RLDP's cells only)
         "task": {k: v for k, v in task.items() if k != "policy_path"},
@@ -487,6 +503,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         else str(decide_out),
         "quick": args.quick,
     }
+    if "downstream" in previous:  # a later --stage tune or grid keeps the downstream block's record
+        plan["downstream"] = previous["downstream"]
     (out / PLAN).write_text(json.dumps(plan, indent=2) + "\n")
     missing = [m for m in methods if m not in tuned]
     if missing:
@@ -513,7 +531,8 @@ def run_downstream(
 ) -> int:
     """The downstream block, one cell at a time; DP-ZO's steps timed first at this task's size."""
     task = dict(QUICK_DOWNSTREAM_TASK if args.quick else DOWNSTREAM_TASK)
-    failures = run_cells(timing_cells(rounds, "timing_downstream"), 1, task, out, matrix_config)
+    timing_cells_ = timing_cells(rounds, "timing_downstream")
+    failures = run_cells(timing_cells_, 1, task, out, matrix_config, threads=TIMING_THREADS)
     timing = zo_steps_from(sweep.load_rows(out / sweep.JSONL), rounds, task["steps"], "timing_downstream")
     plan["downstream"] = {
         "task": task,

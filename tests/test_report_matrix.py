@@ -79,9 +79,23 @@ def _row(
     }
 
 
+# what _plan's tuned choices give each method's cells (a row with other settings is left out as stale)
+TUNED: dict[str, dict[str, Any]] = {
+    "pretrained": {},
+    "nonprivate": {"lr": 0.01},
+    "dpsgd_flat": {"lr": 0.5, "schedule": "constant", "fallback": False},
+    "rldp": {"lr": 0.5, "schedule": "constant", "controller": "rldp_prior"},
+}
+
+
 def _grid(method: str, eps: float | None, seed: int, test: float, **kwargs: Any) -> dict[str, Any]:
     name = f"{method}_eps{'inf' if eps is None else f'{eps:g}'}_s{seed}"
-    return _row(name, method, eps=eps, seed=seed, test=test, **kwargs)
+    settings = dict(kwargs.pop("settings", {}))
+    if method in TUNED:
+        run_matrix = load_benchmark("run_matrix")
+        cell = run_matrix.method_cell(method, TUNED[method], eps, seed)
+        settings = {**{k: v for k, v in cell.items() if k not in ("kind", "epsilon", "seed")}, **settings}
+    return _row(name, method, eps=eps, seed=seed, test=test, settings=settings, **kwargs)
 
 
 def _references(nonprivate: dict[int, float], base: float = 100.0) -> list[dict[str, Any]]:
@@ -96,12 +110,7 @@ def _plan(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         "low_epsilon": None,
         "seeds": [0, 1, 2],
         "tuning": {},
-        "tuned": {
-            "pretrained": {},
-            "nonprivate": {"lr": 0.01},
-            "dpsgd_flat": {"lr": 0.5, "schedule": "constant", "fallback": False},
-            "rldp": {"lr": 0.5, "schedule": "constant", "controller": "rldp_prior"},
-        },
+        "tuned": TUNED,
         "timing": None,
         "policy": "runs/prior.zip",
         "decide_out": str(tmp_path / "decide"),
@@ -192,7 +201,9 @@ def test_steps_to_reach_interpolates_between_validations(rm: ModuleType, tmp_pat
 def test_audit_targets_judge_the_paired_difference_against_its_noise(rm: ModuleType, tmp_path: Path) -> None:
     audit = {"mia_auc_se": 0.01, "canary_exposure_not_inserted": 1.0}
     flat = _grid("dpsgd_flat", 8.0, 0, 10.0, mia_auc=0.50, canary_exposure=1.0, **audit)
-    close = _grid("rldp", 8.0, 0, 9.0, mia_auc=0.52, canary_exposure=0.5, **audit)  # 0.02 ≤ 2·√2·0.01
+    close = _grid(
+        "rldp", 8.0, 0, 9.0, mia_auc=0.515, canary_exposure=0.5, **audit
+    )  # 0.015 ≤ 2·0.01 (one seed)
     leaky = _grid("rldp", 8.0, 0, 9.0, mia_auc=0.60, canary_exposure=3.0, **audit)
     assert rm.auc_target(_results(rm, tmp_path, [flat, close]), 8.0).status == "met"
     assert rm.exposure_target(_results(rm, tmp_path, [flat, close]), 8.0).status == "met"
@@ -384,3 +395,27 @@ def test_downstream_block_judges_dp_zo_against_dp_sgd_and_the_base_model(
     laplace_line = next(line for line in section.splitlines() if "clearly above the base model" in line)
     assert zo_line.endswith(f"| {expected[0]} |") and laplace_line.endswith(f"| {expected[1]} |")
     assert "| dpsgd_flat | 3 | 56.0%" in section  # mean of 56, 58, 54
+
+
+def test_a_row_run_with_settings_the_plan_no_longer_chooses_is_left_out(
+    rm: ModuleType, tmp_path: Path
+) -> None:
+    """An RLDP row run online (or with an old learning rate) is not paired with the prior's under its label."""
+    rows = [
+        *_references({0: 50.0}),
+        _grid("dpsgd_flat", 8.0, 0, 60.0),
+        _grid("dpsgd_flat", 8.0, 1, 60.0, settings={"lr": 0.25}),  # an earlier choice
+        _grid("rldp", 8.0, 0, 55.0),
+        _grid("rldp", 8.0, 1, 40.0, settings={"controller": "rldp"}),  # online, not from the prior
+    ]
+    _write(tmp_path, rows, _plan(tmp_path))
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    results = rm.load_results(tmp_path, plan)
+    assert set(results.grid) == {
+        ("pretrained", None, None),
+        ("nonprivate", None, 0),
+        ("dpsgd_flat", 8.0, 0),
+        ("rldp", 8.0, 0),
+    }
+    assert results.left_out == 2
+    assert [s for s, _, _ in rm.paired(results, 8.0)] == [0]
