@@ -22,7 +22,8 @@ PLD accountant, δ = 1e-5; SGD with momentum 0.9, the optimiser for which the cl
 * **adamw** the tuned AdamW DP-SGD recipe (lr 1e-2, C = 1; ``configs/dpsgd_recipe.yaml``), as a reference.
 
 Seeds (``--seeds N M``): N = 3 for M4, M5, M6 and the reference; M = 5 for the grid (M1, M2, M3) and M7. Cells run
-in order of use: ε = 8 seed 0 of every method, then ε = 2 seed 0, then the next seeds.
+in order of use: every method at ε = 8 seed by seed up to N (a complete paired comparison at ε = 8 first), then
+the same at ε = 2, then the grid's and M7's extra seeds.
 
 Each cell is one subprocess run by ``recipe_sweep.py``'s machinery (``cells.py --cell``), one JSON line in
 ``<out>/recipe_sweep.jsonl``; finished cells (same name and config hash) are never rerun, so the same command
@@ -150,16 +151,21 @@ def decide_grid(
     reference: bool = True,
     base: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every cell once, in order of use: seed by seed, ε by ε (ε = 8 first), each block holding every method."""
+    """Every cell once, in order of use: ε by ε (ε = 8 first), seed by seed up to the common seed count, each block
+    holding every method, so that a paired comparison of every method at ε = 8 over N seeds is complete before ε = 2
+    starts; then the extra seeds of the grid and M7, ε by ε."""
     every, more = seeds
     cells: list[dict[str, Any]] = [{"kind": "base"}] if base else []
-    for seed in range(max(every, more)):
-        for eps in epsilons:
-            cells += _block(seed, eps, grid, every=seed < every, more=seed < more, prior=prior)
+    for eps in epsilons:
+        for seed in range(every):
+            cells += _block(seed, eps, grid, every=True, more=seed < more, prior=prior)
             if public and seed == 0:  # M3's selection: one seed on public notes, free
                 cells += [sgd_cell(p, eps, 0, data_seed=PUBLIC_DATA_SEED) for p in grid]
-            if reference and seed < every:
+            if reference:
                 cells.append({"kind": "dpsgd", **ADAMW, "epsilon": eps, "seed": seed})
+    for eps in epsilons:
+        for seed in range(every, more):
+            cells += _block(seed, eps, grid, every=False, more=True, prior=prior)
     return _unique(cells)
 
 

@@ -48,10 +48,18 @@ def test_cells_come_in_order_of_use_once_each() -> None:
     assert {c.get("controller") for c in first_block} == {None, "rldp", "plateau", "rldp_prior"}
     assert sum(c.get("data_seed") == decide.PUBLIC_DATA_SEED for c in first_block) == grid
     assert first_block[-1]["optimizer"] == "adamw"
-    second = cells[1 + 3 * grid + 4]  # then ε = 2, seed 0 (M2's grid at 2 ran already, as M4's trials)
-    assert (second["seed"], second["epsilon"], second.get("controller")) == (0, 2.0, "rldp_prior")
-    seeds = [c.get("seed", -1) for c in cells[1:]]
-    assert seeds == sorted(seeds)  # more seeds come after every method's seed 0
+    second = cells[1 + 3 * grid + 4]  # then ε = 8, seed 1: every method at ε = 8 over 3 seeds before ε = 2
+    assert (second["seed"], second["epsilon"]) == (1, 8.0)
+    every = decide.SEEDS[0]
+    main = [c for c in cells[1:] if c["seed"] < every]
+    last_eps8 = max(i for i, c in enumerate(main) if c["epsilon"] == 8.0)
+    first_eps2 = min(i for i, c in enumerate(main) if c["epsilon"] == 2.0 and c.get("controller"))
+    assert last_eps8 < first_eps2
+    assert [c["seed"] for c in main if c["epsilon"] == 8.0] == sorted(
+        c["seed"] for c in main if c["epsilon"] == 8.0
+    )
+    extra = cells[1 + len(main) :]  # the grid's and M7's extra seeds come last
+    assert extra and all(c["seed"] >= every for c in extra)
 
     def count(**match: Any) -> int:
         return sum(all(c.get(k) == v for k, v in match.items()) for c in cells)
