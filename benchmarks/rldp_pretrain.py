@@ -16,6 +16,7 @@ Usage::
 
     .venv/bin/python benchmarks/rldp_pretrain.py --episodes 100 --out runs/rldp_prior/policy.zip
     .venv/bin/python benchmarks/rldp_pretrain.py --quick --out /tmp/rldp_prior.zip   # tiny-llama, 2 episodes
+    .venv/bin/python benchmarks/rldp_pretrain.py --recipe-episode    # the recipe's own return in the simulator
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the agent and of the episodes")
     parser.add_argument("--quick", action="store_true", help="tiny-llama, 2 short episodes: a smoke test")
+    parser.add_argument(
+        "--recipe-episode",
+        action="store_true",
+        help="only run one episode with the recipe's own action (all zeros) and print its return: does the "
+        "simulated regime learn at all? (no agent, nothing written)",
+    )
     args = parser.parse_args(argv)
     if args.quick and "--episodes" not in (argv if argv is not None else sys.argv[1:]):
         args.episodes = 2
@@ -128,6 +135,21 @@ def _load_state(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     return state
 
 
+def recipe_episode(settings: dict[str, Any]) -> float:
+    """The return of episode 0 under the recipe's own action (all zeros): the public-loss improvement × 100 that the
+    tuned recipe gets in the simulated regime, the level a prior has to beat."""
+    from dplightning.envs import DPTrainingEnv
+
+    env = DPTrainingEnv(**settings)
+    env.episode = 0
+    env.reset()
+    total, finished = 0.0, False
+    while not finished:
+        _, reward, finished, _, _ = env.step(np.zeros(env.action_space.shape, dtype=np.float32))
+        total += float(reward)
+    return total
+
+
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Train until ``--episodes`` episodes are done; returns ``{"episodes", "returns", "policy", "resumed_from"}``."""
     from dplightning.checkpoint_io import atomic_write
@@ -136,6 +158,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     settings = env_settings(args)
+    if args.recipe_episode:
+        total = recipe_episode(settings)
+        print(f"recipe's action (all zeros), episode 0: return {total:+.3f}")
+        return {"episodes": 1, "returns": [total], "policy": None, "resumed_from": 0}
     env = DPTrainingEnv(**settings)
     sizes = (int(env.observation_space.shape[0]), int(env.action_space.shape[0]))  # type: ignore[index]
     state = _load_state(args.state, settings)

@@ -483,6 +483,10 @@ def test_simulator_can_keep_the_real_runs_noise_per_averaged_gradient() -> None:
     assert settings["noise_multiplier"] == pytest.approx(0.004 * 32) and "target_epsilon" not in settings
     settings = pretrain.env_settings(pretrain.parse_args(["--target-epsilon", "8"]))
     assert settings["target_epsilon"] == 8.0 and "noise_multiplier" not in settings
+    # the recipe's own return in the simulator: the zero action's episode, with nothing written
+    quick = pretrain.env_settings(pretrain.parse_args(["--quick"]))
+    result = pretrain.run(["--quick", "--recipe-episode", "--out", "/nonexistent/never.zip"])
+    assert result["returns"] == [pretrain.recipe_episode(quick)] and result["policy"] is None
 
 
 def test_pretraining_resumes_without_replay_and_the_policy_loads(tmp_path: Path) -> None:
