@@ -18,6 +18,11 @@ from dplightning.errors import DPLightningError
 NONMEMBER_SPLITS = ("test", "val+test")
 
 
+def _check_nonmembers(nonmembers: str) -> None:
+    if nonmembers not in NONMEMBER_SPLITS:
+        raise DPLightningError(f"nonmembers must be one of {NONMEMBER_SPLITS}, got {nonmembers!r}")
+
+
 def audit_loaders(
     datamodule: Any, max_examples: int, batch_size: int, seed: int = 0, nonmembers: str = "test"
 ) -> tuple[DataLoader, DataLoader]:
@@ -25,8 +30,7 @@ def audit_loaders(
     non-members from the test split, or the validation and test splits together (``nonmembers="val+test"``,
     for more non-members than the test split holds): the same distribution, never trained on. At most
     ``max_examples`` each."""
-    if nonmembers not in NONMEMBER_SPLITS:
-        raise DPLightningError(f"nonmembers must be one of {NONMEMBER_SPLITS}, got {nonmembers!r}")
+    _check_nonmembers(nonmembers)
     datamodule.setup()
     train, test = datamodule.train_dataset, datamodule.test_dataset
     if train is None or test is None or len(test) == 0:
@@ -77,8 +81,7 @@ class MembershipInferenceAudit(Callback):
         seed: int = 0,
         nonmembers: str = "test",
     ) -> None:
-        if nonmembers not in NONMEMBER_SPLITS:
-            raise DPLightningError(f"nonmembers must be one of {NONMEMBER_SPLITS}, got {nonmembers!r}")
+        _check_nonmembers(nonmembers)
         if max_examples < 2 or batch_size < 1:
             raise DPLightningError("max_examples must be >= 2 and batch_size >= 1")
         if every_n_epochs is not None and every_n_epochs < 1:
