@@ -30,7 +30,7 @@ Each cell is one subprocess run by ``recipe_sweep.py``'s machinery (``cells.py -
 continues an interrupted run. ``<out>/plan.json`` records what the run was asked for (ε, grid, seeds, policy), which
 the report reads beside the JSONL. On the 2-core machine (hours of CPU)::
 
-    .venv/bin/python benchmarks/rldp_decide.py --jobs 2 --threads 1 --report-each --policy runs/rldp_prior/policy.zip
+    .venv/bin/python benchmarks/rldp_decide.py --jobs 2 --threads 1 --report-each --policy benchmarks/results/rldp_prior/policy.zip
     .venv/bin/python benchmarks/rldp_decide.py --report      # <out>/README.md from the JSONL
     .venv/bin/python benchmarks/rldp_decide.py --quick       # tiny-llama, 4 cells, about a minute (tests)
 """

@@ -44,7 +44,7 @@ Cells are subprocesses (``cells.py``), rows in ``<out>/recipe_sweep.jsonl``; fin
 config hash) are never rerun, so the same command continues. ``report_matrix.py`` writes ``<out>/README.md`` and
 the plots from the JSONL and ``plan.json``::
 
-    .venv/bin/python benchmarks/run_matrix.py --jobs 2 --threads 1 --policy runs/rldp_prior/policy.zip
+    .venv/bin/python benchmarks/run_matrix.py --jobs 2 --threads 1 --policy benchmarks/results/rldp_prior/policy.zip
     .venv/bin/python benchmarks/run_matrix.py --stage tune     # only the tuning and timing cells
     .venv/bin/python benchmarks/report_matrix.py               # the report, from the JSONL
     .venv/bin/python benchmarks/run_matrix.py --quick          # tiny-llama, a minute or two (tests)
