@@ -664,6 +664,14 @@ def epsilon_section(epsilon: float, note: str, results: Results, plan: dict[str,
     ]
 
 
+TARGET_HEADER = ("| ε | target | figures | status |", "| ---: | --- | --- | --- |")
+
+
+def target_lines(targets: Iterable[Target]) -> list[str]:
+    """One table row per target, under :data:`TARGET_HEADER`."""
+    return [f"| {t.epsilon:g} | {t.name} | {t.figures} | {t.status} |" for t in targets]
+
+
 # ------------------------------------------------------------------------------------------------ downstream
 DOWNSTREAM_GAP = 0.05  # DP-ZO Gaussian within 5 accuracy points of DP-SGD
 
@@ -747,8 +755,7 @@ def downstream_section(results: Results, plan: dict[str, Any]) -> list[str]:
             f"| {_fmt(max(spent) if spent else None, '.3f')} |"
         )
     targets = [zo_vs_dpsgd_target(rows), laplace_above_base_target(rows, task.get("downstream_notes"))]
-    lines += ["", "| ε | target | figures | status |", "| ---: | --- | --- | --- |"]
-    lines += [f"| {t.epsilon:g} | {t.name} | {t.figures} | {t.status} |" for t in targets]
+    lines += ["", *TARGET_HEADER, *target_lines(targets)]
     return [*lines, ""]
 
 
@@ -759,8 +766,7 @@ def targets_section(results: Results, plan: dict[str, Any], epsilons: list[tuple
         "",
         "Paired by seed (both cells of a seed finished); figures are RLDP − DP-SGD flat unless named.",
         "",
-        "| ε | target | figures | status |",
-        "| ---: | --- | --- | --- |",
+        *TARGET_HEADER,
     ]
     for epsilon, _ in epsilons:
         found = [
@@ -770,7 +776,7 @@ def targets_section(results: Results, plan: dict[str, Any], epsilons: list[tuple
             exposure_target(results, epsilon),
         ]
         found += dpzo_targets(results, epsilon, methods_at(epsilon, plan, results))
-        lines += [f"| {t.epsilon:g} | {t.name} | {t.figures} | {t.status} |" for t in found]
+        lines += target_lines(found)
     return [*lines, ""]
 
 

@@ -301,7 +301,8 @@ def grid_rows(
     return out
 
 
-def _val(row: dict[str, Any]) -> float:
+def validation_perplexity(row: dict[str, Any]) -> float:
+    """A cell's final validation perplexity for selection (inf when missing or NaN: never chosen)."""
     value = row.get("val_perplexity_after")
     return math.inf if value is None or math.isnan(value) else float(value)
 
@@ -310,7 +311,7 @@ def oracle_choice(by_point: dict[Point, dict[str, Any]], grid: tuple[Point, ...]
     """The grid point with the lowest validation perplexity (ties: grid order); None if the grid is incomplete."""
     if any(p not in by_point for p in grid):
         return None
-    return min(grid, key=lambda p: _val(by_point[p]))
+    return min(grid, key=lambda p: validation_perplexity(by_point[p]))
 
 
 def public_choice(public: dict[Point, dict[str, Any]], grid: tuple[Point, ...]) -> tuple[Point, bool]:

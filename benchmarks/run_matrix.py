@@ -380,11 +380,6 @@ def zo_steps_from(
     }
 
 
-def _val(row: dict[str, Any]) -> float:
-    value = row.get("val_perplexity_after")
-    return math.inf if value is None or math.isnan(value) else float(value)
-
-
 def tuned_settings(
     rows: list[dict[str, Any]],
     decide_rows: list[dict[str, Any]],
@@ -401,8 +396,8 @@ def tuned_settings(
         scored = [(s, done.get(f"tune_{method}_{_label(s)}")) for s in candidates]
         if any(row is None for _, row in scored):
             continue
-        best, row = min(scored, key=lambda item: _val(item[1]))  # type: ignore[arg-type]
-        tuned[method] = {**best, "tuning_val_perplexity": _val(row)}  # type: ignore[arg-type]
+        best, row = min(scored, key=lambda item: decide.validation_perplexity(item[1]))  # type: ignore[arg-type]
+        tuned[method] = {**best, "tuning_val_perplexity": decide.validation_perplexity(row)}  # type: ignore[arg-type]
         if method.startswith("dpzo"):
             if zo_steps is None:
                 del tuned[method]
