@@ -26,6 +26,11 @@ _TRAIN_ONLY: dict[str, Any] = {
 }
 
 
+def format_or_dash(value: float | None, spec: str) -> str:
+    """A table cell: ``value`` formatted by ``spec``, or an en dash where the figure is missing."""
+    return "–" if value is None else format(value, spec)
+
+
 def status_kb(field: str) -> int:
     """One ``kB`` field (``VmRSS``, ``VmHWM``, ...) of ``/proc/self/status``."""
     with open("/proc/self/status") as f:

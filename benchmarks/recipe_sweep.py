@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cells import DELTA, RESULTS, append_row, config_hash, run_subprocess
-from common import command_line
+from common import command_line, format_or_dash
 
 OUT = RESULTS / "recipe_sweep"
 JSONL = "recipe_sweep.jsonl"
@@ -423,10 +423,6 @@ def _optimiser(settings: dict[str, Any]) -> str:
     return f"{name} m{settings['momentum']:g}" if settings.get("momentum") else name
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def report(out: Path) -> Path:
     """``<out>/README.md``: one row per finished cell, figures computed from the JSONL only."""
     rows = [r for r in load_rows(out / JSONL) if r["status"] == "ok"]
@@ -464,14 +460,14 @@ def report(out: Path) -> Path:
         s = r["settings"]
         gap = gap_closed(r["test_perplexity_after"], base, ref)
         lines.append(
-            f"| {name} | {_optimiser(s)} | {_fmt(s.get('lr'), 'g')} "
+            f"| {name} | {_optimiser(s)} | {format_or_dash(s.get('lr'), 'g')} "
             f"| {s.get('schedule', 'constant') if s['kind'] != 'base' else '–'} "
-            f"| {_fmt(s.get('clip'), 'g')} "
-            f"| {_fmt(s.get('epsilon'), 'g')} | {_fmt(r['epsilon_spent'], '.3f')} | {_fmt(r['sigma'], '.3f')} "
-            f"| {_fmt(r['sigma_over_batch'], '.4f')} | {r['steps']} "
-            f"| {_fmt(r['val_perplexity_before'], '.2f')} → {_fmt(r['val_perplexity_after'], '.2f')} "
-            f"| {r['test_perplexity_after']:.2f} | {_fmt(gap, '.1%')} | {r['fit_wall_s']:.0f} "
-            f"| {_fmt(r['step_s'], '.1f')} | {r['threads']} "
+            f"| {format_or_dash(s.get('clip'), 'g')} "
+            f"| {format_or_dash(s.get('epsilon'), 'g')} | {format_or_dash(r['epsilon_spent'], '.3f')} | {format_or_dash(r['sigma'], '.3f')} "
+            f"| {format_or_dash(r['sigma_over_batch'], '.4f')} | {r['steps']} "
+            f"| {format_or_dash(r['val_perplexity_before'], '.2f')} → {format_or_dash(r['val_perplexity_after'], '.2f')} "
+            f"| {r['test_perplexity_after']:.2f} | {format_or_dash(gap, '.1%')} | {r['fit_wall_s']:.0f} "
+            f"| {format_or_dash(r['step_s'], '.1f')} | {r['threads']} "
             f"| {r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |"
         )
     failed = sorted({r["cell"] for r in load_rows(out / JSONL) if r["status"] != "ok"} - set(latest))

@@ -56,6 +56,7 @@ import rldp_decide as decide
 import rldp_trajectories as trajectories
 import run_matrix as matrix
 from cells import ROOT
+from common import format_or_dash
 
 Row = dict[str, Any]
 Key = tuple[str, float | None, int | None]  # (method, ε or None, seed or None)
@@ -176,10 +177,6 @@ def _values(rows: Iterable[Row], key: str) -> list[float]:
         if isinstance(value, int | float) and not math.isnan(value):
             out.append(float(value))
     return out
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -405,14 +402,14 @@ def audit_power_section(results: Results) -> list[str]:
     if row is not None:
         lines += [
             f"Control `{row['cell']}`: non-private LoRA, {row['steps']} steps on a small training set (it "
-            f"memorises), {_fmt(row.get('mia_members'), '.0f')} members scored against as many non-members.",
+            f"memorises), {format_or_dash(row.get('mia_members'), '.0f')} members scored against as many non-members.",
             "",
             "| MIA loss AUC ± SE | reference AUC ± SE | TPR@1%FPR loss / reference | canary exposure 8× "
             "| not inserted | once |",
             "| --- | --- | --- | ---: | ---: | ---: |",
             f"| {_auc(row, 'mia_auc')} | {_auc(row, 'mia_reference_auc')} | {_tpr([row])} "
             + "".join(
-                f"| {_fmt(row.get(k), '.2f')} "
+                f"| {format_or_dash(row.get(k), '.2f')} "
                 for k in ("canary_exposure_r8", "canary_exposure_not_inserted", "canary_exposure")
             )
             + "|",
@@ -426,7 +423,7 @@ def _tpr(rows: list[Row]) -> str:
     """Mean TPR at 1 % FPR of the loss and the reference attacks."""
     loss = _mean(_values(rows, "mia_tpr_at_1pct_fpr"))
     reference = _mean(_values(rows, "mia_reference_tpr_at_1pct_fpr"))
-    return f"{_fmt(loss, '.3f')} / {_fmt(reference, '.3f')}"
+    return f"{format_or_dash(loss, '.3f')} / {format_or_dash(reference, '.3f')}"
 
 
 def _auc(row: Row, key: str) -> str:
@@ -506,9 +503,9 @@ def tuning_section(results: Results, plan: dict[str, Any]) -> list[str]:
         for row in rows:
             s = row["settings"]
             lines.append(
-                f"| {method} | {row['cell']} | {_fmt(s.get('lr'), 'g')} | {s.get('schedule', 'constant')} "
-                f"| {_fmt(s.get('mu'), 'g')} | {row['steps']} | {_fmt(row.get('val_perplexity_after'), '.3f')} "
-                f"| {_fmt(row.get('epsilon_spent'), '.3f')} | {'✓' if is_chosen(method, s, tuned) else ''} |"
+                f"| {method} | {row['cell']} | {format_or_dash(s.get('lr'), 'g')} | {s.get('schedule', 'constant')} "
+                f"| {format_or_dash(s.get('mu'), 'g')} | {row['steps']} | {format_or_dash(row.get('val_perplexity_after'), '.3f')} "
+                f"| {format_or_dash(row.get('epsilon_spent'), '.3f')} | {'✓' if is_chosen(method, s, tuned) else ''} |"
             )
     return [*lines, "", *_tuning_notes(plan), ""]
 
@@ -592,7 +589,7 @@ def _epsilon_spent(rows: list[Row], epsilon: float) -> str:
 
 
 def _seconds(value: float | None) -> str:
-    return _fmt(value, ".0f" if value is not None and value >= 100 else ".1f")
+    return format_or_dash(value, ".0f" if value is not None and value >= 100 else ".1f")
 
 
 def utility_row(method: str, epsilon: float, results: Results, plan: dict[str, Any]) -> str:
@@ -609,9 +606,9 @@ def utility_row(method: str, epsilon: float, results: Results, plan: dict[str, A
     return (
         f"| {method} | {_seeds_done(method, rows, plan)} | {mean_sd(_values(cells, 'test_perplexity_after'))} "
         f"| {mean_sd(list(gaps.values()), '.1%')} | {', '.join(sorted({str(r['steps']) for r in cells}))} "
-        f"| {_fmt(_mean(sigma_b), '.4f')} | {_epsilon_spent(cells, epsilon) if private else '–'} "
+        f"| {format_or_dash(_mean(sigma_b), '.4f')} | {_epsilon_spent(cells, epsilon) if private else '–'} "
         f"| {_seconds(statistics.median(walls) if walls else None)} "
-        f"| {_fmt(statistics.median(speed) if speed else None, '.1f')} | {_fmt(max(rss, default=None), '.0f')} |"
+        f"| {format_or_dash(statistics.median(speed) if speed else None, '.1f')} | {format_or_dash(max(rss, default=None), '.0f')} |"
     )
 
 
@@ -622,10 +619,10 @@ def audit_row(method: str, epsilon: float, results: Results) -> str:
     mia, reference = _mean_auc(auc, se), _mean_auc(ref, ref_se)
     tpr = _tpr(cells)
     exposure = " / ".join(
-        _fmt(_mean(_values(cells, k)), ".2f")
+        format_or_dash(_mean(_values(cells, k)), ".2f")
         for k in ("canary_exposure", "canary_exposure_r8", "canary_exposure_not_inserted")
     )
-    bound = _fmt(max(_values(cells, "empirical_epsilon_lower_bound"), default=None), ".3f")
+    bound = format_or_dash(max(_values(cells, "empirical_epsilon_lower_bound"), default=None), ".3f")
     return f"| {method} | {mia} | {reference} | {tpr} | {exposure} | {bound} |"
 
 
@@ -750,9 +747,9 @@ def downstream_section(results: Results, plan: dict[str, Any]) -> list[str]:
         spent = _values(cells, "epsilon_spent")
         lines.append(
             f"| {method} | {len(cells)} | {mean_sd(_values(cells, 'downstream_accuracy'), '.1%')} "
-            f"| {_fmt(_mean(_values(cells, 'downstream_majority_rate')), '.1%')} "
+            f"| {format_or_dash(_mean(_values(cells, 'downstream_majority_rate')), '.1%')} "
             f"| {mean_sd(_values(cells, 'test_perplexity_after'))} | {cells[0]['steps']} "
-            f"| {_fmt(max(spent) if spent else None, '.3f')} |"
+            f"| {format_or_dash(max(spent) if spent else None, '.3f')} |"
         )
     targets = [zo_vs_dpsgd_target(rows), laplace_above_base_target(rows, task.get("downstream_notes"))]
     lines += ["", *TARGET_HEADER, *target_lines(targets)]

@@ -59,7 +59,7 @@ import private_selection as selection
 import recipe_sweep as sweep
 import rldp_trajectories as trajectories
 from cells import DELTA, RESULTS, ROOT
-from common import command_line
+from common import command_line, format_or_dash
 
 OUT = RESULTS / "rldp_decide"
 PLAN = "plan.json"
@@ -476,10 +476,6 @@ def load_plan(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else default_plan()
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "–"
@@ -635,14 +631,14 @@ def _sigma_cell(row: dict[str, Any]) -> str:
     steps = row.get("sigma_steps")
     if steps:  # a controller moved σ: its range over the steps
         return f"{steps['min']:.3f}–{steps['max']:.3f}"
-    return _fmt(row.get("sigma"), ".3f")
+    return format_or_dash(row.get("sigma"), ".3f")
 
 
 def _sigma_over_batch(row: dict[str, Any]) -> str:
     steps, batch = row.get("sigma_steps"), row["settings"].get("expected_batch")
     if steps and batch:
         return f"{steps['mean'] / batch:.4f} (mean)"
-    return _fmt(row.get("sigma_over_batch"), ".4f")
+    return format_or_dash(row.get("sigma_over_batch"), ".4f")
 
 
 def cells_section(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[str]:
@@ -664,12 +660,12 @@ def cells_section(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[str]
     ]
     for r in rows:
         s, clip = r["settings"], r.get("clip_steps")
-        c = f"{clip['min']:.3g}–{clip['max']:.3g}" if clip else _fmt(s.get("clip"), "g")
+        c = f"{clip['min']:.3g}–{clip['max']:.3g}" if clip else format_or_dash(s.get("clip"), "g")
         lines.append(
-            f"| {r['cell']} | {roles(s, plan)} | {s.get('seed', '–')} | {_fmt(s.get('epsilon'), 'g')} "
-            f"| {_fmt(r.get('epsilon_spent'), '.4f')} | {_within(r)} | {_sigma_cell(r)} | {_sigma_over_batch(r)} "
-            f"| {c} | {r['steps']} | {_fmt(r.get('val_perplexity_after'), '.3f')} "
-            f"| {r['test_perplexity_after']:.3f} | {_fmt(r.get('clipped_val_loss'), '.4f')} "
+            f"| {r['cell']} | {roles(s, plan)} | {s.get('seed', '–')} | {format_or_dash(s.get('epsilon'), 'g')} "
+            f"| {format_or_dash(r.get('epsilon_spent'), '.4f')} | {_within(r)} | {_sigma_cell(r)} | {_sigma_over_batch(r)} "
+            f"| {c} | {r['steps']} | {format_or_dash(r.get('val_perplexity_after'), '.3f')} "
+            f"| {r['test_perplexity_after']:.3f} | {format_or_dash(r.get('clipped_val_loss'), '.4f')} "
             f"| {r['fit_wall_s']:.0f} | {r['threads']} "
             f"| {r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |"
         )
