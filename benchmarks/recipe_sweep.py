@@ -187,6 +187,9 @@ def cell_config(cell: dict[str, Any], task: dict[str, Any], logdir: Path) -> dic
                 "max_grad_norm": cell["clip"],
                 "clipping": "flat",
                 "accountant": "pld",  # tighter than RDP: a smaller σ for the same (ε, δ)
+                # the noise and the Poisson batches follow the cell's seed, so seeds differ in them (not only in
+                # the LoRA initialisation) and a method's cells pair with the other methods' of the same seed
+                "seed": cell.get("seed", 0),
                 "device": "cpu",
             },
         }

@@ -23,7 +23,9 @@ PLD accountant, δ = 1e-5; SGD with momentum 0.9, the optimiser for which the cl
 
 Seeds (``--seeds N M``): N = 3 for M4, M5, M6 and the reference; M = 5 for the grid (M1, M2, M3) and M7. Cells run
 in order of use: every method at ε = 8 seed by seed up to N (a complete paired comparison at ε = 8 first), then
-the same at ε = 2, then the grid's and M7's extra seeds.
+the same at ε = 2, then the grid's and M7's extra seeds. A seed sets everything random in a cell: the LoRA
+initialisation, the DP noise and the Poisson batches (the strategy's ``seed``), the controller's agent; cells of
+one seed share their noise and batches across methods, which is what the pairing uses.
 
 Each cell is one subprocess run by ``recipe_sweep.py``'s machinery (``cells.py --cell``), one JSON line in
 ``<out>/recipe_sweep.jsonl``; finished cells (same name and config hash) are never rerun, so the same command
@@ -696,7 +698,8 @@ def _header(rows: list[dict[str, Any]], plan: dict[str, Any]) -> list[str]:
         ]
     grid = ", ".join(point_label(p) for p in _grid(plan))
     lines += [
-        f"Grid of M1–M4: {grid}. Seeds: {plan['seeds'][0]} (M4–M6, adamw), {plan['seeds'][1]} (grid, M7)."
+        f"Grid of M1–M4: {grid}. Seeds: {plan['seeds'][0]} (M4–M6, adamw), {plan['seeds'][1]} (grid, M7); a seed "
+        "sets the LoRA initialisation, the DP noise and the Poisson batches, shared by the methods' cells of that seed."
     ]
     if plan.get("policy") is None:
         lines += ["", "M7 not run: no prior policy was given (`--policy`, from benchmarks/rldp_pretrain.py)."]

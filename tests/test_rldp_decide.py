@@ -126,6 +126,25 @@ def test_configs_follow_the_regime_and_the_shipped_controllers(tmp_path: Path) -
     assert trial["model"]["lr_schedule"] == "linear"
 
 
+def test_seeds_differ_in_noise_and_batches_and_seed_0_keeps_its_hash(tmp_path: Path) -> None:
+    decide, _ = _modules()
+    from cells import config_hash
+
+    def config(seed: int) -> dict[str, Any]:
+        return decide.decide_config(
+            decide.sgd_cell(decide.RECIPE_POINT, 8.0, seed), decide.FULL_TASK, tmp_path
+        )
+
+    # The strategy's seed draws the noise and the Poisson batches: a seed that left it at one value would vary
+    # only the LoRA initialisation, and the spread over seeds would leave out the noise.
+    assert [config(s)["trainer"]["strategy"]["init_args"]["seed"] for s in (0, 1, 2)] == [0, 1, 2]
+    # Seed-0 cells finished while the strategy's seed was left at its default 0 ran the same run: same hash.
+    legacy = config(0)
+    del legacy["trainer"]["strategy"]["init_args"]["seed"]
+    assert config_hash(config(0)) == config_hash(legacy)
+    assert len({config_hash(config(s)) for s in (0, 1, 2)}) == 3
+
+
 def test_the_prior_is_staged_by_content(tmp_path: Path) -> None:
     decide, _ = _modules()
     policy = tmp_path / "policy.zip"
