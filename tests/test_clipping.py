@@ -92,6 +92,22 @@ def test_batchnorm_and_unsupported_layers_rejected() -> None:
         PerExampleGradients(frozen)
 
 
+def test_dropout_is_refused_and_zero_dropout_accepted() -> None:
+    """Dropout's masks depend on an example's row in the batch: one record would move the others' contributions."""
+    with pytest.raises(DPLightningError, match=r"dropout \(p=0.1\)"):
+        PerExampleGradients(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1)))
+    functional = nn.Linear(3, 3)
+    functional.attention_dropout = 0.2  # how Llama-style attention applies it: a float, no nn.Dropout module
+    with pytest.raises(DPLightningError, match="'0' applies dropout"):
+        PerExampleGradients(nn.Sequential(functional))
+    PerExampleGradients(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)))  # p = 0 is the identity
+    from dplightning.module import DPLoRAModule
+
+    with pytest.raises(DPLightningError, match="lora_dropout: 0"):
+        PerExampleGradients(DPLoRAModule(model_name="tiny-llama", lora_dropout=0.1).model)
+    PerExampleGradients(DPLoRAModule(model_name="tiny-llama").model)
+
+
 def test_group_keys_pair_lora_adapters() -> None:
     names = [
         "model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",

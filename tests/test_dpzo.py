@@ -528,3 +528,16 @@ def test_module_without_per_example_loss_is_refused() -> None:
     strategy = DPZOStrategy(noise_multiplier=1.0, device="cpu")
     with pytest.raises(DPLightningError, match="per_example_loss"):
         quiet_trainer(strategy, max_steps=1).fit(NoPerExample(), DataLoader(_points(16, 6), batch_size=4))
+
+
+def test_dropout_in_train_mode_forwards_is_refused() -> None:
+    """With ``eval_forwards=False`` the forwards would apply dropout, whose masks couple an example's loss to the
+    rest of the batch; in eval mode (the default) dropout is off and the module is accepted."""
+    dropped = Quadratic()
+    dropped.drop = nn.Dropout(0.1)
+    with pytest.raises(DPLightningError, match="applies dropout"):
+        strategy = DPZOStrategy(noise_multiplier=1.0, eval_forwards=False, device="cpu")
+        quiet_trainer(strategy, max_steps=1).fit(dropped, DataLoader(_points(16, 6), batch_size=4))
+    quiet_trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu"), max_steps=1).fit(
+        dropped, DataLoader(_points(16, 6), batch_size=4)
+    )

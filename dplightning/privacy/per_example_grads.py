@@ -124,6 +124,7 @@ class PerExampleGradients:
         canonical = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         for mod_name, module in model.named_modules():
             _reject_batch_norm(mod_name, module)
+            reject_dropout(mod_name, module)
             full = {n: canonical[id(p)] for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if full:
                 rule = _checked_rule(mod_name, module)
@@ -199,6 +200,27 @@ def _reject_batch_norm(mod_name: str, module: nn.Module) -> None:
         raise DPLightningError(
             f"module '{mod_name}' is batch norm, which mixes examples and breaks per-example privacy; "
             "replace it with GroupNorm or LayerNorm"
+        )
+
+
+# Attributes through which Hugging Face attention layers apply dropout functionally (no nn.Dropout module).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p")
+
+
+def reject_dropout(mod_name: str, module: nn.Module) -> None:
+    """Refuse dropout with ``p > 0``: its masks come from the global generator (seeded by the public
+    ``seed_everything``), and the mask an example gets depends on its row in the batch, so adding or removing one
+    record changes the *other* examples' clipped gradients and the step's sensitivity exceeds ``C``."""
+    rates = [getattr(module, "p", 0.0)] if isinstance(module, nn.modules.dropout._DropoutNd) else []
+    rates += [getattr(module, name, None) for name in _DROPOUT_ATTRIBUTES]
+    rate = max(
+        (float(r) for r in rates if isinstance(r, int | float) and not isinstance(r, bool)), default=0.0
+    )
+    if rate > 0:
+        raise DPLightningError(
+            f"module '{mod_name}' applies dropout (p={rate:g}), which breaks per-example privacy: which mask an "
+            "example gets depends on the other examples in the batch, so one record changes the others' "
+            "contributions; set it to 0 (model.lora_dropout: 0, or the model config's *_dropout / *_pdrop: 0)"
         )
 
 
