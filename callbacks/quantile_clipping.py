@@ -27,6 +27,7 @@ from dplightning.callbacks._controller import StrategyController
 from dplightning.errors import DPLightningError
 from dplightning.privacy.count_release import (
     ClipCountRelease,
+    count_noise_seed,
     count_noise_source,
     count_noise_state,
     split_sigma,
@@ -48,7 +49,8 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         count_budget_fraction: share of each step's privacy (in σ^-2 units) spent on the counts when
             ``count_noise_std`` is ``None``.
         min_threshold, max_threshold: bounds on every C_g (keeps the noise scale sane).
-        seed: seed of the count noise; with the strategy's ``secure_rng`` the noise comes from the OS CSPRNG.
+        seed: seed of the count noise, which must stay as secret as the strategy's; ``None`` (default) derives it
+            from the strategy's ``seed``. With the strategy's ``secure_rng`` the noise comes from the OS CSPRNG.
     """
 
     # On DP-ZO the counts would be pure noise; per-rank counts would diverge under DDP; the count release is
@@ -65,7 +67,7 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         count_budget_fraction: float = 0.05,
         min_threshold: float = 1e-4,
         max_threshold: float = 1e4,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < target_quantile < 1.0:
@@ -107,7 +109,8 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         groups = [[g] for g in strategy.group_names]
         # A resumed run continues the saved stream: re-seeding would draw steps 1…k's noise again.
         steps_done = max(self._last_step, 0)
-        noise = count_noise_source(self.seed + 104729, strategy.secure_rng, self._noise_state, steps_done)
+        seed = count_noise_seed(strategy.seed, "quantile_clipping") if self.seed is None else self.seed
+        noise = count_noise_source(seed, strategy.secure_rng, self._noise_state, steps_done)
         self.release = ClipCountRelease(groups, strategy.expected_batch_size, noise, centered=True)
 
     def count_fraction(self, sigma: float, num_groups: int) -> float:

@@ -39,6 +39,7 @@ from dplightning.envs.rldp_core import (
     split_sigma,
 )
 from dplightning.errors import DPLightningError
+from dplightning.privacy.count_release import count_noise_seed
 from dplightning.strategies.base import short_group_name
 from dplightning.strategies.protocol import PerExampleClippingStrategy
 
@@ -81,8 +82,8 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
         policy_path: start from a pre-trained policy (zip from ``benchmarks/rldp_pretrain.py`` or
             ``save_policy_to``).
         save_policy_to: write the policy here (atomically) at the end and on every checkpoint.
-        seed: seed of the agent, of the choice of public examples and of the count noise; ``None`` (default)
-            follows the run's seed (``seed_everything``), else 0.
+        seed: seed of the agent and of the choice of public examples (both public); ``None`` (default) follows
+            the run's seed (``seed_everything``), else 0. The count noise follows the strategy's secret ``seed``.
         action_scope: accepted for old configs and ignored (the per-adapter design is gone).
     """
 
@@ -274,7 +275,10 @@ class RLDPController(StrategyController[PerExampleClippingStrategy]):
         saved = self._pending_state or {}
         steps_done = max(saved.get("last_step", -1), 0)
         return count_noise_source(
-            int(self.seed or 0) + 7919, self.strategy.secure_rng, saved.get("count_noise"), steps_done
+            count_noise_seed(self.strategy.seed, "rldp"),  # not the agent's seed: that one is public
+            self.strategy.secure_rng,
+            saved.get("count_noise"),
+            steps_done,
         )
 
     def _apply(self, sigma: float, thresholds: dict[str, float] | None) -> None:

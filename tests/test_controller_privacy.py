@@ -47,10 +47,10 @@ def _record_count_noise(monkeypatch: pytest.MonkeyPatch) -> list[np.ndarray]:
     return draws
 
 
-def _strategy(secure: bool, groups: int = 3) -> DPSGDStrategy:
+def _strategy(secure: bool, groups: int = 3, seed: int = 0) -> DPSGDStrategy:
     """A DPSGDStrategy as after setup/on_train_start, without a model."""
     s = DPSGDStrategy(
-        target_epsilon=4.0, target_delta=1e-5, accountant="rdp", secure_rng=secure, device="cpu"
+        target_epsilon=4.0, target_delta=1e-5, accountant="rdp", secure_rng=secure, device="cpu", seed=seed
     )
     s.groups = {f"layers.{i}.q_proj": [f"layers.{i}.q_proj.lora_A.default.weight"] for i in range(groups)}
     s.clip_thresholds = dict.fromkeys(s.groups, 1.0)
@@ -146,6 +146,23 @@ def test_state_saved_before_the_first_batch_keeps_the_noise_stream(kind: str) ->
 
 
 # ------------------------------------------------------------------------------------------- secure_rng
+@pytest.mark.parametrize("kind", ["rldp", "quantile"])
+def test_count_noise_follows_the_strategys_secret_seed_not_a_public_one(kind: str) -> None:
+    """Count noise drawn from a public seed (the run's ``seed_everything``, a callback default) could be
+    regenerated and subtracted from the logged fractions, leaving exact subsampled counts."""
+
+    def draws(strategy_seed: int, callback_seed: int) -> np.ndarray:
+        callback: CountCallback = (
+            RLDPController(seed=callback_seed, count_budget_fraction=0.05)
+            if kind == "rldp"
+            else QuantileClipping()  # no seed of its own: the strategy's
+        )
+        return _draws(callback, _strategy(secure=False, seed=strategy_seed))
+
+    assert np.abs(draws(0, 3) - draws(5, 3)).min() > 0  # another strategy seed: other noise
+    np.testing.assert_array_equal(draws(5, 3), draws(5, 4))  # the agent's (public) seed plays no part
+
+
 @pytest.mark.parametrize("kind", ["rldp", "quantile"])
 def test_secure_rng_draws_the_count_noise_from_the_csprng(kind: str) -> None:
     seeded = [_draws(_callback(kind), _strategy(secure=False)) for _ in range(2)]

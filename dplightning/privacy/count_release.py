@@ -44,6 +44,14 @@ def split_sigma(sigma: float, count_budget_fraction: float) -> tuple[float, floa
     return pad * sigma / math.sqrt(1.0 - f), pad * sigma / math.sqrt(f)
 
 
+def count_noise_seed(strategy_seed: int, channel: str) -> int:
+    """The seed of a count channel's noise: a hash of the strategy's seed (the secret one that draws the gradient
+    noise and the batches) and the channel's name, so each channel has its own stream and none follows a public
+    seed (``seed_everything``, a callback's default) that would let anyone subtract the noise from the counts."""
+    digest = hashlib.sha256(f"dplightning-count-seed:{strategy_seed}:{channel}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def count_noise_source(
     seed: int, secure: bool, state: Mapping[str, Any] | None = None, steps_done: int = 0
 ) -> NoiseSource:
