@@ -21,7 +21,7 @@ from dplightning.privacy.clipping import clip_factors, clip_to_grid_and_sum, per
 from dplightning.privacy.discretization import from_grid, l2_grid, to_grid
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import PerExampleGradients
-from dplightning.strategies import DPSGDStrategy, DPZOStrategy
+from dplightning.strategies import DDPDPSGDStrategy, DPSGDStrategy, DPZOStrategy
 
 
 # --------------------------------------------------------------------------------------- low-bit attack
@@ -294,14 +294,27 @@ def test_seeded_noise_warns_once_that_the_seed_must_stay_secret(monkeypatch: pyt
     monkeypatch.setattr(strategy_base, "_warned_seeded", False)
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     with pytest.warns(UserWarning, match="seed is secret"):
-        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8)
-    monkeypatch.setattr(strategy_base, "_warned_seeded", False)
+        _fit(DPSGDStrategy(noise_multiplier=1.0, seed=0, device="cpu"), data, 8)
     import warnings
 
+    monkeypatch.setattr(strategy_base, "_warned_seeded", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit(DPSGDStrategy(noise_multiplier=1.0, secure_rng=True, device="cpu"), data, 8)
+        _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8)  # no seed: the CSPRNG, no warning
     assert not [w for w in caught if "seed is secret" in str(w.message)]
+
+
+@pytest.mark.parametrize("strategy_cls", [DPSGDStrategy, DPZOStrategy, DDPDPSGDStrategy])
+def test_without_a_seed_noise_and_batches_come_from_the_csprng(strategy_cls: type) -> None:
+    """The default must not be a public constant seed, from which anyone could replay every noise draw."""
+    default = strategy_cls(noise_multiplier=1.0)
+    assert default.secure_rng and default.noise_source.secure
+    draws = [strategy_cls(noise_multiplier=1.0).noise_source.discrete_gaussian((64,), 1e6) for _ in range(2)]
+    assert not torch.equal(*draws)
+    seeded = [strategy_cls(noise_multiplier=1.0, seed=7) for _ in range(2)]  # a seed: reproducible
+    assert not seeded[0].secure_rng
+    assert torch.equal(*(s.noise_source.discrete_gaussian((64,), 1e6) for s in seeded))
+    assert strategy_cls(noise_multiplier=1.0, seed=7, secure_rng=True).noise_source.secure
 
 
 def test_secure_noise_is_not_downgraded_by_a_seeded_checkpoint() -> None:

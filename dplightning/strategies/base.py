@@ -73,9 +73,10 @@ def warn_if_seeded(secure_rng: bool) -> None:
         return
     _warned_seeded = True
     rank_zero_warn(
-        "secure_rng=False: the noise and the Poisson batches follow the strategy's seed, so the privacy guarantee "
-        "holds only while that seed is secret (anyone with the config can replay the noise). Set secure_rng=True "
-        "(OS CSPRNG, not reproducible) for a model or logs that leave your control.",
+        "seeded noise: the noise and the Poisson batches follow the strategy's seed, so the privacy guarantee "
+        "holds only while that seed is secret (it is in the run's config and checkpoints; anyone with it can replay "
+        "the noise). Remove the strategy's seed (OS CSPRNG, not reproducible) for a model or logs that leave your "
+        "control.",
         category=UserWarning,
     )
 
@@ -123,9 +124,8 @@ class PrivateStrategyMixin(Strategy):
         self.accountant_kind = settings.accountant
         self.accountant = make_accountant(settings.accountant)
         self.poisson_sampling = settings.poisson_sampling
-        self.secure_rng = settings.secure_rng
-        self.seed = settings.seed
-        self.noise_source = NoiseSource(seed=settings.seed, secure=settings.secure_rng)
+        self.secure_rng, self.seed = settings.randomness()
+        self.noise_source = NoiseSource(seed=self.seed, secure=self.secure_rng)
 
         self.max_epsilon: float | None = settings.target_epsilon  # hard guard; PrivacyBudget may tighten it
         self.sample_rate: float | None = None

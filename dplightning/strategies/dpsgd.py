@@ -130,9 +130,10 @@ class DPSGDMixin(PrivateStrategyMixin):
         poisson_sampling: replace the training sampler by Poisson sampling with ``q = batch_size·accumulate / N``
             (what the accounting assumes). ``False`` keeps shuffled fixed-size batches (accounting then approximate).
         secure_rng: draw noise and batches from the OS CSPRNG (not reproducible; a resumed secure run stays
-            secure). With ``False`` (default) noise and batches follow ``seed``, fast and reproducible, and the
-            guarantee assumes the seed is secret: a warning says so once per process.
-        seed: seed of the noise generator and the Poisson sampler.
+            secure). ``None`` (default): yes unless a ``seed`` is given. With a seed (or ``False``) noise and
+            batches follow the seed, reproducibly, and the guarantee assumes the seed is secret: a warning says so
+            once per process.
+        seed: seed of the noise generator and the Poisson sampler (reproducible runs); ``None`` (default): none.
         loss_reduction: how ``training_step``'s loss reduces per-example losses (``"mean"`` or ``"sum"``).
         device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
         noise: ``"gaussian"`` or ``"lmo"`` (i.i.d. LMO noise ``σ·C·n`` per coordinate, n ~ ``lmo``, with
@@ -358,8 +359,8 @@ class DPSGDStrategy(DPSGDMixin, SingleDeviceStrategy):
         target_delta: float = 1e-5,
         accountant: AccountantKind = "pld",
         poisson_sampling: bool = True,
-        secure_rng: bool = False,
-        seed: int = 0,
+        secure_rng: bool | None = None,
+        seed: int | None = None,
         loss_reduction: LossReduction = "mean",
         device: str | torch.device = "auto",
         checkpoint_io: CheckpointIO | None = None,

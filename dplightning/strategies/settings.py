@@ -22,8 +22,10 @@ class PrivacySettings:
         target_delta: δ of the guarantee.
         accountant: ``"pld"`` (tight, default) or ``"rdp"``.
         poisson_sampling: Poisson-sample the training batches (what the accounting assumes).
-        secure_rng: draw noise and batches from the OS CSPRNG instead of ``seed``.
-        seed: seed of the noise generator and the Poisson sampler.
+        secure_rng: draw noise and batches from the OS CSPRNG. ``None`` (default): yes unless a ``seed`` is given.
+        seed: seed of the noise generator and the Poisson sampler, for reproducible runs; the guarantee then
+            assumes it stays secret (it is in the run's config and checkpoints). ``None`` (default): no seed,
+            the CSPRNG.
     """
 
     noise_multiplier: float | None = None
@@ -31,8 +33,8 @@ class PrivacySettings:
     target_delta: float = 1e-5
     accountant: AccountantKind = "pld"
     poisson_sampling: bool = True
-    secure_rng: bool = False
-    seed: int = 0
+    secure_rng: bool | None = None
+    seed: int | None = None
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any], **overrides: Any) -> PrivacySettings:
@@ -44,6 +46,14 @@ class PrivacySettings:
         """
         values = {field.name: arguments[field.name] for field in fields(cls)}
         return cls(**(values | overrides))
+
+    def randomness(self) -> tuple[bool, int]:
+        """``(secure, seed)`` as the strategy uses them. A seed the user did not choose would be a public constant
+        (anyone could replay the noise and the batches), so without one the noise comes from the OS CSPRNG; a
+        given seed makes runs reproducible and the guarantee assumes it secret. DP-ZO's public directions follow
+        ``seed`` (0 without one) either way."""
+        secure = self.seed is None if self.secure_rng is None else self.secure_rng
+        return secure, 0 if self.seed is None else int(self.seed)
 
     def validate(self, owner: str) -> PrivacySettings:
         """Raise on the first setting that cannot work, naming the fix; ``owner`` names the strategy in the
