@@ -13,8 +13,10 @@ the one that does best on the private validation notes. Both steps are charged:
   through the released trials, so for it the choice is post-processing.
 
 Sequential composition (Dwork & Roth, Theorem 3.16) gives (ε_trials + ε_sel, δ) for the released model; the
-selection gets ε_sel = target − ε_trials, so the total is the target. The choice is drawn from a seeded generator
-(reproducible, like the library's ``secure_rng: false``): the guarantee then assumes that seed is secret.
+selection gets ε_sel = target − ε_trials, so the total is the target. That total covers the chosen model alone: the
+other trials' models and their scores stay private. The choice is drawn from a seeded generator (reproducible, like
+a seeded strategy), so the guarantee assumes that seed is secret; ``rldp_decide.py`` states its seeds and
+publishes the trials' validation figures to explain its choices, which a real use of the procedure would not.
 
 ``ClippedValidationLoss`` is the callback each candidate cell carries: after fit it scores the whole validation
 split and hands the score to the benchmark harness (``run_matrix.py`` reads ``metrics``).

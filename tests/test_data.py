@@ -265,8 +265,13 @@ def test_csv_loader_errors(tmp_path: Path) -> None:
         load_diabetes_csv(bad)
     assert "\n" not in str(err.value)
     broken = _write_diabetes_csv(tmp_path / "broken.csv", [_CSV_ROWS[0] | {"time_in_hospital": "five"}])
-    with pytest.raises(DPLightningError, match="line 2"):
+    with pytest.raises(DPLightningError, match="line 2") as err:
         load_diabetes_csv(broken)
+    assert "five" not in str(err.value)  # a record's value would leave with the message, in shared logs
+    odd_age = _write_diabetes_csv(tmp_path / "age.csv", [_CSV_ROWS[0] | {"age": "[97-98)"}])
+    with pytest.raises(DPLightningError, match="line 2") as err:
+        load_diabetes_csv(odd_age)
+    assert "97" not in str(err.value)
 
 
 def test_csv_dataset_in_the_data_module(tmp_path: Path) -> None:

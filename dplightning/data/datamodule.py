@@ -349,10 +349,10 @@ class TextDataModule(pl.LightningDataModule):
         # _tokenize keeps eos only on texts that fit; notes never contain "Question: " themselves.
         cut = sum(1 for text, ids in zip(texts, input_ids) if "Question: " in text and ids[-1] != eos)
         if cut:
+            # no count: how many private records are long is a statistic of the data, not a setting
             logger.warning(
-                "%d training texts with a question/answer line are longer than data.max_length = %d and lose "
-                "their answer; raise data.max_length",
-                cut,
+                "training texts with a question/answer line are longer than data.max_length = %d and lose their "
+                "answer; raise data.max_length",
                 self._arguments.max_length,
             )
 

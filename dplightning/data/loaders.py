@@ -81,7 +81,8 @@ def _csv_int(row: Mapping[str, str], column: str, line: int, path: Path) -> int:
         return int(float(row[column]))
     except (TypeError, ValueError):
         raise DPLightningError(
-            f"{path}: line {line} has a non-numeric {column} ({row[column]!r}); fix or remove that row"
+            # the value is not echoed: an error message ends up in logs that leave the data owner's hands
+            f"{path}: line {line} has a non-numeric {column}; fix or remove that row"
         ) from None
 
 
@@ -115,7 +116,7 @@ def load_diabetes_csv(path: str | Path) -> list[Record]:
             age = (row["age"] or "").strip()
             if age not in AGE_BANDS:
                 raise DPLightningError(
-                    f"{path}: line {line} has age {age!r}, expected a band like '[70-80)'; fix that row"
+                    f"{path}: line {line} has an age that is not a band like '[70-80)'; fix that row"
                 )
             gender = (row["gender"] or "").strip()
             race = (row["race"] or "").strip()
