@@ -179,6 +179,69 @@ def test_removing_one_of_1024_aligned_examples_moves_the_sum_by_at_most_c(
     assert float(full.norm()) <= 1024 * c * (1 + 1e-9)
 
 
+class _PerExampleGrads(pl.Callback):
+    """Keeps the per-example gradients each backward hands to the clipping (a spy on the strategy)."""
+
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        original = strategy._add_clipped  # type: ignore[attr-defined]
+
+        def spy(grads: dict[str, torch.Tensor]) -> None:
+            self.grads.append({k: v.detach().clone() for k, v in grads.items()})
+            original(grads)
+
+        strategy._add_clipped = spy  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_one_record_leaves_the_other_examples_gradients_bit_for_bit(precision: str) -> None:
+    """Sensitivity C needs the other examples' contributions to be the same with or without a record. Two
+    things broke that: backpropagating the mean's 1/B (the scale of the whole backward pass followed the batch
+    size) and padding to the batch's longest note (attention over a width set by the other notes). Both moved
+    the others' gradients in their low bits: a few % of C in bf16, ~1e-6 in fp32."""
+    from dplightning.data.collate import CausalLMCollator
+    from dplightning.module import DPLoRAModule
+
+    gen = torch.Generator().manual_seed(0)
+    notes = [
+        {"input_ids": torch.randint(5, 200, (int(n),), generator=gen)} for n in torch.randint(8, 24, (15,))
+    ]
+    notes.append({"input_ids": torch.randint(5, 200, (40,), generator=gen)})  # the longest: it sets the width
+
+    def per_example(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        spy = _PerExampleGrads()
+        model = DPLoRAModule(model_name="tiny-llama", lora_rank=2, seed=0, optimizer="sgd")
+        with torch.no_grad():  # B = 0 at init would leave A's gradients zero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        strategy = DPSGDStrategy(noise_multiplier=1.0, poisson_sampling=False, seed=0, device="cpu")
+        loader = DataLoader(items, batch_size=len(items), collate_fn=CausalLMCollator(0, 48))  # type: ignore[arg-type]
+        trainer = pl.Trainer(
+            strategy=strategy,
+            precision=precision,  # type: ignore[arg-type]
+            callbacks=[spy],
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        with pytest.warns(UserWarning, match="approximate"):
+            trainer.fit(model, loader)
+        (grads,) = spy.grads
+        return grads
+
+    with_it, without = per_example(notes), per_example(notes[:-1])
+    assert with_it.keys() == without.keys() and without
+    for name in without:
+        assert torch.equal(with_it[name][:-1], without[name]), name
+
+
 def test_float_clip_and_sum_in_bf16_breaks_the_bound() -> None:
     """The float path this replaces: in bf16 the same pair of sums differs by far more than C."""
     torch.manual_seed(0)

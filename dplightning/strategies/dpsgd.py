@@ -170,6 +170,8 @@ class DPSGDMixin(PrivateStrategyMixin):
         # per group, per-example pre-clip norms of the last step [B]: PRIVATE, only for mechanisms that noise them
         self.private_step_norms: dict[str, Tensor] = {}
         self._engine: PerExampleGradients | None = None
+        self._micro_batch_size = 0  # examples of the (micro-)batch being backpropagated
+        self._accumulate = 1
         self._summed: dict[str, Tensor] = {}
         self._last_norms: dict[str, list[Tensor]] = {}
 
@@ -197,8 +199,9 @@ class DPSGDMixin(PrivateStrategyMixin):
         )
         if self._engine is not None:
             self._engine.remove()
-        self._engine = PerExampleGradients(module, self.loss_reduction)
-        self._engine.loss_scale = float(trainer.accumulate_grad_batches)  # Lightning scales the loss by 1/k
+        # backward() seeds every example's loss with exactly 1, so the hooks read per-example gradients unscaled
+        self._engine = PerExampleGradients(module, "sum")
+        self._accumulate = int(trainer.accumulate_grad_batches)
         self._params = dict(module.named_parameters())
         self._trainable = set(self._engine.param_names)
         self._sync_initial_params()
@@ -218,6 +221,11 @@ class DPSGDMixin(PrivateStrategyMixin):
         if size == 0:
             # An empty Poisson batch is still a step: the release is pure noise. Skip the model entirely.
             return torch.zeros((), device=self.root_device, requires_grad=True)
+        if size is None:
+            raise DPLightningError(
+                "the training batch holds no tensor with a batch dimension; DP-SGD needs one per-example row each"
+            )
+        self._micro_batch_size = size
         if self._engine is not None:
             # Every hooked layer must see exactly this many examples in its leading dimension; a layer fed
             # flattened tokens would otherwise be clipped per token.
@@ -228,10 +236,17 @@ class DPSGDMixin(PrivateStrategyMixin):
     def backward(
         self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
     ) -> Tensor:
-        out = super().backward(closure_loss, optimizer, *args, **kwargs)
+        # Seed every example's loss with exactly 1, whatever the batch. Backpropagating the mean's 1/B ran the
+        # whole backward pass at a scale set by how many examples the Poisson draw took, so when one record came
+        # or went the *other* examples' gradients moved in their low bits (by a few % of C in bf16, ~1e-6 in
+        # fp32): a sensitivity above C. Multiplying by B·k is exact, and so are Lightning's /k and the mean's /B.
+        seed = (
+            self._micro_batch_size * self._accumulate if self.loss_reduction == "mean" else self._accumulate
+        )
+        super().backward(closure_loss * float(seed), optimizer, *args, **kwargs)
         assert self._engine is not None
         self._add_clipped(self._engine.pop())
-        return out
+        return closure_loss
 
     def _add_clipped(self, grads: Mapping[str, Tensor]) -> None:
         """Clip one (micro-)batch's per-example gradients onto the grid and add them to the step's sums; keep
