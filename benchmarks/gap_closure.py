@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import recipe_sweep as sweep
 from cells import DELTA, RESULTS
-from common import command_line
+from common import command_line, format_or_dash
 
 OUT = RESULTS / "recipe_gap"
 DOWNSTREAM_OUT = RESULTS / "recipe_downstream"
@@ -183,10 +183,10 @@ def report(out: Path) -> Path:
         else:
             gap = 0.0 if s["kind"] == "base" else gap_of.get(r["cell"])
         lines.append(
-            f"| {r['cell']} | {s.get('seed', '–')} | {sweep._fmt(s.get('epsilon'), 'g')} "
-            f"| {sweep._fmt(r['epsilon_spent'], '.3f')} | {sweep._fmt(r['sigma'], '.3f')} "
-            f"| {sweep._fmt(r['sigma_over_batch'], '.4f')} | {r['steps']} | {r['test_perplexity_after']:.3f} "
-            f"| {_fmt_pct(gap)} | {r['fit_wall_s']:.0f} | {sweep._fmt(r['step_s'], '.1f')} | {r['threads']} "
+            f"| {r['cell']} | {s.get('seed', '–')} | {format_or_dash(s.get('epsilon'), 'g')} "
+            f"| {format_or_dash(r['epsilon_spent'], '.3f')} | {format_or_dash(r['sigma'], '.3f')} "
+            f"| {format_or_dash(r['sigma_over_batch'], '.4f')} | {r['steps']} | {r['test_perplexity_after']:.3f} "
+            f"| {_fmt_pct(gap)} | {r['fit_wall_s']:.0f} | {format_or_dash(r['step_s'], '.1f')} | {r['threads']} "
             f"| {r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |"
         )
     if rows:
@@ -230,8 +230,8 @@ def downstream_report(out: Path) -> Path:
     for r in latest.values():
         s = r["settings"]
         lines.append(
-            f"| {r['cell']} | {s.get('seed', '–')} | {sweep._fmt(s.get('epsilon'), 'g')} "
-            f"| {sweep._fmt(r['epsilon_spent'], '.3f')} | {sweep._fmt(r['sigma'], '.3f')} "
+            f"| {r['cell']} | {s.get('seed', '–')} | {format_or_dash(s.get('epsilon'), 'g')} "
+            f"| {format_or_dash(r['epsilon_spent'], '.3f')} | {format_or_dash(r['sigma'], '.3f')} "
             f"| {_fmt_pct(r.get('downstream_accuracy'))} | {_fmt_pct(r.get('downstream_majority_rate'))} "
             f"| {r['test_perplexity_after']:.3f} | {r['fit_wall_s']:.0f} "
             f"| {r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |"

@@ -411,7 +411,7 @@ def test_tiny_lm_loss_goes_down_without_noise_and_more_slowly_with_noise(
         module = _tiny_module(lr=3e-3)
         start = _heldout_loss(module, tiny_batch)
         strategy = DPZOStrategy(
-            mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu"
+            mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu", seed=0
         )
         quiet_trainer(strategy, max_steps=25, limit_val_batches=0).fit(module, datamodule=tiny_data)
         drops[sigma] = start - _heldout_loss(module, tiny_batch)
