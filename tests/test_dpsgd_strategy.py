@@ -261,3 +261,15 @@ def test_noise_batches_cover_every_tensor_once_in_order() -> None:
     assert _noise_batches(names, sums, 1) == [["a"], ["b"], ["c"], ["d"]]
     assert _noise_batches(names, sums, 100) == [names]
     assert _noise_batches([], sums, 5) == []
+
+
+def test_a_loss_scaler_is_refused() -> None:
+    """16-mixed's GradScaler scales the loss before backward and unscales after the release: the clip would act
+    on scaled gradients and the update would shrink by the scale. (On CPU Lightning turns 16-mixed into bf16.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(DPLightningError, match="GradScaler"):
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0), max_steps=1, plugins=[scaled]).fit(
+            Linear(), DataLoader(_data(16), batch_size=4)
+        )

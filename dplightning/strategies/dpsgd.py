@@ -197,6 +197,13 @@ class DPSGDMixin(PrivateStrategyMixin):
             clip_conflict="conflicts with DP clipping; remove it and set max_grad_norm",
             one_optimizer="DPSGDStrategy supports exactly one optimizer",
         )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # The scaler multiplies the loss before backward and divides the gradients after the release: the
+            # clipping would see gradients ×scale, and the noisy update would come out shrunk by the scale.
+            raise DPLightningError(
+                "precision 16-mixed scales the loss with a GradScaler, which per-example clipping cannot follow; "
+                "use precision bf16-mixed or 32-true"
+            )
         if self._engine is not None:
             self._engine.remove()
         # backward() seeds every example's loss with exactly 1, so the hooks read per-example gradients unscaled
