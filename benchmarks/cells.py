@@ -31,8 +31,8 @@ def config_hash(config: dict[str, Any]) -> str:
     """Hash of a cell's config without where it logs (so moving ``--out`` keeps finished cells)."""
     clean = copy.deepcopy(config)
     clean["trainer"].pop("logger", None)
-    # Cells of seed 0 run before the strategy's seed was written into the config ran with seed 0, the strategy's
-    # default then: the same run, so the same hash (their results stay valid).
+    # DP-SGD cells of seed 0 run before the strategy's seed was written into their config ran with seed 0, the
+    # strategy's default then: the same run, so the same hash (their results stay valid).
     strategy = clean["trainer"].get("strategy") or {}
     if strategy.get("init_args", {}).get("seed") == 0:
         del strategy["init_args"]["seed"]

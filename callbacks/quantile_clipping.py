@@ -109,7 +109,8 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         groups = [[g] for g in strategy.group_names]
         # A resumed run continues the saved stream: re-seeding would draw steps 1…k's noise again.
         steps_done = max(self._last_step, 0)
-        seed = count_noise_seed(strategy.seed, "quantile_clipping") if self.seed is None else self.seed
+        # hashed even when given: the raw seed would replay the gradient noise's stream if it equalled the strategy's
+        seed = count_noise_seed(strategy.seed if self.seed is None else self.seed, "quantile_clipping")
         noise = count_noise_source(seed, strategy.secure_rng, self._noise_state, steps_done)
         self.release = ClipCountRelease(groups, strategy.expected_batch_size, noise, centered=True)
 

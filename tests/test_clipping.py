@@ -100,6 +100,10 @@ def test_dropout_is_refused_and_zero_dropout_accepted() -> None:
     functional.attention_dropout = 0.2  # how Llama-style attention applies it: a float, no nn.Dropout module
     with pytest.raises(DPLightningError, match="'0' applies dropout"):
         PerExampleGradients(nn.Sequential(functional))
+    hidden = nn.Linear(3, 3)
+    hidden.hidden_dropout = 0.1  # Bloom's and Falcon's blocks: F.dropout at a rate held as a float
+    with pytest.raises(DPLightningError, match="applies dropout"):
+        PerExampleGradients(nn.Sequential(hidden))
     PerExampleGradients(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)))  # p = 0 is the identity
     from dplightning.module import DPLoRAModule
 

@@ -197,19 +197,23 @@ class _PerExampleGrads(pl.Callback):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
-def test_one_record_leaves_the_other_examples_gradients_bit_for_bit(precision: str) -> None:
-    """Sensitivity C needs the other examples' contributions to be the same with or without a record. Two
+@pytest.mark.parametrize("removed", ["longest", "only_short"])
+def test_one_record_leaves_the_other_examples_gradients_bit_for_bit(precision: str, removed: str) -> None:
+    """Sensitivity C needs the other examples' contributions to be the same with or without a record. Three
     things broke that: backpropagating the mean's 1/B (the scale of the whole backward pass followed the batch
-    size) and padding to the batch's longest note (attention over a width set by the other notes). Both moved
-    the others' gradients in their low bits: a few % of C in bf16, ~1e-6 in fp32."""
+    size), padding to the batch's longest note (attention over a width set by the other notes), and padding to
+    exactly max_length (a batch of truncated notes has an all-ones mask, which Hugging Face turns into another
+    attention path than the same batch with one short note). Each moved the others' gradients in their low bits:
+    a few % of C in bf16, ~1e-6 in fp32."""
     from dplightning.data.collate import CausalLMCollator
     from dplightning.module import DPLoRAModule
 
     gen = torch.Generator().manual_seed(0)
-    notes = [
-        {"input_ids": torch.randint(5, 200, (int(n),), generator=gen)} for n in torch.randint(8, 24, (15,))
-    ]
-    notes.append({"input_ids": torch.randint(5, 200, (40,), generator=gen)})  # the longest: it sets the width
+    if removed == "longest":
+        lengths, last = torch.randint(8, 24, (15,)).tolist(), 40  # the last note sets the width
+    else:
+        lengths, last = [60] * 15, 10  # all truncated to max_length but the last
+    notes = [{"input_ids": torch.randint(5, 200, (n,), generator=gen)} for n in [*lengths, last]]
 
     def per_example(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         spy = _PerExampleGrads()
@@ -240,6 +244,39 @@ def test_one_record_leaves_the_other_examples_gradients_bit_for_bit(precision: s
     assert with_it.keys() == without.keys() and without
     for name in without:
         assert torch.equal(with_it[name][:-1], without[name]), name
+
+
+class _Widths(pl.Callback):
+    def __init__(self) -> None:
+        self.widths: set[int] = set()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch["input_ids"].shape[0]:
+            self.widths.add(int(batch["input_ids"].shape[1]))
+
+
+def test_poisson_batches_of_notes_have_one_fixed_width_with_a_padding_column() -> None:
+    from dplightning.data.collate import CausalLMCollator
+    from dplightning.module import DPLoRAModule
+
+    gen = torch.Generator().manual_seed(0)
+    notes = [
+        {"input_ids": torch.randint(5, 200, (int(n),), generator=gen)} for n in torch.randint(4, 60, (64,))
+    ]
+    widths = _Widths()
+    trainer = pl.Trainer(
+        strategy=DPSGDStrategy(noise_multiplier=1.0, seed=0, device="cpu"),
+        callbacks=[widths],
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    loader = DataLoader(notes, batch_size=8, collate_fn=CausalLMCollator(0, 48))  # type: ignore[arg-type]
+    trainer.fit(DPLoRAModule(model_name="tiny-llama", lora_rank=2, seed=0), loader)
+    assert widths.widths == {49}  # max_length + 1, whatever the drawn notes
 
 
 def test_float_clip_and_sum_in_bf16_breaks_the_bound() -> None:
@@ -365,6 +402,11 @@ def test_seeded_noise_warns_once_that_the_seed_must_stay_secret(monkeypatch: pyt
         warnings.simplefilter("always")
         _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 8)  # no seed: the CSPRNG, no warning
     assert not [w for w in caught if "seed is secret" in str(w.message)]
+
+
+def test_seeded_noise_without_a_seed_is_refused() -> None:
+    with pytest.raises(DPLightningError, match="secure_rng=False needs a seed"):
+        DPSGDStrategy(noise_multiplier=1.0, secure_rng=False)
 
 
 @pytest.mark.parametrize("strategy_cls", [DPSGDStrategy, DPZOStrategy, DDPDPSGDStrategy])

@@ -23,7 +23,7 @@ class TokenizedDataset(Dataset):
         return {"input_ids": self.input_ids[index]}
 
 
-PadTo = Literal["longest", "max_length"]
+PadTo = Literal["longest", "max_length", "fixed"]
 
 
 class CausalLMCollator:
@@ -38,11 +38,16 @@ class CausalLMCollator:
     under the causal mask no real token attends to it, positions of real tokens do not move, and padded
     positions are never scored. Padding to the longest item only skips work on padding (a batch of short
     notes costs what its longest note costs, not ``max_length``).
+
+    ``"fixed"`` (what private training uses) pads to ``max_length + 1``: a width no note sets, with a padding
+    column in every row, so the attention mask is never all ones. Hugging Face models drop an all-ones mask and
+    take a different (``is_causal``) attention path, so with ``"max_length"`` a batch of truncated notes and the
+    same batch plus one short note would compute everyone's attention differently.
     """
 
     def __init__(self, pad_token_id: int, max_length: int, pad_to: PadTo = "longest") -> None:
-        if pad_to not in ("longest", "max_length"):
-            raise ValueError(f"pad_to must be 'longest' or 'max_length', got {pad_to!r}")
+        if pad_to not in ("longest", "max_length", "fixed"):
+            raise ValueError(f"pad_to must be 'longest', 'max_length' or 'fixed', got {pad_to!r}")
         self.pad_token_id = int(pad_token_id)
         self.max_length = int(max_length)
         self.pad_to: PadTo = pad_to
@@ -55,7 +60,8 @@ class CausalLMCollator:
             torch.as_tensor(item["input_ids"], dtype=torch.long).reshape(-1)[: self.max_length]
             for item in items
         ]
-        width = self.max_length if self.pad_to == "max_length" else max(len(s) for s in seqs)
+        widths = {"max_length": self.max_length, "fixed": self.max_length + 1}
+        width = widths.get(self.pad_to) or max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):

@@ -8,6 +8,7 @@ the per-example gradients (small for LoRA: ``B x r x d``) stay in memory.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Literal
 
@@ -203,8 +204,9 @@ def _reject_batch_norm(mod_name: str, module: nn.Module) -> None:
         )
 
 
-# Attributes through which Hugging Face attention layers apply dropout functionally (no nn.Dropout module).
-_DROPOUT_ATTRIBUTES = ("attention_dropout", "attn_dropout", "dropout", "dropout_p")
+# Attribute names through which Hugging Face layers apply dropout functionally, with no nn.Dropout module
+# (Llama's attention_dropout, Bloom's and Falcon's hidden_dropout, ...).
+_DROPOUT_NAME = re.compile(r"dropout|pdrop", re.IGNORECASE)
 
 
 def reject_dropout(mod_name: str, module: nn.Module) -> None:
@@ -212,7 +214,7 @@ def reject_dropout(mod_name: str, module: nn.Module) -> None:
     ``seed_everything``), and the mask an example gets depends on its row in the batch, so adding or removing one
     record changes the *other* examples' clipped gradients and the step's sensitivity exceeds ``C``."""
     rates = [getattr(module, "p", 0.0)] if isinstance(module, nn.modules.dropout._DropoutNd) else []
-    rates += [getattr(module, name, None) for name in _DROPOUT_ATTRIBUTES]
+    rates += [value for name, value in vars(module).items() if _DROPOUT_NAME.search(name)]
     rate = max(
         (float(r) for r in rates if isinstance(r, int | float) and not isinstance(r, bool)), default=0.0
     )

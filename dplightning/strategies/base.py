@@ -8,6 +8,7 @@ through :meth:`~PrivateStrategyMixin.step_event`, from which :meth:`~PrivateStra
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from abc import abstractmethod
@@ -33,14 +34,18 @@ from dplightning.strategies.settings import PrivacySettings
 
 
 def fixed_width(collate: Any) -> Any:
-    """``collate``, but a :class:`CausalLMCollator` that pads to the batch's longest note pads to ``max_length``.
+    """``collate``, but a :class:`CausalLMCollator` pads to its ``"fixed"`` width (``max_length + 1``).
 
-    With the longest-note width every example's arithmetic (attention over the padded width) depends on the other
-    notes' lengths, so adding or removing one record moved the others' gradients in their low bits (measured: a
-    few 1e-3 of C in bf16, 1e-7 in fp32) and the sensitivity exceeded C. A fixed width costs the padding's
-    compute; a collate function of your own should pad to a fixed width too."""
-    if isinstance(collate, CausalLMCollator) and collate.pad_to != "max_length":
-        return CausalLMCollator(collate.pad_token_id, collate.max_length, pad_to="max_length")
+    With the longest note's width every example's arithmetic (attention over the padded width) depends on the
+    other notes' lengths, and at exactly ``max_length`` a batch of truncated notes has an all-ones mask, which
+    Hugging Face models turn into another attention path: either way adding or removing one record moved the
+    others' gradients in their low bits (measured: a few 1e-3 of C in bf16, 1e-7 in fp32) and the sensitivity
+    exceeded C. The fixed width costs the padding's compute; a collate function of your own should pad to a
+    fixed width, with a padding column, too."""
+    if isinstance(collate, CausalLMCollator) and collate.pad_to != "fixed":
+        fixed = copy.copy(collate)  # keeps a subclass's behaviour
+        fixed.pad_to = "fixed"
+        return fixed
     return collate
 
 

@@ -22,11 +22,12 @@ from dplightning.strategies.settings import PrivacySettings
 class DDPDPSGDStrategy(DPSGDMixin, DDPStrategy):
     """DP-SGD across processes (Lightning DDP launcher, any backend; ``gloo`` on CPU).
 
-    Every rank draws the same global Poisson mask (shared seed) and keeps its shard ``index % world == rank``,
-    so the union of the ranks' batches is exactly the single-process Poisson batch. The model is *not* wrapped
-    in ``DistributedDataParallel``: each rank clips its own examples, the clipped sums are all-reduced once per
-    step, and the same seeded noise is added on every rank after the reduction (noise enters once in total;
-    with ``secure_rng`` rank 0 draws it and broadcasts). All ranks therefore apply the same update.
+    With a ``seed`` every rank draws the same global Poisson mask and keeps its shard ``index % world == rank``;
+    with the OS CSPRNG (no seed, the default) each rank draws the inclusions of its own shard. Either way the union
+    of the ranks' batches is a single-process Poisson batch. The model is *not* wrapped in
+    ``DistributedDataParallel``: each rank clips its own examples, the clipped sums are all-reduced once per
+    step, and the same noise is added on every rank after the reduction (noise enters once in total: seeded,
+    every rank draws it alike; from the CSPRNG, rank 0 draws it and broadcasts). All ranks apply the same update.
 
     Arguments as for :class:`~dplightning.strategies.dpsgd.DPSGDStrategy` (Gaussian noise only), plus
     ``process_group_backend`` and ``start_method`` as for Lightning's ``DDPStrategy``.

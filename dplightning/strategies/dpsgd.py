@@ -171,7 +171,6 @@ class DPSGDMixin(PrivateStrategyMixin):
         self.private_step_norms: dict[str, Tensor] = {}
         self._engine: PerExampleGradients | None = None
         self._micro_batch_size = 0  # examples of the (micro-)batch being backpropagated
-        self._accumulate = 1
         self._summed: dict[str, Tensor] = {}
         self._last_norms: dict[str, list[Tensor]] = {}
 
@@ -208,7 +207,6 @@ class DPSGDMixin(PrivateStrategyMixin):
             self._engine.remove()
         # backward() seeds every example's loss with exactly 1, so the hooks read per-example gradients unscaled
         self._engine = PerExampleGradients(module, "sum")
-        self._accumulate = int(trainer.accumulate_grad_batches)
         self._params = dict(module.named_parameters())
         self._trainable = set(self._engine.param_names)
         self._sync_initial_params()
@@ -247,9 +245,8 @@ class DPSGDMixin(PrivateStrategyMixin):
         # whole backward pass at a scale set by how many examples the Poisson draw took, so when one record came
         # or went the *other* examples' gradients moved in their low bits (by a few % of C in bf16, ~1e-6 in
         # fp32): a sensitivity above C. Multiplying by B·k is exact, and so are Lightning's /k and the mean's /B.
-        seed = (
-            self._micro_batch_size * self._accumulate if self.loss_reduction == "mean" else self._accumulate
-        )
+        k = self._attached_module.trainer.accumulate_grad_batches  # read now: a scheduler may change it
+        seed = self._micro_batch_size * k if self.loss_reduction == "mean" else k
         super().backward(closure_loss * float(seed), optimizer, *args, **kwargs)
         assert self._engine is not None
         self._add_clipped(self._engine.pop())

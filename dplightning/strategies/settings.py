@@ -66,6 +66,11 @@ class PrivacySettings:
             raise PrivacyBudgetError(
                 f"target_epsilon must be > 0, got {self.target_epsilon}; pick a positive budget"
             )
+        if self.secure_rng is False and self.seed is None:
+            raise DPLightningError(
+                f"{owner}: secure_rng=False needs a seed (seeded noise without one would follow a public constant); "
+                "set seed, or leave secure_rng unset for the OS CSPRNG"
+            )
         if not 0.0 < self.target_delta < 1.0:
             raise DPLightningError(
                 f"target_delta must be in (0, 1), got {self.target_delta}; typical is 1/N^1.1"
