@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import GradRecorder, clipped_sums
+from conftest import GradRecorder, clipped_sums, quiet_trainer
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -224,17 +224,7 @@ def test_one_record_leaves_the_other_examples_gradients_bit_for_bit(precision: s
                     param.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
         strategy = DPSGDStrategy(noise_multiplier=1.0, poisson_sampling=False, seed=0, device="cpu")
         loader = DataLoader(items, batch_size=len(items), collate_fn=CausalLMCollator(0, 48))  # type: ignore[arg-type]
-        trainer = pl.Trainer(
-            strategy=strategy,
-            precision=precision,  # type: ignore[arg-type]
-            callbacks=[spy],
-            max_steps=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = quiet_trainer(strategy, [spy], max_steps=1, precision=precision)
         with pytest.warns(UserWarning, match="approximate"):
             trainer.fit(model, loader)
         (grads,) = spy.grads
@@ -264,16 +254,7 @@ def test_poisson_batches_of_notes_have_one_fixed_width_with_a_padding_column() -
         {"input_ids": torch.randint(5, 200, (int(n),), generator=gen)} for n in torch.randint(4, 60, (64,))
     ]
     widths = _Widths()
-    trainer = pl.Trainer(
-        strategy=DPSGDStrategy(noise_multiplier=1.0, seed=0, device="cpu"),
-        callbacks=[widths],
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, seed=0, device="cpu"), [widths], max_steps=4)
     loader = DataLoader(notes, batch_size=8, collate_fn=CausalLMCollator(0, 48))  # type: ignore[arg-type]
     trainer.fit(DPLoRAModule(model_name="tiny-llama", lora_rank=2, seed=0), loader)
     assert widths.widths == {49}  # max_length + 1, whatever the drawn notes
@@ -322,16 +303,7 @@ def _fit(
 ) -> pl.Trainer:
     kw.setdefault("max_steps", 1)
     model = kw.pop("model", None) or _Linear()
-    trainer = pl.Trainer(
-        strategy=strategy,
-        callbacks=callbacks or [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kw,
-    )
+    trainer = quiet_trainer(strategy, callbacks, **kw)
     trainer.fit(model, DataLoader(data, batch_size=batch_size))
     return trainer
 
