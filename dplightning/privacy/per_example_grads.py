@@ -113,8 +113,6 @@ class PerExampleGradients:
 
     def __init__(self, model: nn.Module, loss_reduction: LossReduction = "mean") -> None:
         self.loss_reduction = loss_reduction
-        # Extra factor undone on every backprop; Lightning divides the loss by accumulate_grad_batches.
-        self.loss_scale = 1.0
         # Layers agreeing with each other is not enough: a model that flattens [B, S, d] to [B*S, d] before a
         # layer makes every token an "example", and one real example would then be clipped several times.
         self.expected_batch_size: int | None = None
@@ -159,7 +157,7 @@ class PerExampleGradients:
                     _check_expected(mod_name, "output gradient", batch, expected)
                 else:
                     self._check_consistent(batch)
-                factor = self.loss_scale * (batch if self.loss_reduction == "mean" else 1)
+                factor = batch if self.loss_reduction == "mean" else 1
                 if factor != 1:
                     grad = grad * factor
                 for short, value in rule(module, activation, grad, wanted).items():

@@ -130,9 +130,9 @@ class DPSGDMixin(PrivateStrategyMixin):
         poisson_sampling: replace the training sampler by Poisson sampling with ``q = batch_size·accumulate / N``
             (what the accounting assumes). ``False`` keeps shuffled fixed-size batches (accounting then approximate).
         secure_rng: draw noise and batches from the OS CSPRNG (not reproducible; a resumed secure run stays
-            secure). ``None`` (default): yes unless a ``seed`` is given. With a seed (or ``False``) noise and
-            batches follow the seed, reproducibly, and the guarantee assumes the seed is secret: a warning says so
-            once per process.
+            secure). ``None`` (default): yes unless a ``seed`` is given. With a seed, noise and batches follow
+            it, reproducibly, and the guarantee assumes the seed is secret: a warning says so once per process
+            (``False`` without a seed is refused).
         seed: seed of the noise generator and the Poisson sampler (reproducible runs); ``None`` (default): none.
         loss_reduction: how ``training_step``'s loss reduces per-example losses (``"mean"`` or ``"sum"``).
         device: ``"auto"`` (CUDA if available, else CPU) or an explicit device.
