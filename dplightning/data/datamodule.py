@@ -347,8 +347,7 @@ class TextDataModule(pl.LightningDataModule):
         if eos is None:  # no way to tell a truncated text from a whole one
             return
         # _tokenize keeps eos only on texts that fit; notes never contain "Question: " themselves.
-        cut = sum(1 for text, ids in zip(texts, input_ids) if "Question: " in text and ids[-1] != eos)
-        if cut:
+        if any("Question: " in text and ids[-1] != eos for text, ids in zip(texts, input_ids)):
             # no count: how many private records are long is a statistic of the data, not a setting
             logger.warning(
                 "training texts with a question/answer line are longer than data.max_length = %d and lose their "
