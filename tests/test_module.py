@@ -245,3 +245,50 @@ def test_sgd_momentum_and_linear_schedule_reach_the_private_optimizer_steps() ->
     quiet_trainer(strategy, [recorder], max_steps=4, limit_val_batches=0).fit(model, datamodule=data)
     assert recorder.lrs == pytest.approx([0.4, 0.3, 0.2, 0.1])
     assert recorder.momenta == [0.9] * 4
+
+
+def _notes_file(tmp_path: Path) -> str:
+    path = tmp_path / "notes.txt"
+    path.write_text("\n".join(f"patient {i} was seen for a follow-up visit" for i in range(64)) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("private", "dataset", "flag", "on"),
+    [
+        (True, "file", None, False),  # the default a user with private notes gets
+        (True, "file", True, True),
+        (True, "synthetic", None, True),
+        (False, "file", None, True),
+        (False, "synthetic", False, False),
+    ],
+)
+def test_heldout_metrics_on_a_private_file_are_off_unless_asked(
+    tmp_path: Path, private: bool, dataset: str, flag: bool | None, on: bool
+) -> None:
+    """Validation/test metrics on held-out records leave the process uncovered by ε: off by default for a
+    data file under a private strategy (validation skipped, test refused), on when asked or when nothing is
+    private."""
+    source = _notes_file(tmp_path) if dataset == "file" else "pseudo_clinical"
+    data = TextDataModule(
+        dataset=source,
+        tokenizer="tiny-llama",
+        num_records=64,
+        max_length=16,
+        batch_size=8,
+        heldout_metrics=flag,
+    )
+    strategy = (
+        DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, device="cpu", poisson_sampling=False)
+        if private
+        else "auto"
+    )
+    model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=0)
+    trainer = quiet_trainer(strategy, max_steps=1, val_check_interval=1, limit_val_batches=1)
+    trainer.fit(model, datamodule=data)
+    assert ("val/perplexity" in trainer.callback_metrics) is on
+    if on:
+        assert "test/perplexity" in trainer.test(model, datamodule=data, verbose=False)[0]
+    else:
+        with pytest.raises(DPLightningError, match=r"data.heldout_metrics: true"):
+            trainer.test(model, datamodule=data, verbose=False)

@@ -112,6 +112,12 @@ class TextDataModule(pl.LightningDataModule):
             appended, e.g. "Question: Was the patient readmitted? Answer: no", about a seeded random field of
             :data:`~dplightning.data.notes.QA_QUESTIONS`; validation/test/public notes never get one. Needs a
             record-backed dataset (``pseudo_clinical`` or the CSV). 0 leaves the data exactly as without it.
+        heldout_metrics: whether validation and test metrics are computed on the held-out splits. Those splits
+            are records of the same data, and their metrics leave the process (logs, TensorBoard, the summary)
+            without being covered by ε. ``None`` (default): on for the seeded generator (``pseudo_clinical``
+            holds nothing private) and for non-private runs, off for a data file under a private strategy —
+            validation is then skipped and ``trainer.test`` refuses to run. ``True`` turns them on (not covered
+            by ε), ``False`` off.
     """
 
     def __init__(
@@ -128,6 +134,7 @@ class TextDataModule(pl.LightningDataModule):
         data_seed: int = 0,
         num_workers: int = 0,
         qa_fraction: float = 0.0,
+        heldout_metrics: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -373,14 +380,39 @@ class TextDataModule(pl.LightningDataModule):
         self.setup()
         return self._loader(self.train_dataset, int(self._arguments.batch_size), shuffle=True)
 
+    @property
+    def heldout_metrics_on(self) -> bool:
+        """Whether validation/test metrics are computed (see ``heldout_metrics``)."""
+        flag = self._arguments.get("heldout_metrics")
+        if flag is not None:
+            return bool(flag)
+        if self.is_synthetic:
+            return True
+        from dplightning.strategies.protocol import PrivateStrategy
+
+        trainer = self.trainer
+        return trainer is None or not isinstance(trainer.strategy, PrivateStrategy)
+
     def val_dataloader(self) -> DataLoader:
-        """Validation batches of ``eval_batch_size``, in order."""
+        """Validation batches of ``eval_batch_size``, in order; none when held-out metrics are off."""
         self.setup()
+        if not self.heldout_metrics_on:
+            logger.warning(
+                "validation is off: metrics on held-out records of '%s' would leave the process without being "
+                "covered by ε; set data.heldout_metrics: true to compute them anyway",
+                Path(str(self._arguments.dataset)).name,
+            )
+            return self._loader(TokenizedDataset([]), int(self._arguments.eval_batch_size), shuffle=False)
         return self._loader(self.val_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Test batches of ``eval_batch_size``, in order."""
+        """Test batches of ``eval_batch_size``, in order; refused when held-out metrics are off."""
         self.setup()
+        if not self.heldout_metrics_on:
+            raise DPLightningError(
+                f"test metrics on held-out records of '{Path(str(self._arguments.dataset)).name}' would leave the "
+                "process without being covered by ε; set data.heldout_metrics: true to compute them anyway"
+            )
         return self._loader(self.test_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 
     def public_dataloader(self) -> DataLoader:
