@@ -98,6 +98,20 @@ def quiet_trainer(
     )
 
 
+class StopAfter(pl.Callback):
+    """Stops training after optimizer step ``step``, as an interrupted run: its checkpoint at that step is its
+    latest, so a resume from it replays nothing (a resume from an older one is refused for seeded runs)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class GradRecorder(pl.Callback):
     """Records ``p.grad`` as the optimizer will see it (after privatisation): one ``{name: grad}`` per step, or
     with ``flat=True`` one concatenated vector per step."""

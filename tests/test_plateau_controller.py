@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import StopAfter
 from lightning.pytorch.loggers import Logger
 
 from dplightning.callbacks import PlateauController
@@ -199,9 +200,14 @@ def test_resumed_run_continues_the_decisions(tmp_path: Path) -> None:
     full = PlateauController(interval=1, patience=2, public_batches=2)
     _script(full, losses)
     full_lrs = LrPerStep()
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
-    full_trainer, _ = _fit([full, full_lrs, checkpoint], max_steps=6)
+    full_trainer, _ = _fit([full, full_lrs], max_steps=6)
     assert full_lrs.lrs == [BASE_LR] * 3 + [BASE_LR / 2] * 2 + [BASE_LR / 4]
+    # The same run interrupted after step 4 (a resume from an older checkpoint of a longer run is refused:
+    # its seeded noise would be replayed on other batches).
+    partial = PlateauController(interval=1, patience=2, public_batches=2)
+    _script(partial, losses)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)
+    _fit([partial, StopAfter(4), checkpoint], max_steps=6)
 
     resumed = PlateauController(
         interval=1, patience=2, public_batches=2, seed=1

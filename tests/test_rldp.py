@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import fake_dpsgd_strategy, load_benchmark
+from conftest import StopAfter, fake_dpsgd_strategy, load_benchmark
 
 from dplightning.callbacks import PrivacyBudget, RLDPController
 from dplightning.envs.rldp_agent import RLDPAgent
@@ -354,10 +354,16 @@ def test_resume_continues_agent_replay_buffer_and_random_streams(tmp_path: Path)
         return RLDPController(rl_interval=2, gradient_steps=4, batch_size=4, public_batches=1, seed=0)
 
     model, data = _tiny_parts()
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
     full = controller()
-    trainer, _ = _tiny_trainer(tmp_path, [full, ckpt], max_steps=8, enable_checkpointing=True)
+    trainer, _ = _tiny_trainer(tmp_path, [full], max_steps=8)
     trainer.fit(model, datamodule=data)
+    # The same run interrupted after step 4, so that its step-4 checkpoint is its latest.
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    trainer, _ = _tiny_trainer(
+        tmp_path, [controller(), StopAfter(4), ckpt], max_steps=8, enable_checkpointing=True
+    )
+    model1, data1 = _tiny_parts()
+    trainer.fit(model1, datamodule=data1)
     path = next((tmp_path / "ck").glob("*step=4.ckpt"))
     saved = torch.load(path, weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("RLDPController"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
@@ -28,7 +29,9 @@ from typing_extensions import override
 from dplightning.data.collate import CausalLMCollator
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
+from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.batch_selection import PoissonBatchSampler
+from dplightning.privacy.ledger import PrivacyLedger, unrecorded_steps
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.settings import PrivacySettings
 
@@ -164,6 +167,7 @@ class PrivateStrategyMixin(Strategy):
         self._min_sigma_used = math.inf
         self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
+        self._ledger: PrivacyLedger | None = None  # started at the first checkpoint (rank 0 only)
 
     @property
     def _attached_module(self) -> pl.LightningModule:
@@ -432,8 +436,12 @@ class PrivateStrategyMixin(Strategy):
         return eps <= self.max_epsilon
 
     def _record_step(self, sigma: float, q: float) -> None:
-        """Charge the accountant for the step just released at (σ, q)."""
-        self.accountant.record(self.step_event(sigma, q))
+        """Charge the accountant (and the ledger, on disk, if checkpoints started one) for the step just made at
+        (σ, q), before its update is applied or anything derived from it is logged."""
+        event = self.step_event(sigma, q)
+        if self._ledger is not None:
+            self._ledger.append(history_entry(event, 1))
+        self.accountant.record(event)
         self._min_sigma_used = min(self._min_sigma_used, sigma)
 
     def _stop_on_budget(self) -> None:
@@ -454,6 +462,7 @@ class PrivateStrategyMixin(Strategy):
             "noise_multiplier": self.noise_multiplier,
             "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
             "min_sigma_used": self._min_sigma_used,
+            "ledger": None if self._ledger is None else str(self._ledger.path),
         }
 
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
@@ -468,11 +477,57 @@ class PrivateStrategyMixin(Strategy):
         self.noise_multiplier = state["noise_multiplier"]
         self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
         self._min_sigma_used = state["min_sigma_used"]
+        self._resume_ledger(state.get("ledger"))
+
+    def _resume_ledger(self, path: str | None) -> None:
+        """Charge the steps the run's ledger holds beyond the checkpoint (released by the run that wrote it after
+        it was saved) and keep appending to that ledger."""
+        if path is None:  # written before the first checkpoint, or by a version without the ledger
+            return
+        ledger = PrivacyLedger(path)
+        if not ledger.exists():
+            rank_zero_warn(
+                f"[dplightning] the checkpoint's privacy ledger {path} is missing: steps its run released after "
+                "the checkpoint, if any, are not charged. Keep the ledger beside the checkpoints it came with"
+            )
+            return
+        orphans = unrecorded_steps(self.accountant, ledger.entries())
+        released = sum(count for _, count in orphans)
+        if released and not self.secure_rng:
+            raise DPLightningError(
+                f"this checkpoint is {released} steps behind what its run released; resuming its seeded noise from "
+                "here would replay noise already used on other batches. Resume from the run's latest checkpoint, "
+                "or set secure_rng: true to go on with fresh noise (the released steps are charged)"
+            )
+        for event, count in orphans:
+            self.accountant.record(event, count)
+            self._min_sigma_used = min(self._min_sigma_used, event.noise_multiplier)
+        if released:
+            rank_zero_warn(
+                f"[dplightning] the run that wrote this checkpoint released {released} more steps after it; they "
+                f"are charged: ε = {self.accountant.epsilon(self.target_delta):.4g} so far"
+            )
+        self._ledger = ledger if self.is_global_zero else None
+
+    def _start_ledger(self, filepath: Any) -> None:
+        """Start the ledger beside the first checkpoint (rank 0, local files only)."""
+        if self._ledger is not None or not self.is_global_zero:
+            return
+        if "://" in str(filepath):
+            rank_zero_warn(
+                "[dplightning] checkpoints go to a remote path, where no privacy ledger is kept: a resume from an "
+                "older checkpoint will not charge the steps released after it"
+            )
+            return
+        self._ledger = PrivacyLedger.start(
+            os.path.dirname(os.path.abspath(filepath)), self.accountant.state_dict()["history"]
+        )
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
+        self._start_ledger(filepath)
         checkpoint["dplightning"] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 

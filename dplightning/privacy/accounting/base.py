@@ -96,6 +96,18 @@ def quantize_sigma_down(sigma: float) -> float:
 # ----------------------------------------------------------------------------------------------- interface
 
 
+def history_entry(event: StepEvent, count: int) -> dict[str, Any]:
+    """``count`` releases of ``event`` as one entry of :meth:`PrivacyAccountant.state_dict`'s ``history`` (plain,
+    JSON-able types; :meth:`PrivacyAccountant.load_state_dict` reads it back)."""
+    return {
+        "noise_multiplier": event.noise_multiplier,
+        "sample_rate": event.sample_rate,
+        "mechanism": event.mechanism,
+        **({} if event.lmo is None else {"lmo": event.lmo.to_dict(), "release": event.release}),
+        "count": count,
+    }
+
+
 class _StepRecorder(abc.ABC):
     """``step(σ, q, n, ...)`` as ``record(StepEvent(σ, q, ...), n)``: the one way every accountant records a step."""
 
@@ -224,16 +236,7 @@ class PrivacyAccountant(_StepRecorder):
         return {
             "kind": self.kind,
             "version": _STATE_VERSION,
-            "history": [
-                {
-                    "noise_multiplier": e.noise_multiplier,
-                    "sample_rate": e.sample_rate,
-                    "mechanism": e.mechanism,
-                    **({} if e.lmo is None else {"lmo": e.lmo.to_dict(), "release": e.release}),
-                    "count": c,
-                }
-                for e, c in self._history.items()
-            ],
+            "history": [history_entry(e, c) for e, c in self._history.items()],
             **self._settings(),
         }
 

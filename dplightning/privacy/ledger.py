@@ -1,0 +1,90 @@
+"""The privacy ledger: an append-only file, beside a run's checkpoints, of every step the run has released.
+
+A checkpoint holds the accountant as of the step it was written. The run goes on after it and releases more
+steps (weights, logs, noisy statistics), and may then die or be resumed from that older checkpoint: the
+accountant restored from it does not know those steps, so without a record of them ε would be spent twice
+and reported once. The ledger is that record. It starts with the history at the first checkpoint and gets
+one line per step, written and flushed to disk before the step's update is used; a resume charges whatever
+the ledger holds beyond the checkpoint's history.
+
+Each line is one entry of an accountant's ``state_dict()["history"]`` (an event and its count): the ledger
+holds the σ and q of each step, which ε covers (they are public settings or post-processing of releases).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from dplightning.errors import DPLightningError
+from dplightning.privacy.accounting.events import StepEvent
+
+__all__ = ["PrivacyLedger", "unrecorded_steps"]
+
+LEDGER_PREFIX = "privacy_ledger-"
+
+
+class PrivacyLedger:
+    """An append-only JSON-lines file of released steps. Create one with :meth:`start`; reopen one by path."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def start(cls, directory: str | os.PathLike[str], entries: Iterable[dict[str, Any]]) -> PrivacyLedger:
+        """A new ledger in ``directory`` (a fresh name, so runs sharing a folder never share a ledger) holding
+        ``entries`` (the history so far); written to a temporary name and renamed, so it is whole or absent."""
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        ledger = cls(folder / f"{LEDGER_PREFIX}{uuid.uuid4().hex[:12]}.jsonl")
+        temporary = ledger.path.with_name(f".{ledger.path.name}.tmp")
+        with temporary.open("w", encoding="utf-8") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in entries)
+            f.flush()
+            os.fsync(f.fileno())
+        temporary.replace(ledger.path)
+        return ledger
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Add one entry and flush it to disk before returning (the step it records may then be released)."""
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry. A torn last line (the process died while writing it, so its step was never released) is
+        dropped; a malformed line before it means the file was edited or damaged, and is refused."""
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        out: list[dict[str, Any]] = []
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise DPLightningError(
+                    f"privacy ledger {self.path} is damaged at line {number}; restore it, or resume from a "
+                    "checkpoint of a run that never went past it"
+                ) from None
+            out.append(entry)
+        return out
+
+
+def unrecorded_steps(accountant: Any, entries: list[dict[str, Any]]) -> list[tuple[StepEvent, int]]:
+    """The steps ``entries`` (a ledger) record beyond ``accountant``'s history: for each event, the ledger's
+    count minus the accountant's, where positive. Events are compared as the accountant records them (its own
+    canonical form, read through a fresh accountant of the same kind and settings)."""
+    ledger = type(accountant)()
+    ledger.load_state_dict({**accountant.state_dict(), "history": entries})
+    have = dict(accountant.history)
+    return [
+        (event, count - have.get(event, 0)) for event, count in ledger.history if count > have.get(event, 0)
+    ]

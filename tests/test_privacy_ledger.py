@@ -1,0 +1,121 @@
+"""The privacy ledger: a resume from an older checkpoint charges the steps its run released after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from conftest import quiet_trainer
+from test_dpsgd_strategy import Linear, _data
+from torch.utils.data import DataLoader
+
+from dplightning.errors import DPLightningError
+from dplightning.privacy.accounting import make_accountant
+from dplightning.privacy.accounting.base import history_entry
+from dplightning.privacy.accounting.events import StepEvent
+from dplightning.privacy.ledger import PrivacyLedger, unrecorded_steps
+from dplightning.strategies import DPSGDStrategy
+
+STEPS = 6
+
+
+def _loader() -> DataLoader:
+    return DataLoader(_data(40), batch_size=8)
+
+
+def _first_run(tmp_path: Path, **strategy_kwargs: object) -> Path:
+    """A run of STEPS steps with a checkpoint every 2; returns its step-2 checkpoint."""
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    strategy = DPSGDStrategy(max_grad_norm=1.0, **strategy_kwargs)  # type: ignore[arg-type]
+    quiet_trainer(strategy, [checkpoints], max_steps=STEPS, checkpoints=True).fit(Linear(), _loader())
+    assert strategy.accountant.steps == STEPS
+    return next(tmp_path.glob("*step=2.ckpt"))
+
+
+def _ledger_steps(tmp_path: Path) -> int:
+    (path,) = tmp_path.glob("privacy_ledger-*.jsonl")
+    return sum(entry["count"] for entry in PrivacyLedger(path).entries())
+
+
+def test_resume_from_an_older_checkpoint_charges_the_steps_released_after_it(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0)
+    assert _ledger_steps(tmp_path) == STEPS
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+    trainer = quiet_trainer(resumed, max_steps=STEPS)
+    with pytest.warns(UserWarning, match="released 4 more steps"):
+        trainer.fit(Linear(), _loader(), ckpt_path=str(ckpt))
+    released = STEPS + (trainer.global_step - 2)  # the first run's, then the resumed run's
+    assert trainer.global_step == STEPS
+    assert resumed.accountant.steps == released == 10
+    assert _ledger_steps(tmp_path) == released  # the resumed run appends to the same ledger
+
+
+def test_a_budgeted_resume_stops_where_the_budget_is_already_spent(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, target_epsilon=2.0)
+    resumed = DPSGDStrategy(target_epsilon=2.0, max_grad_norm=1.0)
+    trainer = quiet_trainer(resumed, max_steps=STEPS)
+    with pytest.warns(UserWarning, match="released 4 more steps"):
+        trainer.fit(Linear(), _loader(), ckpt_path=str(ckpt))
+    assert resumed.accountant.steps == STEPS  # nothing more released: the first run spent the budget
+    assert trainer.should_stop and resumed.budget_exhausted
+    assert resumed.epsilon() <= 2.0
+
+
+def test_a_seeded_resume_from_an_older_checkpoint_is_refused_unless_secure(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0, seed=3)
+    with pytest.raises(DPLightningError, match=r"4 steps behind.*latest checkpoint.*secure_rng: true"):
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3), max_steps=STEPS).fit(
+            Linear(), _loader(), ckpt_path=str(ckpt)
+        )
+    secure = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3, secure_rng=True)
+    with pytest.warns(UserWarning, match="released 4 more steps"):
+        quiet_trainer(secure, max_steps=STEPS).fit(Linear(), _loader(), ckpt_path=str(ckpt))
+    assert secure.accountant.steps == 10
+
+
+def test_resume_from_the_latest_checkpoint_charges_nothing_more(tmp_path: Path) -> None:
+    _first_run(tmp_path, noise_multiplier=1.0, seed=3)
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+    quiet_trainer(resumed, max_steps=STEPS + 1).fit(
+        Linear(), _loader(), ckpt_path=str(next(tmp_path.glob(f"*step={STEPS}.ckpt")))
+    )
+    assert resumed.accountant.steps == STEPS + 1
+
+
+def test_a_missing_ledger_is_a_warning(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0)
+    next(tmp_path.glob("privacy_ledger-*.jsonl")).unlink()
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="ledger .* is missing"):
+        quiet_trainer(resumed, max_steps=STEPS).fit(Linear(), _loader(), ckpt_path=str(ckpt))
+    assert resumed.accountant.steps == STEPS  # only what the checkpoint knew, then 4 more
+
+
+def test_ledger_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    event = StepEvent(1.0, 0.1)
+    ledger = PrivacyLedger.start(tmp_path, [history_entry(event, 3)])
+    ledger.append(history_entry(event, 1))
+    with ledger.path.open("a") as f:
+        f.write('{"noise_multiplier": 1.0, "sam')  # the process died mid-write: that step was never released
+    assert [e["count"] for e in ledger.entries()] == [3, 1]
+    lines = ledger.path.read_text().splitlines()
+    ledger.path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(DPLightningError, match="damaged at line 2"):
+        ledger.entries()
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp"])
+def test_unrecorded_steps_compare_events_as_the_accountant_records_them(kind: str) -> None:
+    accountant = make_accountant(kind)
+    accountant.record(StepEvent(1.0, 0.1), 2)
+    # σ just above a grid point is recorded on it: the ledger's raw σ must match the accountant's rounded one
+    entries = [history_entry(StepEvent(1.0, 0.1), 2), history_entry(StepEvent(1.0000001, 0.1), 3)]
+    entries.append(json.loads(json.dumps(history_entry(StepEvent(2.0, 0.05), 1))))
+    orphans = unrecorded_steps(accountant, entries)
+    assert sorted((e.noise_multiplier, e.sample_rate, c) for e, c in orphans) == [
+        (pytest.approx(1.0, rel=1e-3), 0.1, 3),
+        (pytest.approx(2.0, rel=1e-3), 0.05, 1),  # on the accountant's σ grid, just below 2
+    ]
+    assert accountant.steps == 2  # reading the ledger leaves the accountant alone
