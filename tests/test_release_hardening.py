@@ -260,6 +260,24 @@ def test_poisson_batches_of_notes_have_one_fixed_width_with_a_padding_column() -
     assert widths.widths == {49}  # max_length + 1, whatever the drawn notes
 
 
+@pytest.mark.parametrize("poisson", [True, False])
+def test_a_fixed_width_beyond_the_models_positions_is_one_clear_error(poisson: bool) -> None:
+    from dplightning.data.collate import CausalLMCollator
+    from dplightning.models import TINY_MAX_POSITIONS
+    from dplightning.module import DPLoRAModule
+
+    notes = [{"input_ids": torch.arange(5, 15)} for _ in range(16)]
+    strategy = DPSGDStrategy(noise_multiplier=1.0, seed=0, device="cpu", poisson_sampling=poisson)
+    loader = DataLoader(notes, batch_size=8, collate_fn=CausalLMCollator(0, TINY_MAX_POSITIONS))  # type: ignore[arg-type]
+    with pytest.raises(
+        DPLightningError,
+        match=rf"max_length \+ 1 = {TINY_MAX_POSITIONS + 1}.*at most {TINY_MAX_POSITIONS - 1}",
+    ):
+        quiet_trainer(strategy, max_steps=1).fit(
+            DPLoRAModule(model_name="tiny-gpt2", lora_rank=2, seed=0), loader
+        )
+
+
 def test_float_clip_and_sum_in_bf16_breaks_the_bound() -> None:
     """The float path this replaces: in bf16 the same pair of sums differs by far more than C."""
     torch.manual_seed(0)

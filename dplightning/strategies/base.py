@@ -52,6 +52,22 @@ def fixed_width(collate: Any) -> Any:
     return collate
 
 
+def check_fixed_width_fits(collate: Any, module: Any) -> None:
+    """Refuse a fixed width (``max_length + 1``) beyond the model's positions: a model with learned absolute
+    positions (GPT-2) would fail at the first step with an index error."""
+    if not isinstance(collate, CausalLMCollator) or collate.pad_to != "fixed":
+        return
+    config = getattr(getattr(module, "model", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    width = collate.max_length + 1
+    if isinstance(limit, int) and width > limit:
+        raise DPLightningError(
+            f"private training pads every batch to data.max_length + 1 = {width} positions (a fixed width with a "
+            f"padding column keeps each example's arithmetic independent of the others), but the model has "
+            f"{limit}; set data.max_length to at most {limit - 1}"
+        )
+
+
 def batch_size_of(batch: Any) -> int | None:
     """Leading dimension of the first tensor found in ``batch`` (dict / sequence / tensor), else ``None``."""
     if isinstance(batch, Tensor):
@@ -327,6 +343,7 @@ class PrivateStrategyMixin(Strategy):
                 stacklevel=2,
             )
             dataloader.collate_fn = fixed_width(dataloader.collate_fn)
+            check_fixed_width_fits(dataloader.collate_fn, self.lightning_module)
             return dataloader
         sampler = PoissonBatchSampler(
             n,
@@ -343,10 +360,12 @@ class PrivateStrategyMixin(Strategy):
         sampler.epoch = trainer.current_epoch
         sampler.start_batch = ready // accumulate
         self._sampler = sampler
+        collate = fixed_width(dataloader.collate_fn)
+        check_fixed_width_fits(collate, self.lightning_module)
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=EmptySafeCollate(fixed_width(dataloader.collate_fn), dataset),
+            collate_fn=EmptySafeCollate(collate, dataset),
             num_workers=dataloader.num_workers,
             pin_memory=dataloader.pin_memory,
             worker_init_fn=dataloader.worker_init_fn,
