@@ -284,6 +284,16 @@ def test_csv_dataset_in_the_data_module(tmp_path: Path) -> None:
     assert len(data.train_dataset) == 16
 
 
+def test_downstream_accuracy_on_a_private_file_needs_heldout_metrics(tmp_path: Path) -> None:
+    from dplightning.evaluation import heldout_examples
+
+    path = str(_write_diabetes_csv(tmp_path / "diabetic_data.csv", _CSV_ROWS * 5))
+    with pytest.raises(DPLightningError, match=r"downstream accuracy .* data.heldout_metrics: true"):
+        heldout_examples(TextDataModule(dataset=path, tokenizer=TINY), "test")
+    opted_in = TextDataModule(dataset=path, tokenizer=TINY, heldout_metrics=True)
+    assert len(heldout_examples(opted_in, "test")) == 2
+
+
 # ---------------------------------------------------------------------------------------- text files
 def test_txt_line_mode(tmp_path: Path) -> None:
     path = tmp_path / "lines.txt"

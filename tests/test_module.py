@@ -259,7 +259,8 @@ def _notes_file(tmp_path: Path) -> str:
         (True, "file", None, False),  # the default a user with private notes gets
         (True, "file", True, True),
         (True, "synthetic", None, True),
-        (False, "file", None, True),
+        (False, "file", None, False),  # the same data may be private whoever trains on it
+        (False, "file", True, True),
         (False, "synthetic", False, False),
     ],
 )
@@ -267,8 +268,7 @@ def test_heldout_metrics_on_a_private_file_are_off_unless_asked(
     tmp_path: Path, private: bool, dataset: str, flag: bool | None, on: bool
 ) -> None:
     """Validation/test metrics on held-out records leave the process uncovered by ε: off by default for a
-    data file under a private strategy (validation skipped, test refused), on when asked or when nothing is
-    private."""
+    data file (validation skipped, test refused), on when asked or for the synthetic generator."""
     source = _notes_file(tmp_path) if dataset == "file" else "pseudo_clinical"
     data = TextDataModule(
         dataset=source,
@@ -292,3 +292,7 @@ def test_heldout_metrics_on_a_private_file_are_off_unless_asked(
     else:
         with pytest.raises(DPLightningError, match=r"data.heldout_metrics: true"):
             trainer.test(model, datamodule=data, verbose=False)
+        # loaders taken from the data module by hand, outside any trainer, are off too
+        assert len(data.val_dataloader()) == 0
+        with pytest.raises(DPLightningError, match=r"data.heldout_metrics: true"):
+            data.test_dataloader()

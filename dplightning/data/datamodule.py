@@ -112,12 +112,12 @@ class TextDataModule(pl.LightningDataModule):
             appended, e.g. "Question: Was the patient readmitted? Answer: no", about a seeded random field of
             :data:`~dplightning.data.notes.QA_QUESTIONS`; validation/test/public notes never get one. Needs a
             record-backed dataset (``pseudo_clinical`` or the CSV). 0 leaves the data exactly as without it.
-        heldout_metrics: whether validation and test metrics are computed on the held-out splits. Those splits
-            are records of the same data, and their metrics leave the process (logs, TensorBoard, the summary)
-            without being covered by ε. ``None`` (default): on for the seeded generator (``pseudo_clinical``
-            holds nothing private) and for non-private runs, off for a data file under a private strategy —
-            validation is then skipped and ``trainer.test`` refuses to run. ``True`` turns them on (not covered
-            by ε), ``False`` off.
+        heldout_metrics: whether metrics are computed on the held-out splits (validation and test loaders,
+            downstream accuracy). Those splits are records of the same data, and their metrics leave the process
+            (logs, TensorBoard, the summary) without being covered by ε. ``None`` (default): on for the seeded
+            generator (``pseudo_clinical`` holds nothing private), off for a data file — whatever the strategy,
+            since the same data module may later serve a plain evaluation run: validation is then skipped (one
+            warning) and test metrics are refused. ``True`` turns them on (not covered by ε), ``False`` off.
     """
 
     def __init__(
@@ -384,14 +384,15 @@ class TextDataModule(pl.LightningDataModule):
     def heldout_metrics_on(self) -> bool:
         """Whether validation/test metrics are computed (see ``heldout_metrics``)."""
         flag = self._arguments.get("heldout_metrics")
-        if flag is not None:
-            return bool(flag)
-        if self.is_synthetic:
-            return True
-        from dplightning.strategies.protocol import PrivateStrategy
+        return self.is_synthetic if flag is None else bool(flag)
 
-        trainer = self.trainer
-        return trainer is None or not isinstance(trainer.strategy, PrivateStrategy)
+    def check_heldout_metrics(self, what: str) -> None:
+        """Raise when held-out metrics are off: ``what`` names the metrics asked for."""
+        if not self.heldout_metrics_on:
+            raise DPLightningError(
+                f"{what} on held-out records of '{Path(str(self._arguments.dataset)).name}' would leave the "
+                "process without being covered by ε; set data.heldout_metrics: true to compute them anyway"
+            )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``eval_batch_size``, in order; none when held-out metrics are off."""
@@ -408,11 +409,7 @@ class TextDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Test batches of ``eval_batch_size``, in order; refused when held-out metrics are off."""
         self.setup()
-        if not self.heldout_metrics_on:
-            raise DPLightningError(
-                f"test metrics on held-out records of '{Path(str(self._arguments.dataset)).name}' would leave the "
-                "process without being covered by ε; set data.heldout_metrics: true to compute them anyway"
-            )
+        self.check_heldout_metrics("test metrics")
         return self._loader(self.test_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 
     def public_dataloader(self) -> DataLoader:
