@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from conftest import quiet_trainer
 from test_dpsgd_strategy import Linear, _data
+from test_dpzo import Quadratic, _points
 from torch.utils.data import DataLoader
 
 from dplightning.errors import DPLightningError
@@ -16,7 +20,7 @@ from dplightning.privacy.accounting import make_accountant
 from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.accounting.events import StepEvent
 from dplightning.privacy.ledger import PrivacyLedger, unrecorded_steps
-from dplightning.strategies import DPSGDStrategy
+from dplightning.strategies import DPSGDStrategy, DPZOStrategy
 
 STEPS = 6
 
@@ -91,6 +95,74 @@ def test_a_missing_ledger_is_a_warning(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="ledger .* is missing"):
         quiet_trainer(resumed, max_steps=STEPS).fit(Linear(), _loader(), ckpt_path=str(ckpt))
     assert resumed.accountant.steps == STEPS  # only what the checkpoint knew, then 4 more
+
+
+def test_a_moved_run_folder_keeps_its_ledger(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path / "run", noise_multiplier=1.0)
+    shutil.move(tmp_path / "run", tmp_path / "archive")
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="released 4 more steps"):
+        quiet_trainer(resumed, max_steps=STEPS).fit(
+            Linear(), _loader(), ckpt_path=str(tmp_path / "archive" / ckpt.name)
+        )
+    assert resumed.accountant.steps == 10
+
+
+def test_a_seeded_resume_without_its_ledger_is_refused(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0, seed=3)
+    next(tmp_path.glob("privacy_ledger-*.jsonl")).unlink()
+    with pytest.raises(DPLightningError, match="neither beside it nor where it was written"):
+        quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3), max_steps=STEPS).fit(
+            Linear(), _loader(), ckpt_path=str(ckpt)
+        )
+
+
+def test_a_resumed_run_checkpointing_elsewhere_starts_a_ledger_there(tmp_path: Path) -> None:
+    _first_run(tmp_path / "a", noise_multiplier=1.0)  # steps 1-6, checkpoints at 2, 4, 6
+    later = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=2, save_top_k=-1)
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+    quiet_trainer(resumed, [later], max_steps=10, checkpoints=True).fit(
+        Linear(), _loader(), ckpt_path=str(next((tmp_path / "a").glob("*step=6.ckpt")))
+    )
+    assert resumed.accountant.steps == 10
+    assert _ledger_steps(tmp_path / "a") == _ledger_steps(tmp_path / "b") == 10  # both go on
+    shutil.rmtree(tmp_path / "a")  # the first folder is gone: b's own ledger knows steps 9 and 10
+    again = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="released 2 more steps"):
+        quiet_trainer(again, max_steps=10).fit(
+            Linear(), _loader(), ckpt_path=str(next((tmp_path / "b").glob("*step=8.ckpt")))
+        )
+    assert again.accountant.steps == 12
+
+
+class _FailingAppend:
+    def __call__(self, *args: Any) -> None:
+        raise OSError("disk full")
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_a_step_the_ledger_cannot_record_never_moves_the_weights(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "dpsgd":
+        model, loader, make = (
+            Linear(),
+            _loader(),
+            lambda: DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0),
+        )
+    else:
+        model, loader = Quadratic(), DataLoader(_points(64, 6), batch_size=8)
+        make = lambda: DPZOStrategy(noise_multiplier=1.0, max_loss_diff=2.0, device="cpu")  # noqa: E731
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    quiet_trainer(make(), [checkpoints], max_steps=2, checkpoints=True).fit(model, loader)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(PrivacyLedger, "append", _FailingAppend())
+    with pytest.raises(OSError, match="disk full"):
+        quiet_trainer(make(), max_steps=4).fit(
+            model, loader, ckpt_path=str(next(tmp_path.glob("*step=2.ckpt")))
+        )
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # nothing released that the ledger does not hold
 
 
 def test_ledger_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting.events import StepEvent
 
-__all__ = ["PrivacyLedger", "unrecorded_steps"]
+__all__ = ["PrivacyLedger", "read_ledgers", "unrecorded_steps"]
 
 LEDGER_PREFIX = "privacy_ledger-"
 
@@ -88,3 +89,33 @@ def unrecorded_steps(accountant: Any, entries: list[dict[str, Any]]) -> list[tup
     return [
         (event, count - have.get(event, 0)) for event, count in ledger.history if count > have.get(event, 0)
     ]
+
+
+def read_ledgers(
+    accountant: Any, paths: list[str], checkpoint_dir: str | None
+) -> tuple[list[tuple[StepEvent, int]], list[str], bool]:
+    """What a checkpoint's ledgers (``paths``, as the checkpoint names them) say about a resume from it.
+
+    Each is looked for beside the checkpoint (a moved or copied run folder) and where it was written; every copy
+    found counts. Returns the steps beyond ``accountant``'s history (per event, the largest excess of any copy),
+    the copies this run can append to (a read-only one is warned about: later steps are not recorded there) and
+    whether any copy was found."""
+    found: dict[str, str] = {}  # real path -> path as found
+    for path in paths:
+        beside = os.path.join(checkpoint_dir, os.path.basename(path)) if checkpoint_dir else None
+        for candidate in (beside, path):
+            if candidate and os.path.isfile(candidate):
+                found.setdefault(os.path.realpath(candidate), os.path.abspath(candidate))
+    excess: dict[StepEvent, int] = {}
+    for path in found.values():
+        for event, count in unrecorded_steps(accountant, PrivacyLedger(path).entries()):
+            excess[event] = max(excess.get(event, 0), count)
+    writable = [path for path in found.values() if os.access(path, os.W_OK)]
+    for path in found.values():
+        if path not in writable:
+            warnings.warn(
+                f"privacy ledger {path} is read-only: this run's steps are not recorded there, so a later resume "
+                "from the checkpoints beside it will not charge them",
+                stacklevel=2,
+            )
+    return list(excess.items()), writable, bool(found)

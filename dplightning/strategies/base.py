@@ -31,7 +31,7 @@ from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.batch_selection import PoissonBatchSampler
-from dplightning.privacy.ledger import PrivacyLedger, unrecorded_steps
+from dplightning.privacy.ledger import PrivacyLedger, read_ledgers
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.settings import PrivacySettings
 
@@ -183,7 +183,10 @@ class PrivateStrategyMixin(Strategy):
         self._min_sigma_used = math.inf
         self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
-        self._ledger: PrivacyLedger | None = None  # started at the first checkpoint (rank 0 only)
+        # Ledgers this run appends each step to (rank 0 only): the one(s) it resumed from, and one beside each
+        # folder it writes checkpoints to.
+        self._ledgers: list[PrivacyLedger] = []
+        self._checkpoint_dir: str | None = None  # folder of the checkpoint being loaded
 
     @property
     def _attached_module(self) -> pl.LightningModule:
@@ -458,8 +461,8 @@ class PrivateStrategyMixin(Strategy):
         """Charge the accountant (and the ledger, on disk, if checkpoints started one) for the step just made at
         (σ, q), before its update is applied or anything derived from it is logged."""
         event = self.step_event(sigma, q)
-        if self._ledger is not None:
-            self._ledger.append(history_entry(event, 1))
+        for ledger in self._ledgers:
+            ledger.append(history_entry(event, 1))
         self.accountant.record(event)
         self._min_sigma_used = min(self._min_sigma_used, sigma)
 
@@ -481,7 +484,7 @@ class PrivateStrategyMixin(Strategy):
             "noise_multiplier": self.noise_multiplier,
             "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
             "min_sigma_used": self._min_sigma_used,
-            "ledger": None if self._ledger is None else str(self._ledger.path),
+            "ledgers": [str(ledger.path) for ledger in self._ledgers],
         }
 
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
@@ -496,22 +499,34 @@ class PrivateStrategyMixin(Strategy):
         self.noise_multiplier = state["noise_multiplier"]
         self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
         self._min_sigma_used = state["min_sigma_used"]
-        self._resume_ledger(state.get("ledger"))
+        self._resume_ledgers(list(state.get("ledgers") or []))
 
-    def _resume_ledger(self, path: str | None) -> None:
-        """Charge the steps the run's ledger holds beyond the checkpoint (released by the run that wrote it after
-        it was saved) and keep appending to that ledger."""
-        if path is None:  # written before the first checkpoint, or by a version without the ledger
+    def _resume_ledgers(self, paths: list[str]) -> None:
+        """Charge the steps the run's ledgers hold beyond the checkpoint (released after it was saved, by the run
+        that wrote it or by another resumed from it) and keep appending to the ledgers found.
+
+        A ledger is looked for beside the checkpoint first (a moved or copied run folder), then where it was
+        written. Rank 0 reads; every rank gets the same verdict, so the ranks' accountants stay equal."""
+        if not paths:  # checkpoints on a remote path, or written before the ledger existed
             return
-        ledger = PrivacyLedger(path)
-        if not ledger.exists():
+        verdict: tuple[list[tuple[StepEvent, int]], list[str], bool] = ([], [], False)
+        if self.is_global_zero:
+            verdict = read_ledgers(self.accountant, paths, self._checkpoint_dir)
+        orphans, writable, found = self.broadcast(verdict, src=0)
+        released = sum(count for _, count in orphans)
+        if not found:
+            names = ", ".join(os.path.basename(p) for p in paths)
+            if not self.secure_rng:
+                raise DPLightningError(
+                    f"the checkpoint's privacy ledger ({names}) is neither beside it nor where it was written; "
+                    "without it a seeded resume could replay noise already used by steps released after the "
+                    "checkpoint. Put the ledger back beside the checkpoint, or set secure_rng: true (steps "
+                    "released after the checkpoint, if any, are then not charged)"
+                )
             rank_zero_warn(
-                f"[dplightning] the checkpoint's privacy ledger {path} is missing: steps its run released after "
+                f"[dplightning] the checkpoint's privacy ledger ({names}) is missing: steps its run released after "
                 "the checkpoint, if any, are not charged. Keep the ledger beside the checkpoints it came with"
             )
-            return
-        orphans = unrecorded_steps(self.accountant, ledger.entries())
-        released = sum(count for _, count in orphans)
         if released and not self.secure_rng:
             raise DPLightningError(
                 f"this checkpoint is {released} steps behind what its run released; resuming its seeded noise from "
@@ -526,11 +541,11 @@ class PrivateStrategyMixin(Strategy):
                 f"[dplightning] the run that wrote this checkpoint released {released} more steps after it; they "
                 f"are charged: ε = {self.accountant.epsilon(self.target_delta):.4g} so far"
             )
-        self._ledger = ledger if self.is_global_zero else None
+        self._ledgers = [PrivacyLedger(p) for p in writable] if self.is_global_zero else []
 
     def _start_ledger(self, filepath: Any) -> None:
-        """Start the ledger beside the first checkpoint (rank 0, local files only)."""
-        if self._ledger is not None or not self.is_global_zero:
+        """Start a ledger beside a checkpoint whose folder has none of this run's (rank 0, local files only)."""
+        if not self.is_global_zero:
             return
         if "://" in str(filepath):
             rank_zero_warn(
@@ -538,9 +553,10 @@ class PrivateStrategyMixin(Strategy):
                 "older checkpoint will not charge the steps released after it"
             )
             return
-        self._ledger = PrivacyLedger.start(
-            os.path.dirname(os.path.abspath(filepath)), self.accountant.state_dict()["history"]
-        )
+        folder = os.path.dirname(os.path.abspath(filepath))
+        if any(os.path.dirname(os.path.abspath(ledger.path)) == folder for ledger in self._ledgers):
+            return
+        self._ledgers.append(PrivacyLedger.start(folder, self.accountant.state_dict()["history"]))
 
     @override
     def save_checkpoint(
@@ -553,6 +569,7 @@ class PrivateStrategyMixin(Strategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        self._checkpoint_dir = os.path.dirname(os.path.abspath(checkpoint_path))
         state = checkpoint.get("dplightning")
         if state is not None:
             if not self.groups:  # groups are made in setup: apply the state there

@@ -462,10 +462,10 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             self._stop_on_budget()
             return
         grads = self.privatize(sums) / self.expected_batch_size  # [n]
+        self._record_step(sigma, q)  # charged (and in the ledger) before θ moves
         self.last_projected_grads = grads
         for seed, g in zip(self.direction_seeds(self._current_step()), grads.tolist()):
             self._estimator.add_direction(seed, -lr * g / self.num_directions)
-        self._record_step(sigma, q)
 
     # ------------------------------------------------------------------------------------ checkpoints
     @override
