@@ -342,7 +342,9 @@ class PrivateStrategyMixin(Strategy):
         self.sample_rate, self.num_examples, self.expected_batch_size = q, n, float(expected)
         if not self.poisson_sampling:
             warnings.warn(
-                "poisson_sampling=False: the accountant assumes Poisson sampling; ε is approximate",
+                "poisson_sampling=False: shuffled fixed-size batches are not what the accountant assumes "
+                "(Poisson sampling), and shuffling can be less private at the same q: the reported ε is not a "
+                "guarantee for this run (approximate at best); keep poisson_sampling: true for one",
                 stacklevel=2,
             )
             dataloader.collate_fn = fixed_width(dataloader.collate_fn)

@@ -128,7 +128,8 @@ class DPSGDMixin(PrivateStrategyMixin):
         target_delta: δ of the guarantee.
         accountant: ``"pld"`` (tight, default) or ``"rdp"``.
         poisson_sampling: replace the training sampler by Poisson sampling with ``q = batch_size·accumulate / N``
-            (what the accounting assumes). ``False`` keeps shuffled fixed-size batches (accounting then approximate).
+            (what the accounting assumes). ``False`` keeps shuffled fixed-size batches, which the reported ε
+            does not cover (it is computed for Poisson sampling; a warning says so).
         secure_rng: draw noise and batches from the OS CSPRNG (not reproducible; a resumed secure run stays
             secure). ``None`` (default): yes unless a ``seed`` is given. With a seed, noise and batches follow
             it, reproducibly, and the guarantee assumes the seed is secret: a warning says so once per process
