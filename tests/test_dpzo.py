@@ -530,14 +530,17 @@ def test_module_without_per_example_loss_is_refused() -> None:
         quiet_trainer(strategy, max_steps=1).fit(NoPerExample(), DataLoader(_points(16, 6), batch_size=4))
 
 
-def test_dropout_in_train_mode_forwards_is_refused() -> None:
-    """With ``eval_forwards=False`` the forwards would apply dropout, whose masks couple an example's loss to the
-    rest of the batch; in eval mode (the default) dropout is off and the module is accepted."""
-    dropped = Quadratic()
-    dropped.drop = nn.Dropout(0.1)
-    with pytest.raises(DPLightningError, match="applies dropout"):
+@pytest.mark.parametrize(
+    ("layer", "message"), [(nn.Dropout(0.1), "applies dropout"), (nn.BatchNorm1d(6), "is batch norm")]
+)
+def test_example_mixing_in_train_mode_forwards_is_refused(layer: nn.Module, message: str) -> None:
+    """With ``eval_forwards=False`` the forwards would apply dropout masks or batch statistics, which couple an
+    example's loss to the rest of the batch; in eval mode (the default) both are off and the module is accepted."""
+    mixed = Quadratic()
+    mixed.mix = layer
+    with pytest.raises(DPLightningError, match=rf"{message}.*or keep eval_forwards=True"):
         strategy = DPZOStrategy(noise_multiplier=1.0, eval_forwards=False, device="cpu")
-        quiet_trainer(strategy, max_steps=1).fit(dropped, DataLoader(_points(16, 6), batch_size=4))
+        quiet_trainer(strategy, max_steps=1).fit(mixed, DataLoader(_points(16, 6), batch_size=4))
     quiet_trainer(DPZOStrategy(noise_multiplier=1.0, device="cpu"), max_steps=1).fit(
-        dropped, DataLoader(_points(16, 6), batch_size=4)
+        mixed, DataLoader(_points(16, 6), batch_size=4)
     )

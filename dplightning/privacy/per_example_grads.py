@@ -121,9 +121,8 @@ class PerExampleGradients:
         self._batch_size: int | None = None
         # named_parameters() lists a tied parameter once, under its first name; callers key by these names.
         canonical = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        reject_example_mixing(model)
         for mod_name, module in model.named_modules():
-            _reject_batch_norm(mod_name, module)
-            reject_dropout(mod_name, module)
             full = {n: canonical[id(p)] for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if full:
                 rule = _checked_rule(mod_name, module)
@@ -194,11 +193,20 @@ class PerExampleGradients:
         self._grads.clear()
 
 
-def _reject_batch_norm(mod_name: str, module: nn.Module) -> None:
+def reject_example_mixing(model: nn.Module, alternative: str = "") -> None:
+    """Refuse layers whose train-mode forward makes one example's output depend on the other examples of the
+    batch (batch norm, dropout with p > 0): one record would then change the others' clipped contributions.
+    ``alternative`` ends each message with another fix than changing the layer (e.g. DP-ZO's eval-mode forwards)."""
+    for mod_name, module in model.named_modules():
+        _reject_batch_norm(mod_name, module, alternative)
+        reject_dropout(mod_name, module, alternative)
+
+
+def _reject_batch_norm(mod_name: str, module: nn.Module, alternative: str = "") -> None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise DPLightningError(
             f"module '{mod_name}' is batch norm, which mixes examples and breaks per-example privacy; "
-            "replace it with GroupNorm or LayerNorm"
+            f"replace it with GroupNorm or LayerNorm{alternative}"
         )
 
 
@@ -207,7 +215,7 @@ def _reject_batch_norm(mod_name: str, module: nn.Module) -> None:
 _DROPOUT_NAME = re.compile(r"dropout|pdrop", re.IGNORECASE)
 
 
-def reject_dropout(mod_name: str, module: nn.Module) -> None:
+def reject_dropout(mod_name: str, module: nn.Module, alternative: str = "") -> None:
     """Refuse dropout with ``p > 0``: its masks come from the global generator (seeded by the public
     ``seed_everything``), and the mask an example gets depends on its row in the batch, so adding or removing one
     record changes the *other* examples' clipped gradients and the step's sensitivity exceeds ``C``."""
@@ -220,7 +228,8 @@ def reject_dropout(mod_name: str, module: nn.Module) -> None:
         raise DPLightningError(
             f"module '{mod_name}' applies dropout (p={rate:g}), which breaks per-example privacy: which mask an "
             "example gets depends on the other examples in the batch, so one record changes the others' "
-            "contributions; set it to 0 (model.lora_dropout: 0, or the model config's *_dropout / *_pdrop: 0)"
+            f"contributions; set it to 0 (model.lora_dropout: 0, or the model config's *_dropout / *_pdrop: 0)"
+            f"{alternative}"
         )
 
 

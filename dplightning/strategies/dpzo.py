@@ -70,7 +70,7 @@ from dplightning.privacy.accounting import (
 from dplightning.privacy.accounting import laplace_scale_for_pure_epsilon as pure_laplace_multiplier
 from dplightning.privacy.discretization import from_grid, scalar_grid, to_grid
 from dplightning.privacy.mechanisms import LMOMechanism
-from dplightning.privacy.per_example_grads import reject_dropout
+from dplightning.privacy.per_example_grads import reject_example_mixing
 from dplightning.privacy.zeroth_order import (
     Perturbation,
     ZerothOrderEstimator,
@@ -329,15 +329,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             raise DPLightningError(
                 f"{type(module).__name__} has no per_example_loss(batch) -> [B]; DP-ZO clips per-example losses"
             )
-        if not self.eval_forwards:
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
-                raise DPLightningError(
-                    "batch norm in train mode mixes examples and breaks per-example clipping; keep eval_forwards=True"
-                )
-            for name, m in module.named_modules():
-                reject_dropout(
-                    name, m
-                )  # train-mode forwards would apply it: keep eval_forwards=True, or p = 0
+        if not self.eval_forwards:  # train-mode forwards would apply batch norm's batch statistics and dropout
+            reject_example_mixing(module, alternative=", or keep eval_forwards=True")
         if self.trainable == "all":
             for p in module.parameters():
                 p.requires_grad_(True)  # checkpoints keep trainable params; no grads are ever computed
