@@ -329,7 +329,9 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             raise DPLightningError(
                 f"{type(module).__name__} has no per_example_loss(batch) -> [B]; DP-ZO clips per-example losses"
             )
-        if not self.eval_forwards:  # train-mode forwards would apply batch norm's batch statistics and dropout
+        if (
+            not self.eval_forwards
+        ):  # train-mode forwards would apply batch norm's batch statistics and dropout
             reject_example_mixing(module, alternative=", or keep eval_forwards=True")
         if self.trainable == "all":
             for p in module.parameters():
