@@ -69,7 +69,7 @@ def test_a_budgeted_resume_stops_where_the_budget_is_already_spent(tmp_path: Pat
 
 def test_a_seeded_resume_from_an_older_checkpoint_is_refused_unless_secure(tmp_path: Path) -> None:
     ckpt = _first_run(tmp_path, noise_multiplier=1.0, seed=3)
-    with pytest.raises(DPLightningError, match=r"4 steps behind.*latest checkpoint.*secure_rng: true"):
+    with pytest.raises(DPLightningError, match=r"4 steps behind.*last step.*secure_rng: true"):
         quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3), max_steps=STEPS).fit(
             Linear(), _loader(), ckpt_path=str(ckpt)
         )
@@ -92,7 +92,7 @@ def test_a_missing_ledger_is_a_warning(tmp_path: Path) -> None:
     ckpt = _first_run(tmp_path, noise_multiplier=1.0)
     next(tmp_path.glob("privacy_ledger-*.jsonl")).unlink()
     resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0)
-    with pytest.warns(UserWarning, match="ledger .* is missing"):
+    with pytest.warns(UserWarning, match="neither beside it nor where it was written"):
         quiet_trainer(resumed, max_steps=STEPS).fit(Linear(), _loader(), ckpt_path=str(ckpt))
     assert resumed.accountant.steps == STEPS  # only what the checkpoint knew, then 4 more
 
@@ -163,6 +163,62 @@ def test_a_step_the_ledger_cannot_record_never_moves_the_weights(
         )
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name  # nothing released that the ledger does not hold
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_a_checkpoint_naming_no_ledger_is_treated_as_one_without_its_ledger(
+    tmp_path: Path, seeded: bool
+) -> None:
+    """An older version's checkpoint (or one written to a remote path) says nothing about later steps."""
+    kwargs: dict[str, Any] = {"seed": 3} if seeded else {}
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0, **kwargs)
+    state = torch.load(ckpt, weights_only=False)
+    del state["dplightning"]["ledgers"]
+    torch.save(state, ckpt)
+    fit = quiet_trainer(DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, **kwargs), max_steps=STEPS).fit
+    if seeded:
+        with pytest.raises(DPLightningError, match="names no privacy ledger"):
+            fit(Linear(), _loader(), ckpt_path=str(ckpt))
+    else:
+        with pytest.warns(UserWarning, match="names no privacy ledger"):
+            fit(Linear(), _loader(), ckpt_path=str(ckpt))
+
+
+class _Evaluated(Linear):
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.training_step(batch, batch_idx)
+
+
+def test_evaluating_an_older_checkpoint_is_not_a_resume(tmp_path: Path) -> None:
+    ckpt = _first_run(tmp_path, noise_multiplier=1.0, seed=3)
+    strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+    trainer = quiet_trainer(strategy, max_steps=STEPS)
+    # no refusal: evaluation releases no step
+    trainer.validate(_Evaluated(), _loader(), ckpt_path=str(ckpt), verbose=False)
+    assert _ledger_steps(tmp_path) == STEPS
+
+
+def test_a_seeded_run_ending_after_its_last_checkpoint_says_how_to_go_on(tmp_path: Path) -> None:
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    strategy = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+    trainer = quiet_trainer(strategy, [checkpoints], max_steps=5, checkpoints=True)
+    with pytest.warns(UserWarning, match="last 1 steps of this seeded run are in no checkpoint"):
+        trainer.fit(Linear(), _loader())
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    resumed = DPSGDStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=3)
+    quiet_trainer(resumed, max_steps=6).fit(Linear(), _loader(), ckpt_path=str(tmp_path / "end.ckpt"))
+    assert resumed.accountant.steps == 6
+
+
+def test_an_append_after_a_torn_line_starts_on_a_line_of_its_own(tmp_path: Path) -> None:
+    event = StepEvent(1.0, 0.1)
+    ledger = PrivacyLedger.start(tmp_path, [history_entry(event, 3)])
+    with ledger.path.open("a") as f:
+        f.write('{"noise_multiplier": 1.0, "sam')  # died mid-write
+    reopened = PrivacyLedger(ledger.path)
+    reopened.append(history_entry(event, 1))
+    reopened.append(history_entry(event, 1))
+    assert [e["count"] for e in reopened.entries()] == [3, 1, 1]
 
 
 def test_ledger_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path: Path) -> None:

@@ -18,13 +18,14 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting.events import StepEvent
 
-__all__ = ["PrivacyLedger", "read_ledgers", "unrecorded_steps"]
+__all__ = ["PrivacyLedger", "ResumeVerdict", "read_ledgers", "unrecorded_steps"]
 
 LEDGER_PREFIX = "privacy_ledger-"
 
@@ -34,6 +35,7 @@ class PrivacyLedger:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._tail_checked = False
 
     @classmethod
     def start(cls, directory: str | os.PathLike[str], entries: Iterable[dict[str, Any]]) -> PrivacyLedger:
@@ -48,14 +50,29 @@ class PrivacyLedger:
             f.flush()
             os.fsync(f.fileno())
         temporary.replace(ledger.path)
+        _sync_folder(
+            folder
+        )  # the rename itself must survive a crash, or a checkpoint would name a lost ledger
         return ledger
 
     def append(self, entry: dict[str, Any]) -> None:
         """Add one entry and flush it to disk before returning (the step it records may then be released)."""
+        if not self._tail_checked:
+            self._drop_torn_tail()
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a torn last line (a process died while writing it) so the next entry starts on a line of its own."""
+        with self.path.open("rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+        self._tail_checked = True
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -91,15 +108,23 @@ def unrecorded_steps(accountant: Any, entries: list[dict[str, Any]]) -> list[tup
     ]
 
 
-def read_ledgers(
-    accountant: Any, paths: list[str], checkpoint_dir: str | None
-) -> tuple[list[tuple[StepEvent, int]], list[str], bool]:
+@dataclass(frozen=True)
+class ResumeVerdict:
+    """What a checkpoint's ledgers say about a resume from it (see :func:`read_ledgers`)."""
+
+    orphans: list[tuple[StepEvent, int]] = field(default_factory=list)  # steps released after the checkpoint
+    writable: list[str] = field(default_factory=list)  # copies the resumed run appends to
+    found: bool = False  # whether any copy was found
+    error: str | None = None  # a damaged ledger's message
+
+
+def read_ledgers(accountant: Any, paths: list[str], checkpoint_dir: str | None) -> ResumeVerdict:
     """What a checkpoint's ledgers (``paths``, as the checkpoint names them) say about a resume from it.
 
     Each is looked for beside the checkpoint (a moved or copied run folder) and where it was written; every copy
-    found counts. Returns the steps beyond ``accountant``'s history (per event, the largest excess of any copy),
-    the copies this run can append to (a read-only one is warned about: later steps are not recorded there) and
-    whether any copy was found."""
+    found counts. The orphans are the steps beyond ``accountant``'s history (per event, the largest excess of any
+    copy); a read-only copy is warned about (later steps are not recorded there). A damaged ledger is reported
+    in the verdict, not raised, so that every rank of a distributed run can raise it."""
     found: dict[str, str] = {}  # real path -> path as found
     for path in paths:
         beside = os.path.join(checkpoint_dir, os.path.basename(path)) if checkpoint_dir else None
@@ -107,9 +132,12 @@ def read_ledgers(
             if candidate and os.path.isfile(candidate):
                 found.setdefault(os.path.realpath(candidate), os.path.abspath(candidate))
     excess: dict[StepEvent, int] = {}
-    for path in found.values():
-        for event, count in unrecorded_steps(accountant, PrivacyLedger(path).entries()):
-            excess[event] = max(excess.get(event, 0), count)
+    try:
+        for path in found.values():
+            for event, count in unrecorded_steps(accountant, PrivacyLedger(path).entries()):
+                excess[event] = max(excess.get(event, 0), count)
+    except DPLightningError as error:
+        return ResumeVerdict(error=str(error))
     writable = [path for path in found.values() if os.access(path, os.W_OK)]
     for path in found.values():
         if path not in writable:
@@ -118,4 +146,17 @@ def read_ledgers(
                 "from the checkpoints beside it will not charge them",
                 stacklevel=2,
             )
-    return list(excess.items()), writable, bool(found)
+    return ResumeVerdict(list(excess.items()), writable, bool(found))
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # platforms without directory handles (Windows): the rename is as durable as they make it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -31,7 +31,7 @@ from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.batch_selection import PoissonBatchSampler
-from dplightning.privacy.ledger import PrivacyLedger, read_ledgers
+from dplightning.privacy.ledger import PrivacyLedger, ResumeVerdict, read_ledgers
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.settings import PrivacySettings
 
@@ -187,6 +187,7 @@ class PrivateStrategyMixin(Strategy):
         # folder it writes checkpoints to.
         self._ledgers: list[PrivacyLedger] = []
         self._checkpoint_dir: str | None = None  # folder of the checkpoint being loaded
+        self._checkpointed_steps = 0  # accountant steps at the last checkpoint saved
 
     @property
     def _attached_module(self) -> pl.LightningModule:
@@ -505,37 +506,46 @@ class PrivateStrategyMixin(Strategy):
 
     def _resume_ledgers(self, paths: list[str]) -> None:
         """Charge the steps the run's ledgers hold beyond the checkpoint (released after it was saved, by the run
-        that wrote it or by another resumed from it) and keep appending to the ledgers found.
+        that wrote it or by another resumed from it) and keep appending to the ledgers found. Only when fitting:
+        evaluating an older checkpoint releases no new step.
 
         A ledger is looked for beside the checkpoint first (a moved or copied run folder), then where it was
         written. Rank 0 reads; every rank gets the same verdict, so the ranks' accountants stay equal."""
-        if not paths:  # checkpoints on a remote path, or written before the ledger existed
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return
-        verdict: tuple[list[tuple[StepEvent, int]], list[str], bool] = ([], [], False)
-        if self.is_global_zero:
+        verdict = ResumeVerdict()
+        if paths and self.is_global_zero:
             verdict = read_ledgers(self.accountant, paths, self._checkpoint_dir)
-        orphans, writable, found = self.broadcast(verdict, src=0)
-        released = sum(count for _, count in orphans)
-        if not found:
-            names = ", ".join(os.path.basename(p) for p in paths)
+        verdict = self.broadcast(verdict, src=0)
+        if verdict.error is not None:
+            raise DPLightningError(verdict.error)
+        if not verdict.found:
+            what = (
+                f"privacy ledger ({', '.join(os.path.basename(p) for p in paths)}) is neither beside it nor where "
+                "it was written"
+                if paths
+                else "names no privacy ledger (an older version's checkpoint, or one written to a remote path)"
+            )
             if not self.secure_rng:
                 raise DPLightningError(
-                    f"the checkpoint's privacy ledger ({names}) is neither beside it nor where it was written; "
-                    "without it a seeded resume could replay noise already used by steps released after the "
-                    "checkpoint. Put the ledger back beside the checkpoint, or set secure_rng: true (steps "
-                    "released after the checkpoint, if any, are then not charged)"
+                    f"the checkpoint {what}; without it a seeded resume could replay noise already used by steps "
+                    "released after the checkpoint. Put the ledger back beside the checkpoint, or set "
+                    "secure_rng: true (steps released after the checkpoint, if any, are then not charged)"
                 )
             rank_zero_warn(
-                f"[dplightning] the checkpoint's privacy ledger ({names}) is missing: steps its run released after "
-                "the checkpoint, if any, are not charged. Keep the ledger beside the checkpoints it came with"
+                f"[dplightning] the checkpoint {what}: steps its run released after the checkpoint, if any, are "
+                "not charged. Keep the ledger beside the checkpoints it came with"
             )
+        released = sum(count for _, count in verdict.orphans)
         if released and not self.secure_rng:
             raise DPLightningError(
                 f"this checkpoint is {released} steps behind what its run released; resuming its seeded noise from "
-                "here would replay noise already used on other batches. Resume from the run's latest checkpoint, "
-                "or set secure_rng: true to go on with fresh noise (the released steps are charged)"
+                "here would replay noise already used on other batches. Resume from a checkpoint of the run's "
+                "last step (trainer.save_checkpoint at its end makes one), or set secure_rng: true to go on with "
+                "fresh noise (the released steps are charged)"
             )
-        for event, count in orphans:
+        for event, count in verdict.orphans:
             self.accountant.record(event, count)
             self._min_sigma_used = min(self._min_sigma_used, event.noise_multiplier)
         if released:
@@ -543,7 +553,18 @@ class PrivateStrategyMixin(Strategy):
                 f"[dplightning] the run that wrote this checkpoint released {released} more steps after it; they "
                 f"are charged: ε = {self.accountant.epsilon(self.target_delta):.4g} so far"
             )
-        self._ledgers = [PrivacyLedger(p) for p in writable] if self.is_global_zero else []
+        self._ledgers = [PrivacyLedger(p) for p in verdict.writable] if self.is_global_zero else []
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        unsaved = self.accountant.steps - self._checkpointed_steps
+        if self._ledgers and unsaved > 0 and not self.secure_rng:
+            rank_zero_warn(
+                f"[dplightning] the last {unsaved} steps of this seeded run are in no checkpoint, so a resume from "
+                "its latest one would be refused (it would replay their noise); to go on later, save one now with "
+                "trainer.save_checkpoint(...)"
+            )
 
     def _start_ledger(self, filepath: Any) -> None:
         """Start a ledger beside a checkpoint whose folder has none of this run's (rank 0, local files only)."""
@@ -555,8 +576,8 @@ class PrivateStrategyMixin(Strategy):
                 "older checkpoint will not charge the steps released after it"
             )
             return
-        folder = os.path.dirname(os.path.abspath(filepath))
-        if any(os.path.dirname(os.path.abspath(ledger.path)) == folder for ledger in self._ledgers):
+        folder = os.path.dirname(os.path.realpath(filepath))
+        if any(os.path.dirname(os.path.realpath(ledger.path)) == folder for ledger in self._ledgers):
             return
         self._ledgers.append(PrivacyLedger.start(folder, self.accountant.state_dict()["history"]))
 
@@ -565,6 +586,7 @@ class PrivateStrategyMixin(Strategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         self._start_ledger(filepath)
+        self._checkpointed_steps = self.accountant.steps
         checkpoint["dplightning"] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
