@@ -298,9 +298,8 @@ def heldout_examples(
     if num_notes is not None and num_notes < 1:
         raise DPLightningError(f"num_notes must be >= 1 or None (the whole split), got {num_notes}")
     examples = list(zip(getattr(datamodule, f"{split}_texts"), datamodule.split_records(split)))
-    check = getattr(
-        datamodule, "check_heldout_metrics", None
-    )  # a TextDataModule; other modules are the caller's
+    # a TextDataModule says whether its held-out metrics are on; another data module is its caller's concern
+    check = getattr(datamodule, "check_heldout_metrics", None)
     if check is not None:
         check("downstream accuracy")
     if num_notes is None or num_notes <= len(examples):

@@ -50,9 +50,8 @@ class PrivacyLedger:
             f.flush()
             os.fsync(f.fileno())
         temporary.replace(ledger.path)
-        _sync_folder(
-            folder
-        )  # the rename itself must survive a crash, or a checkpoint would name a lost ledger
+        # the rename itself must survive a crash, or a checkpoint would name a lost ledger
+        _sync_folder(folder)
         return ledger
 
     def append(self, entry: dict[str, Any]) -> None:
@@ -73,9 +72,6 @@ class PrivacyLedger:
                 f.flush()
                 os.fsync(f.fileno())
         self._tail_checked = True
-
-    def exists(self) -> bool:
-        return self.path.is_file()
 
     def entries(self) -> list[dict[str, Any]]:
         """Every entry. A torn last line (the process died while writing it, so its step was never released) is
