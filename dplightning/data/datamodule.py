@@ -386,23 +386,23 @@ class TextDataModule(pl.LightningDataModule):
         flag = self._arguments.get("heldout_metrics")
         return self.is_synthetic if flag is None else bool(flag)
 
+    def _heldout_metrics_off(self, what: str) -> str:
+        """Why ``what`` (metrics on held-out records) is off, and the fix."""
+        return (
+            f"{what} on held-out records of '{Path(str(self._arguments.dataset)).name}' would leave the process "
+            "without being covered by ε; set data.heldout_metrics: true to compute them anyway"
+        )
+
     def check_heldout_metrics(self, what: str) -> None:
         """Raise when held-out metrics are off: ``what`` names the metrics asked for."""
         if not self.heldout_metrics_on:
-            raise DPLightningError(
-                f"{what} on held-out records of '{Path(str(self._arguments.dataset)).name}' would leave the "
-                "process without being covered by ε; set data.heldout_metrics: true to compute them anyway"
-            )
+            raise DPLightningError(self._heldout_metrics_off(what))
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``eval_batch_size``, in order; none when held-out metrics are off."""
         self.setup()
         if not self.heldout_metrics_on:
-            logger.warning(
-                "validation is off: metrics on held-out records of '%s' would leave the process without being "
-                "covered by ε; set data.heldout_metrics: true to compute them anyway",
-                Path(str(self._arguments.dataset)).name,
-            )
+            logger.warning("validation is off: %s", self._heldout_metrics_off("validation metrics"))
             return self._loader(TokenizedDataset([]), int(self._arguments.eval_batch_size), shuffle=False)
         return self._loader(self.val_dataset, int(self._arguments.eval_batch_size), shuffle=False)
 

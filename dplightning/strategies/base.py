@@ -36,8 +36,9 @@ from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.settings import PrivacySettings
 
 
-def fixed_width(collate: Any) -> Any:
-    """``collate``, but a :class:`CausalLMCollator` pads to its ``"fixed"`` width (``max_length + 1``).
+def fixed_width(collate: Any, module: Any) -> Any:
+    """``collate``, but a :class:`CausalLMCollator` pads to its ``"fixed"`` width (``max_length + 1``), which must
+    fit ``module``'s model (a model with learned absolute positions, GPT-2, would fail at the first step).
 
     With the longest note's width every example's arithmetic (attention over the padded width) depends on the
     other notes' lengths, and at exactly ``max_length`` a batch of truncated notes has an all-ones mask, which
@@ -45,18 +46,8 @@ def fixed_width(collate: Any) -> Any:
     others' gradients in their low bits (measured: a few 1e-3 of C in bf16, 1e-7 in fp32) and the sensitivity
     exceeded C. The fixed width costs the padding's compute; a collate function of your own should pad to a
     fixed width, with a padding column, too."""
-    if isinstance(collate, CausalLMCollator) and collate.pad_to != "fixed":
-        fixed = copy.copy(collate)  # keeps a subclass's behaviour
-        fixed.pad_to = "fixed"
-        return fixed
-    return collate
-
-
-def check_fixed_width_fits(collate: Any, module: Any) -> None:
-    """Refuse a fixed width (``max_length + 1``) beyond the model's positions: a model with learned absolute
-    positions (GPT-2) would fail at the first step with an index error."""
-    if not isinstance(collate, CausalLMCollator) or collate.pad_to != "fixed":
-        return
+    if not isinstance(collate, CausalLMCollator):
+        return collate
     config = getattr(getattr(module, "model", None), "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     width = collate.max_length + 1
@@ -66,6 +57,11 @@ def check_fixed_width_fits(collate: Any, module: Any) -> None:
             f"padding column keeps each example's arithmetic independent of the others), but the model has "
             f"{limit}; set data.max_length to at most {limit - 1}"
         )
+    if collate.pad_to == "fixed":
+        return collate
+    fixed = copy.copy(collate)  # keeps a subclass's behaviour
+    fixed.pad_to = "fixed"
+    return fixed
 
 
 def batch_size_of(batch: Any) -> int | None:
@@ -348,8 +344,7 @@ class PrivateStrategyMixin(Strategy):
                 "guarantee for this run (approximate at best); keep poisson_sampling: true for one",
                 stacklevel=2,
             )
-            dataloader.collate_fn = fixed_width(dataloader.collate_fn)
-            check_fixed_width_fits(dataloader.collate_fn, self.lightning_module)
+            dataloader.collate_fn = fixed_width(dataloader.collate_fn, self.lightning_module)
             return dataloader
         sampler = PoissonBatchSampler(
             n,
@@ -366,12 +361,10 @@ class PrivateStrategyMixin(Strategy):
         sampler.epoch = trainer.current_epoch
         sampler.start_batch = ready // accumulate
         self._sampler = sampler
-        collate = fixed_width(dataloader.collate_fn)
-        check_fixed_width_fits(collate, self.lightning_module)
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=EmptySafeCollate(collate, dataset),
+            collate_fn=EmptySafeCollate(fixed_width(dataloader.collate_fn, self.lightning_module), dataset),
             num_workers=dataloader.num_workers,
             pin_memory=dataloader.pin_memory,
             worker_init_fn=dataloader.worker_init_fn,
