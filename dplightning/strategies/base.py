@@ -8,93 +8,27 @@ through :meth:`~PrivateStrategyMixin.step_event`, from which :meth:`~PrivateStra
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from dplightning.data.collate import CausalLMCollator
 from dplightning.errors import DPLightningError, PrivacyBudgetError
 from dplightning.privacy.accounting import StepEvent, make_accountant, noise_for_target
 from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.batch_selection import PoissonBatchSampler
-from dplightning.privacy.ledger import PrivacyLedger, ResumeVerdict, read_ledgers
 from dplightning.privacy.noise_addition import NoiseSource
+from dplightning.strategies.batches import EmptySafeCollate, fixed_width
+from dplightning.strategies.checkpointing import PrivateCheckpointMixin
 from dplightning.strategies.settings import PrivacySettings
-
-
-def fixed_width(collate: Any, module: Any) -> Any:
-    """``collate``, but a :class:`CausalLMCollator` pads to its ``"fixed"`` width (``max_length + 1``), which must
-    fit ``module``'s model (a model with learned absolute positions, GPT-2, would fail at the first step).
-
-    With the longest note's width every example's arithmetic (attention over the padded width) depends on the
-    other notes' lengths, and at exactly ``max_length`` a batch of truncated notes has an all-ones mask, which
-    Hugging Face models turn into another attention path: either way adding or removing one record moved the
-    others' gradients in their low bits (measured: a few 1e-3 of C in bf16, 1e-7 in fp32) and the sensitivity
-    exceeded C. The fixed width costs the padding's compute; a collate function of your own should pad to a
-    fixed width, with a padding column, too."""
-    if not isinstance(collate, CausalLMCollator):
-        return collate
-    config = getattr(getattr(module, "model", None), "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    width = collate.max_length + 1
-    if isinstance(limit, int) and width > limit:
-        raise DPLightningError(
-            f"private training pads every batch to data.max_length + 1 = {width} positions (a fixed width with a "
-            f"padding column keeps each example's arithmetic independent of the others), but the model has "
-            f"{limit}; set data.max_length to at most {limit - 1}"
-        )
-    if collate.pad_to == "fixed":
-        return collate
-    fixed = copy.copy(collate)  # keeps a subclass's behaviour
-    fixed.pad_to = "fixed"
-    return fixed
-
-
-def batch_size_of(batch: Any) -> int | None:
-    """Leading dimension of the first tensor found in ``batch`` (dict / sequence / tensor), else ``None``."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() > 0 else None
-    if isinstance(batch, Mapping):
-        items: Any = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        items = batch
-    else:
-        return None
-    for item in items:
-        size = batch_size_of(item)
-        if size is not None:
-            return size
-    return None
-
-
-class EmptySafeCollate:
-    """Wraps a ``collate_fn`` so an empty Poisson batch collates to a zero-length batch of the right structure
-    (collate one real example, slice every tensor to length 0): default collate fails on ``[]``."""
-
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], dataset: Any) -> None:
-        self.collate_fn = collate_fn
-        self.dataset = dataset
-
-    def __call__(self, items: list[Any]) -> Any:
-        if items:
-            return self.collate_fn(items)
-        template = self.collate_fn([self.dataset[0]])
-        return apply_to_collection(template, Tensor, lambda t: t[:0])
-
 
 _warned_seeded = False
 
@@ -129,7 +63,7 @@ def short_group_name(group: str) -> str:
     return group
 
 
-class PrivateStrategyMixin(Strategy):
+class PrivateStrategyMixin(PrivateCheckpointMixin):
     """Shared body of the private strategies; satisfies :class:`~dplightning.strategies.protocol.PrivateStrategy`.
 
     Subclasses validate their settings and call :meth:`_init_private` from ``__init__`` (after the Lightning
@@ -177,13 +111,8 @@ class PrivateStrategyMixin(Strategy):
             None  # (σ_min, q_max, steps) proven within budget
         )
         self._min_sigma_used = math.inf
-        self._pending_state: dict[str, Any] | None = None
         self._sampler: PoissonBatchSampler | None = None
-        # Ledgers this run appends each step to (rank 0 only): the one(s) it resumed from, and one beside each
-        # folder it writes checkpoints to.
-        self._ledgers: list[PrivacyLedger] = []
-        self._checkpoint_dir: str | None = None  # folder of the checkpoint being loaded
-        self._checkpointed_steps = 0  # accountant steps at the last checkpoint saved
+        self._init_checkpointing()
 
     @property
     def _attached_module(self) -> pl.LightningModule:
@@ -469,128 +398,3 @@ class PrivateStrategyMixin(Strategy):
         rank_zero_info(
             f"[dplightning] privacy budget ε={self.max_epsilon} reached; stopping before the next step"
         )
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def dp_state_dict(self) -> dict[str, Any]:
-        return {
-            "accountant": self.accountant.state_dict(),
-            "noise": self.noise_source.state_dict(),
-            "clip_thresholds": dict(self.clip_thresholds),
-            "noise_multipliers": dict(self.noise_multipliers),
-            "noise_multiplier": self.noise_multiplier,
-            "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
-            "min_sigma_used": self._min_sigma_used,
-            "ledgers": [str(ledger.path) for ledger in self._ledgers],
-        }
-
-    def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
-        self.accountant.load_state_dict(state["accountant"])
-        self.noise_source.load_state_dict(state["noise"])
-        # A secure run stays secure (and a secure checkpoint's successor too): batches follow the noise source.
-        self.secure_rng = self.noise_source.secure
-        if self._sampler is not None:
-            self._sampler.secure_rng = self.secure_rng
-        self.clip_thresholds = dict(state["clip_thresholds"])
-        self.noise_multipliers = dict(state["noise_multipliers"])
-        self.noise_multiplier = state["noise_multiplier"]
-        self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
-        self._min_sigma_used = state["min_sigma_used"]
-        self._resume_ledgers(list(state.get("ledgers") or []))
-
-    def _resume_ledgers(self, paths: list[str]) -> None:
-        """Charge the steps the run's ledgers hold beyond the checkpoint (released after it was saved, by the run
-        that wrote it or by another resumed from it) and keep appending to the ledgers found. Only when fitting:
-        evaluating an older checkpoint releases no new step.
-
-        A ledger is looked for beside the checkpoint first (a moved or copied run folder), then where it was
-        written. Rank 0 reads; every rank gets the same verdict, so the ranks' accountants stay equal."""
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
-            return
-        verdict = ResumeVerdict()
-        if paths and self.is_global_zero:
-            verdict = read_ledgers(self.accountant, paths, self._checkpoint_dir)
-        verdict = self.broadcast(verdict, src=0)
-        if verdict.error is not None:
-            raise DPLightningError(verdict.error)
-        if not verdict.found:
-            what = (
-                f"privacy ledger ({', '.join(os.path.basename(p) for p in paths)}) is neither beside it nor where "
-                "it was written"
-                if paths
-                else "names no privacy ledger (an older version's checkpoint, or one written to a remote path)"
-            )
-            if not self.secure_rng:
-                raise DPLightningError(
-                    f"the checkpoint {what}; without it a seeded resume could replay noise already used by steps "
-                    "released after the checkpoint. Put the ledger back beside the checkpoint, or set "
-                    "secure_rng: true (steps released after the checkpoint, if any, are then not charged)"
-                )
-            rank_zero_warn(
-                f"[dplightning] the checkpoint {what}: steps its run released after the checkpoint, if any, are "
-                "not charged. Keep the ledger beside the checkpoints it came with"
-            )
-        released = sum(count for _, count in verdict.orphans)
-        if released and not self.secure_rng:
-            raise DPLightningError(
-                f"this checkpoint is {released} steps behind what its run released; resuming its seeded noise from "
-                "here would replay noise already used on other batches. Resume from a checkpoint of the run's "
-                "last step (trainer.save_checkpoint at its end makes one), or set secure_rng: true to go on with "
-                "fresh noise (the released steps are charged)"
-            )
-        for event, count in verdict.orphans:
-            self.accountant.record(event, count)
-            self._min_sigma_used = min(self._min_sigma_used, event.noise_multiplier)
-        if released:
-            rank_zero_warn(
-                f"[dplightning] the run that wrote this checkpoint released {released} more steps after it; they "
-                f"are charged: ε = {self.accountant.epsilon(self.target_delta):.4g} so far"
-            )
-        self._ledgers = [PrivacyLedger(p) for p in verdict.writable] if self.is_global_zero else []
-
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        unsaved = self.accountant.steps - self._checkpointed_steps
-        if self._ledgers and unsaved > 0 and not self.secure_rng:
-            rank_zero_warn(
-                f"[dplightning] the last {unsaved} steps of this seeded run are in no checkpoint, so a resume from "
-                "its latest one would be refused (it would replay their noise); to go on later, save one now with "
-                "trainer.save_checkpoint(...)"
-            )
-
-    def _start_ledger(self, filepath: Any) -> None:
-        """Start a ledger beside a checkpoint whose folder has none of this run's (rank 0, local files only)."""
-        if not self.is_global_zero:
-            return
-        if "://" in str(filepath):
-            rank_zero_warn(
-                "[dplightning] checkpoints go to a remote path, where no privacy ledger is kept: a resume from an "
-                "older checkpoint will not charge the steps released after it"
-            )
-            return
-        folder = os.path.dirname(os.path.realpath(filepath))
-        if any(os.path.dirname(os.path.realpath(ledger.path)) == folder for ledger in self._ledgers):
-            return
-        self._ledgers.append(PrivacyLedger.start(folder, self.accountant.state_dict()["history"]))
-
-    @override
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        self._start_ledger(filepath)
-        self._checkpointed_steps = self.accountant.steps
-        checkpoint["dplightning"] = self.dp_state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
-        self._checkpoint_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-        state = checkpoint.get("dplightning")
-        if state is not None:
-            if not self.groups:  # groups are made in setup: apply the state there
-                self._pending_state = state
-            else:
-                self._apply_dp_state(state)
-        return checkpoint

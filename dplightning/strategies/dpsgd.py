@@ -45,13 +45,10 @@ from dplightning.privacy.discretization import from_grid
 from dplightning.privacy.mechanisms import LMOMechanism
 from dplightning.privacy.per_example_grads import LossReduction, PerExampleGradients
 from dplightning.strategies.base import (
-    EmptySafeCollate,
     PrivateStrategyMixin,
-    batch_size_of,
     resolve_device,
-    short_group_name,
-    warn_if_seeded,
 )
+from dplightning.strategies.batches import batch_size_of
 from dplightning.strategies.settings import PrivacySettings
 
 GradientNoise = Literal["gaussian", "lmo"]
@@ -410,9 +407,5 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DPSGDMixin",
     "DPSGDStrategy",
-    "EmptySafeCollate",
-    "batch_size_of",
     "check_dpsgd_settings",
-    "short_group_name",
-    "warn_if_seeded",
 ]

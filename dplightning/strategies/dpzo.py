@@ -77,7 +77,8 @@ from dplightning.privacy.zeroth_order import (
     direction_seed,
     parameter_seed,
 )
-from dplightning.strategies.base import PrivateStrategyMixin, batch_size_of, resolve_device
+from dplightning.strategies.base import PrivateStrategyMixin, resolve_device
+from dplightning.strategies.batches import batch_size_of
 from dplightning.strategies.settings import PrivacySettings
 
 NoiseKind = Literal["gaussian", "laplace", "lmo"]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dplightning.strategies import DDPDPSGDStrategy, DPSGDStrategy
-from dplightning.strategies.base import batch_size_of
+from dplightning.strategies.batches import batch_size_of
 
 
 class Net(pl.LightningModule):
