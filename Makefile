@@ -26,10 +26,19 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# mypy resolves a package to one folder, but dplightning.callbacks and dplightning.envs live in top-level
+# folders (pyproject's package-dir): a tree of links puts them where mypy looks, so they are checked too.
+TYPECHECK := build/typecheck
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/dplightning
+	for f in dplightning/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/dplightning/; done
+	ln -s "$(CURDIR)/callbacks" $(TYPECHECK)/dplightning/callbacks
+	ln -s "$(CURDIR)/envs" $(TYPECHECK)/dplightning/envs
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info runs lightning_logs

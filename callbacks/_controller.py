@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -44,8 +44,8 @@ class StrategyController(Callback, Generic[StrategyT]):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        self.check_strategy(strategy)
+        self.check_strategy(trainer.strategy)
+        strategy = cast(StrategyT, trainer.strategy)  # what check_strategy just verified
         self.attach(trainer, pl_module, strategy)
         self.strategy = strategy
 

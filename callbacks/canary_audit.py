@@ -80,7 +80,7 @@ class CanaryAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.inserted:
             return
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by fit when one is given
         if datamodule is None or not hasattr(datamodule, "insert_canaries"):
             raise DPLightningError(
                 "CanaryAudit needs a data module with insert_canaries(); use TextDataModule"
@@ -124,11 +124,15 @@ class CanaryAudit(Callback):
         return metrics
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        strategy = trainer.strategy
-        has_accountant = hasattr(strategy, "accountant")
-        delta = strategy.target_delta if has_accountant else 1e-5
-        eps = strategy.accountant.epsilon(delta) if has_accountant else None
-        metrics = self.run(pl_module, trainer.datamodule.tokenizer, delta, eps)
+        accountant = getattr(trainer.strategy, "accountant", None)  # None: a non-private run
+        delta = getattr(trainer.strategy, "target_delta", 1e-5)
+        eps = accountant.epsilon(delta) if accountant is not None else None
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            raise DPLightningError(
+                "CanaryAudit needs the data module's tokenizer to score the canaries; use TextDataModule"
+            )
+        metrics = self.run(pl_module, tokenizer, delta, eps)
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         lb = metrics.get("audit/epsilon_lower_bound")

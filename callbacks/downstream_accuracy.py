@@ -78,7 +78,7 @@ class DownstreamAccuracy(Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ExtractionResult:
         """Score now, log the metrics at the current step and keep the result."""
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by fit/validate/test when one is given
         if datamodule is None or not hasattr(datamodule, "split_records"):
             raise DPLightningError("DownstreamAccuracy needs a data module with records; use TextDataModule")
         # the precision validation runs under (bf16 autocast under bf16-mixed): scoring costs forwards only

@@ -4,6 +4,7 @@ share of a reference perplexity gap closed."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -63,7 +64,7 @@ class FineTuneReport(Callback):
     def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         """Greedy continuation of the prompt by the current weights (text after the prompt)."""
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
-        model = pl_module.model  # the peft-wrapped causal LM of DPLoRAModule
+        model: Any = pl_module.model  # the peft-wrapped causal LM of DPLoRAModule
         ids = tokenizer(self.prompt, return_tensors="pt")["input_ids"].to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()

@@ -97,7 +97,7 @@ class MembershipInferenceAudit(Callback):
         self.metrics: dict[str, float] = {}
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by fit/validate/test when one is given
         if datamodule is None or not hasattr(datamodule, "test_dataset"):
             raise DPLightningError(
                 "MembershipInferenceAudit needs a data module with a test split; use TextDataModule"

@@ -184,7 +184,7 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
 
     @override
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, strategy: PrivateStrategy) -> None:
-        names = {type(cb).__name__ for cb in trainer.callbacks}
+        names = {type(cb).__name__ for cb in getattr(trainer, "callbacks", [])}  # set by the Trainer at init
         clash = names & {"QuantileClipping", "RLDPController"}
         if clash:
             raise DPLightningError(
@@ -211,6 +211,7 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
                 "NoiseSchedule needs a planned length; set trainer max_steps or max_epochs"
             )
         remaining = int(steps) - strategy.accountant.steps
+        assert strategy.sample_rate is not None  # set when the training dataloader was processed, before this
         shape = schedule_shape(self.schedule, remaining, self.final_ratio, self.num_stages)
         sigmas = calibrate_schedule(
             target,

@@ -109,8 +109,9 @@ class PrivacyBudget(StrategyController[PrivateStrategy]):
                 "privacy/delta": self.delta,
                 "privacy/noise_multiplier": strategy.effective_noise_multiplier,
                 "privacy/clip_norm": strategy.total_clip_norm,
-                "privacy/sample_rate": strategy.sample_rate,
             }
+            if strategy.sample_rate is not None:  # set once the training dataloader is processed
+                metrics["privacy/sample_rate"] = strategy.sample_rate
             if self.log_group_thresholds and len(strategy.clip_thresholds) > 1:
                 for group, c in strategy.clip_thresholds.items():
                     metrics[f"privacy/clip/{short_group_name(group)}"] = c

@@ -21,7 +21,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, cast
 
 import gymnasium as gym
 import numpy as np
@@ -44,7 +44,7 @@ def make_spaces(observation_size: int, action_size: int) -> tuple[spaces.Box, sp
 class _Spaces(gym.Env):
     """Only the spaces: SB3 needs an env to build or load an agent; the agent is fed by hand."""
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
+    metadata = {"render_modes": []}  # noqa: RUF012 (gymnasium declares it an instance attribute)
 
     def __init__(self, observation_size: int, action_size: int) -> None:
         self.observation_space, self.action_space = make_spaces(observation_size, action_size)
@@ -128,11 +128,14 @@ class RLDPAgent:
                 device="cpu",
                 policy_kwargs={"net_arch": list(net_arch)},
             )
+            # SB3 types these heads loosely; they are the Linear layers of the Gaussian actor
+            mu = cast(torch.nn.Linear, sac.actor.mu)
+            log_std = cast(torch.nn.Linear, sac.actor.log_std)
             with torch.no_grad():
-                sac.actor.mu.weight.zero_()
-                sac.actor.mu.bias.zero_()
-                sac.actor.log_std.weight.zero_()
-                sac.actor.log_std.bias.fill_(initial_log_std)
+                mu.weight.zero_()
+                mu.bias.zero_()
+                log_std.weight.zero_()
+                log_std.bias.fill_(initial_log_std)
         sac.set_logger(configure(None, []))
         return cls(sac, rng)
 
@@ -144,7 +147,7 @@ class RLDPAgent:
         from stable_baselines3 import SAC
         from stable_baselines3.common.logger import configure
 
-        data = io.BytesIO(source) if isinstance(source, bytes) else source
+        data = io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
         with _isolated(None) as rng:
             torch.manual_seed(seed)
             try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
@@ -74,6 +74,9 @@ OBS_FIELDS = (
     "[k] privatised clip fraction per count block (only with count_budget_fraction > 0)",
 )
 NUM_BASE_FIELDS = 8
+
+# Actions and released fractions arrive as numpy arrays from the agent, or as plain sequences.
+Floats: TypeAlias = Sequence[float] | np.ndarray
 
 
 def observation_size(count_blocks: int = 0) -> int:
@@ -149,7 +152,7 @@ class ActionMapper:
     def sigma(self, a1: float) -> float:
         return self.base_sigma * math.exp(float(np.clip(a1, -1.0, 1.0)) * math.log(self.sigma_range))
 
-    def thresholds(self, clip: float, allocation: Sequence[float] = ()) -> dict[str, float]:
+    def thresholds(self, clip: float, allocation: Floats = ()) -> dict[str, float]:
         """Per-group thresholds with total sensitivity ``√Σ C_g² ≤ clip``."""
         if not self.blocks:
             scale = clip / self.base_clip  # exactly 1.0 at the recipe's clip norm
@@ -180,7 +183,7 @@ def build_observation(
     epsilon_ratio: float,
     cosine: float,
     log_optimizer_ratio: float,
-    count_fractions: Sequence[float] = (),
+    count_fractions: Floats = (),
 ) -> np.ndarray:
     """The observation vector, layout :data:`OBS_FIELDS`, float32, clipped to ``[-10, 10]``. ``losses``: the
     public losses of the decisions so far, the current one last."""
@@ -290,7 +293,7 @@ class ControlState:
         epsilon_ratio: float,
         cosine: float,
         log_optimizer_ratio: float,
-        count_fractions: Sequence[float] = (),
+        count_fractions: Floats = (),
     ) -> np.ndarray:
         """Record this decision's public loss and return the observation."""
         self.losses.append(float(loss))

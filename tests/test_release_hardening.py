@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import GradRecorder, clipped_sums, quiet_trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningRateFinder
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -470,6 +471,109 @@ def test_partial_accumulation_is_refused_for_dpzo() -> None:
             max_steps=4,
             model=Quadratic(),
         )
+
+
+class _Quadratic(_Linear):
+    def per_example_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
+
+
+def _private(kind: str) -> Any:
+    if kind == "dpsgd":
+        return DPSGDStrategy(noise_multiplier=1.0, device="cpu"), _Linear()
+    return DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu"), _Quadratic()
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+@pytest.mark.parametrize(
+    ("callback", "why"),
+    [
+        (lambda: GradientAccumulationScheduler({0: 2}), "accumulate_grad_batches"),
+        (lambda: LearningRateFinder(num_training_steps=3), "raw loss"),
+    ],
+    ids=["accumulation_scheduler", "lr_finder"],
+)
+def test_callbacks_that_break_the_accounting_are_refused(kind: str, callback: Any, why: str) -> None:
+    # The scheduler sums several Poisson batches into one release; the finders choose from private batches.
+    strategy, model = _private(kind)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    with pytest.raises(DPLightningError, match=why):
+        _fit(strategy, data, 4, callbacks=[callback()], model=model, max_steps=2)
+    assert strategy.accountant.steps == 0
+
+
+class _RaiseAccumulation(pl.Callback):
+    """What a scheduler of one's own would do: raise accumulate_grad_batches at the second step."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 1:
+            trainer.accumulate_grad_batches = 2
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_accumulation_changed_during_training_stops_before_the_release(kind: str) -> None:
+    strategy, model = _private(kind)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    with pytest.raises(DPLightningError, match="changed from 1 to 2"):
+        _fit(strategy, data, 4, callbacks=[_RaiseAccumulation()], model=model, max_steps=4)
+    assert strategy.accountant.steps == 1  # the first step only: nothing of the mixed one was released
+
+
+class _SaveAt(pl.Callback):
+    def __init__(self, path: str, batch_idx: int) -> None:
+        self.path, self.batch_idx = path, batch_idx
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("saved_at", "refused"), [(2, True), (3, False)])
+def test_resume_inside_an_accumulation_window_is_refused(tmp_path: Any, saved_at: int, refused: bool) -> None:
+    # batch_idx 2 is the first micro-batch of the second step (k = 2): resumed from there, every later release
+    # would take the last chunk of one Poisson batch and the first of the next. batch_idx 3 ends that step.
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    path = str(tmp_path / "mid.ckpt")
+    kw: dict[str, Any] = {"accumulate_grad_batches": 2, "max_steps": 4}
+    _fit(
+        DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, callbacks=[_SaveAt(path, saved_at)], **kw
+    )
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    trainer = quiet_trainer(strategy, **kw)
+    if refused:
+        with pytest.raises(DPLightningError, match="inside an accumulation window"):
+            trainer.fit(_Linear(), DataLoader(data, batch_size=4), ckpt_path=path)
+        assert strategy.accountant.steps == 1  # restored, nothing more released
+    else:
+        trainer.fit(_Linear(), DataLoader(data, batch_size=4), ckpt_path=path)
+        assert strategy.accountant.steps == 4
+
+
+class _Outputs(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_callbacks_get_no_private_loss_from_the_training_step(kind: str) -> None:
+    # Lightning passes training_step's return value to every callback; the raw loss of a private batch is not
+    # covered by ε. Its gradient still trains the model (the other tests here check it bit for bit).
+    strategy, model = _private(kind)
+    data = TensorDataset(torch.randn(64, 4) * 10, torch.randint(0, 2, (64,)))
+    spy = _Outputs()
+    before = [p.detach().clone() for p in model.parameters()]
+    _fit(strategy, data, 16, callbacks=[spy], model=model, max_steps=3)
+    assert spy.losses == [0.0, 0.0, 0.0]
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 def test_several_training_dataloaders_are_refused() -> None:

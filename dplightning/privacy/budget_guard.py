@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dplightning.privacy.accounting import PrivacyAccountant, StepEvent, smallest_passing
+from dplightning.privacy.accounting import Accountant, StepEvent, smallest_passing
 
 __all__ = ["GUARD_GRID_PER_DECADE", "BudgetGuard"]
 
@@ -24,7 +24,7 @@ def _guard_grid(k: int) -> float:
 class BudgetGuard:
     """Never lets a σ through unless ε(history + next interval at σ + rest at σ_max) ≤ target."""
 
-    accountant: PrivacyAccountant
+    accountant: Accountant
     target_epsilon: float
     delta: float
     sample_rate: float

@@ -30,6 +30,19 @@ from dplightning.strategies.batches import EmptySafeCollate, fixed_width
 from dplightning.strategies.checkpointing import PrivateCheckpointMixin
 from dplightning.strategies.settings import PrivacySettings
 
+# Lightning callbacks that break what the accountant assumes, by class name, with why and what to do instead.
+_REFUSED_CALLBACKS = {
+    "GradientAccumulationScheduler": (
+        "it changes accumulate_grad_batches after the sample rate and the Poisson batches were set, so one release "
+        "would sum several Poisson batches (a record could be in it more than once) while one step is charged; "
+        "set Trainer(accumulate_grad_batches=k) once instead"
+    ),
+    "LearningRateFinder": (
+        "it chooses the learning rate from the raw loss of private batches (not covered by ε) and its trial "
+        "steps spend the budget; tune the rate on public data (a run of the bundled synthetic notes) instead"
+    ),
+}
+
 _warned_seeded = False
 
 
@@ -112,6 +125,9 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         )
         self._min_sigma_used = math.inf
         self._sampler: PoissonBatchSampler | None = None
+        self._planned_accumulate: int | None = (
+            None  # accumulate_grad_batches the sample rate and batches were set for
+        )
         self._init_checkpointing()
 
     @property
@@ -231,6 +247,12 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             raise DPLightningError(f"Trainer(gradient_clip_val=...) {clip_conflict}")
         if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
             raise DPLightningError(f"{one_optimizer}, got {len(self.optimizers)}")
+        for callback in getattr(trainer, "callbacks", []):
+            reason = _REFUSED_CALLBACKS.get(type(callback).__name__)
+            if reason is not None:
+                raise DPLightningError(
+                    f"{type(callback).__name__} cannot run with {type(self).__name__}: {reason}"
+                )
 
     def _finish_setup(self) -> None:
         """End of a subclass's ``setup``, once its groups exist: apply DP state loaded before them, warn once
@@ -259,6 +281,17 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             else 1
         )
         accumulate = trainer.accumulate_grad_batches
+        # A checkpoint saved inside an accumulation window (a time-based or on-exception checkpoint) would put every
+        # later release across two Poisson batches: the resumed loop keeps counting its window from there.
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if ready % accumulate:
+            raise DPLightningError(
+                f"this checkpoint was saved after micro-batch {ready} of the epoch, inside an accumulation window of "
+                f"{accumulate}: resumed from there, each private step would mix two Poisson batches. Resume from a "
+                "checkpoint saved at an optimizer step (ModelCheckpoint(every_n_train_steps=...), or the end of "
+                "the run)"
+            )
+        self._planned_accumulate = accumulate
         expected = batch_size * accumulate
         q = expected / n
         if q > 1:
@@ -286,7 +319,6 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             world_size=self._shard[1],
         )
         # Resuming mid-epoch: Lightning restarts the iterator, so skip the logical batches already taken.
-        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         sampler.epoch = trainer.current_epoch
         sampler.start_batch = ready // accumulate
         self._sampler = sampler
@@ -317,6 +349,17 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
                 f"{int(batches)} training batches per epoch is not a multiple of accumulate_grad_batches="
                 f"{accumulate}: the last step of each epoch would release part of a Poisson batch; set "
                 f"limit_train_batches to a multiple of {accumulate} (or remove it)"
+            )
+
+    def _check_accumulation(self) -> None:
+        """Refuse a step whose accumulation differs from the one the sample rate and the Poisson batches were set
+        for (something changed ``accumulate_grad_batches`` during training): its release would not be the
+        accounted one."""
+        k = self._attached_module.trainer.accumulate_grad_batches
+        if self._planned_accumulate is not None and k != self._planned_accumulate:
+            raise DPLightningError(
+                f"accumulate_grad_batches changed from {self._planned_accumulate} to {k} during training; the sample rate "
+                "and the Poisson batches were set for the first value, so keep it fixed for the whole run"
             )
 
     def _plan_steps(self) -> int:

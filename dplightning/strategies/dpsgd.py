@@ -60,6 +60,19 @@ GradientNoise = Literal["gaussian", "lmo"]
 NOISE_BATCH_ELEMENTS = 1 << 20
 
 
+class _ValueFree(torch.autograd.Function):
+    """Zero in the forward pass, the identity in the backward pass: a loss whose gradient is the given loss's
+    (bit for bit) and whose value says nothing."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor) -> Tensor:
+        return torch.zeros_like(loss)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
 def _noise_batches(names: list[str], sums: Mapping[str, Tensor], min_elements: int) -> list[list[str]]:
     """``names`` cut into consecutive runs of at least ``min_elements`` coordinates (the last may hold fewer)."""
     batches: list[list[str]] = [[]]
@@ -233,7 +246,14 @@ class DPSGDMixin(PrivateStrategyMixin):
             # Every hooked layer must see exactly this many examples in its leading dimension; a layer fed
             # flattened tokens would otherwise be clipped per token.
             self._engine.expected_batch_size = size
-        return super().training_step(*args, **kwargs)
+        output = super().training_step(*args, **kwargs)
+        # Lightning hands the returned loss to every callback (on_train_batch_end's outputs): it is the raw loss of
+        # the private batch, so only its gradient goes on; its value is zero.
+        if isinstance(output, Tensor):
+            return _ValueFree.apply(output)
+        if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
+            return {**output, "loss": _ValueFree.apply(output["loss"])}
+        return output
 
     @override
     def backward(
@@ -243,7 +263,8 @@ class DPSGDMixin(PrivateStrategyMixin):
         # whole backward pass at a scale set by how many examples the Poisson draw took, so when one record came
         # or went the *other* examples' gradients moved in their low bits (by a few % of C in bf16, ~1e-6 in
         # fp32): a sensitivity above C. Multiplying by B·k is exact, and so are Lightning's /k and the mean's /B.
-        k = self._attached_module.trainer.accumulate_grad_batches  # read now: a scheduler may change it
+        self._check_accumulation()
+        k = self._attached_module.trainer.accumulate_grad_batches
         seed = self._micro_batch_size * k if self.loss_reduction == "mean" else k
         super().backward(closure_loss * float(seed), optimizer, *args, **kwargs)
         assert self._engine is not None

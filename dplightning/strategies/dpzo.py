@@ -379,7 +379,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         """Per-example central differences along each direction on this (micro-)batch, clipped to [−C, C] and
-        summed into the step's ``[n]`` accumulator. Returns the detached loss estimate (for logging)."""
+        summed into the step's ``[n]`` accumulator. Returns zero: Lightning passes the value to callbacks."""
         batch = args[0] if args else kwargs["batch"]
         module = self._attached_module
         assert self._estimator is not None
@@ -407,13 +407,15 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
                     center = mid
         self._accumulate(sums)
         assert center is not None
-        finite = center[torch.isfinite(center)]
-        loss = finite.mean().float() if finite.numel() else torch.zeros(())
         if getattr(module, "log_private_loss", False):  # not covered by ε: only when the user opts in
+            finite = center[torch.isfinite(center)]
+            loss = finite.mean().float() if finite.numel() else torch.zeros(())
             module.log("train/loss", loss, prog_bar=True, batch_size=center.numel())
-        return loss
+        # Lightning hands the return value to every callback (on_train_batch_end's outputs): not the loss.
+        return torch.zeros((), device=self.root_device)
 
     def _accumulate(self, sums: Tensor) -> None:
+        self._check_accumulation()
         self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
 
     @override

@@ -10,27 +10,12 @@ strategy releases.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from dplightning.privacy.accounting import AccountantKind, StepEvent
-
-
-@runtime_checkable
-class Accountant(Protocol):
-    """The accountant interface callbacks use (PLD, RDP and DP-ZO's pure-ε accountant all offer it)."""
-
-    @property
-    def steps(self) -> int: ...
-
-    @property
-    def history(self) -> list[tuple[StepEvent, int]]: ...
-
-    def epsilon(self, delta: float) -> float: ...
-
-    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float: ...
+from dplightning.privacy.accounting import Accountant, AccountantKind
 
 
 @runtime_checkable

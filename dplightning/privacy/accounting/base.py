@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar, Literal, cast, get_args
+from typing import Any, ClassVar, Literal, Protocol, cast, get_args, runtime_checkable
 
 from dplightning.errors import DPLightningError
 from dplightning.privacy.accounting.events import (
@@ -32,6 +32,7 @@ __all__ = [
     "ACCOUNTANTS",
     "EXACT_MAX_EVENTS",
     "SIGMA_GRID_PER_DECADE",
+    "Accountant",
     "AccountantKind",
     "PrivacyAccountant",
     "quantize_sigma_down",
@@ -106,6 +107,21 @@ def history_entry(event: StepEvent, count: int) -> dict[str, Any]:
         **({} if event.lmo is None else {"lmo": event.lmo.to_dict(), "release": event.release}),
         "count": count,
     }
+
+
+@runtime_checkable
+class Accountant(Protocol):
+    """The accountant interface callbacks use (PLD, RDP and DP-ZO's pure-ε accountant all offer it)."""
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def history(self) -> list[tuple[StepEvent, int]]: ...
+
+    def epsilon(self, delta: float) -> float: ...
+
+    def epsilon_with(self, delta: float, extra: Sequence[tuple[StepEvent, int]]) -> float: ...
 
 
 class _StepRecorder(abc.ABC):
