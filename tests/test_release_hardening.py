@@ -576,6 +576,25 @@ def test_callbacks_get_no_private_loss_from_the_training_step(kind: str) -> None
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_value_free_loss_trains_bit_for_bit_as_the_loss(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
+    import dplightning.strategies.dpsgd as dpsgd
+
+    data = TensorDataset(torch.randn(64, 4) * 3, torch.randint(0, 2, (64,)))
+
+    def weights() -> list[torch.Tensor]:
+        model = _Linear()
+        strategy = DPSGDStrategy(noise_multiplier=1.0, seed=3, device="cpu")
+        _fit(strategy, data, 16, model=model, max_steps=3, precision=precision, accumulate_grad_batches=2)
+        return [p.detach().clone() for p in model.parameters()]
+
+    value_free = weights()
+    monkeypatch.setattr(dpsgd._ValueFree, "apply", lambda loss: loss)
+    assert all(torch.equal(a, b) for a, b in zip(value_free, weights()))
+
+
 def test_several_training_dataloaders_are_refused() -> None:
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     trainer = pl.Trainer(
