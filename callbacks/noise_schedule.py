@@ -211,7 +211,10 @@ class NoiseSchedule(StrategyController[PrivateStrategy]):
                 "NoiseSchedule needs a planned length; set trainer max_steps or max_epochs"
             )
         remaining = int(steps) - strategy.accountant.steps
-        assert strategy.sample_rate is not None  # set when the training dataloader was processed, before this
+        if strategy.sample_rate is None:
+            raise DPLightningError(
+                "NoiseSchedule found no sample rate: the strategy did not see a torch DataLoader for training"
+            )
         shape = schedule_shape(self.schedule, remaining, self.final_ratio, self.num_stages)
         sigmas = calibrate_schedule(
             target,

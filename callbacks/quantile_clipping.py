@@ -112,7 +112,11 @@ class QuantileClipping(StrategyController[PerExampleClippingStrategy]):
         # hashed even when given: the raw seed would replay the gradient noise's stream if it equalled the strategy's
         seed = count_noise_seed(strategy.seed if self.seed is None else self.seed, "quantile_clipping")
         noise = count_noise_source(seed, strategy.secure_rng, self._noise_state, steps_done)
-        assert strategy.expected_batch_size is not None  # set with the sample rate, before the first batch
+        if strategy.expected_batch_size is None:
+            raise DPLightningError(
+                "QuantileClipping found no expected batch size: the strategy did not see a torch DataLoader for "
+                "training"
+            )
         self.release = ClipCountRelease(groups, strategy.expected_batch_size, noise, centered=True)
 
     def count_fraction(self, sigma: float, num_groups: int) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import GradRecorder, clipped_sums, quiet_trainer
-from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningRateFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, GradientAccumulationScheduler, LearningRateFinder
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -485,21 +485,50 @@ def _private(kind: str) -> Any:
     return DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu"), _Quadratic()
 
 
+class _OwnFinder(LearningRateFinder):
+    """A subclass is refused as its parent is."""
+
+
+class _TunableLinear(_Linear):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 4
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), batch_size=self.batch_size
+        )
+
+
 @pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
 @pytest.mark.parametrize(
     ("callback", "why"),
     [
         (lambda: GradientAccumulationScheduler({0: 2}), "accumulate_grad_batches"),
         (lambda: LearningRateFinder(num_training_steps=3), "raw loss"),
+        (lambda: _OwnFinder(num_training_steps=3), "raw loss"),
+        (lambda: BatchSizeFinder(steps_per_trial=2, max_trials=2), "batch size"),
     ],
-    ids=["accumulation_scheduler", "lr_finder"],
+    ids=["accumulation_scheduler", "lr_finder", "lr_finder_subclass", "batch_size_finder"],
 )
 def test_callbacks_that_break_the_accounting_are_refused(kind: str, callback: Any, why: str) -> None:
-    # The scheduler sums several Poisson batches into one release; the finders choose from private batches.
-    strategy, model = _private(kind)
-    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    # The scheduler sums several Poisson batches into one release; the finders choose from private batches and
+    # spend the budget on their trials.
+    strategy, _ = _private(kind)
+    tunable = _TunableLinear()
+    if kind == "dpzo":
+        tunable.per_example_loss = _Quadratic.per_example_loss.__get__(tunable)  # type: ignore[method-assign]
+    trainer = pl.Trainer(
+        strategy=strategy,
+        callbacks=[callback()],
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     with pytest.raises(DPLightningError, match=why):
-        _fit(strategy, data, 4, callbacks=[callback()], model=model, max_steps=2)
+        trainer.fit(tunable)
     assert strategy.accountant.steps == 0
 
 
@@ -532,25 +561,111 @@ class _SaveAt(pl.Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize(("saved_at", "refused"), [(2, True), (3, False)])
-def test_resume_inside_an_accumulation_window_is_refused(tmp_path: Any, saved_at: int, refused: bool) -> None:
-    # batch_idx 2 is the first micro-batch of the second step (k = 2): resumed from there, every later release
-    # would take the last chunk of one Poisson batch and the first of the next. batch_idx 3 ends that step.
+class _Releases(pl.Callback):
+    """The record ids (third tensor of the batch) of each release, in order."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.releases: list[list[int]] = []
+        self._steps: int | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
+        if self._steps is None:
+            self._steps = trainer.strategy.accountant.steps
+        self.pending += batch[2].tolist()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if trainer.strategy.accountant.steps != self._steps:
+            self.releases.append(sorted(self.pending))
+            self.pending, self._steps = [], trainer.strategy.accountant.steps
+
+
+class _LinearWithIds(_Linear):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self.fc(x), y)
+
+
+def _with_ids(n: int = 64) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(n, 4, generator=gen), torch.randint(0, 2, (n,), generator=gen), torch.arange(n)
+    )
+
+
+@pytest.mark.parametrize("saved_at", [2, 3])
+def test_a_checkpoint_inside_an_accumulation_window_resumes_at_its_step(tmp_path: Any, saved_at: int) -> None:
+    # batch_idx 2 is the first micro-batch of the second step (k = 2). Resumed as it was, the loop would close
+    # its window one micro-batch early and every later release would hold the last chunk of one Poisson batch
+    # and the first of the next; the checkpoint is written as of the step instead. batch_idx 3 ends the step.
+    data, path = _with_ids(), str(tmp_path / "mid.ckpt")
+    kw: dict[str, Any] = {"accumulate_grad_batches": 2, "max_steps": 6}
+    first = DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu")
+    _fit(first, data, 4, callbacks=[_SaveAt(path, saved_at)], model=_LinearWithIds(), **kw)
+    strategy, spy = DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu"), _Releases()
+    trainer = quiet_trainer(strategy, [spy], **kw)
+    trainer.fit(_LinearWithIds(), DataLoader(data, batch_size=4), ckpt_path=path)
+    assert strategy.accountant.steps == 6
+    sampler = strategy._sampler
+    assert sampler is not None
+    sampler.epoch = 0
+    done = first.accountant.steps
+    assert spy.releases == [sorted(sampler.logical_batch(i).tolist()) for i in range(done, 6)]
+
+
+def test_a_mid_window_checkpoint_of_an_older_version_is_refused(tmp_path: Any) -> None:
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     path = str(tmp_path / "mid.ckpt")
     kw: dict[str, Any] = {"accumulate_grad_batches": 2, "max_steps": 4}
+    _fit(DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, callbacks=[_SaveAt(path, 1)], **kw)
+    checkpoint = torch.load(path, weights_only=False)
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for scope in ("current", "total"):  # as an older version wrote it one micro-batch into the next window
+        for key in ("ready", "started", "processed", "completed"):
+            progress[scope][key] += 1
+    torch.save(checkpoint, path)
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    with pytest.raises(DPLightningError, match="inside an accumulation window of 2"):
+        quiet_trainer(strategy, **kw).fit(_Linear(), DataLoader(data, batch_size=4), ckpt_path=path)
+    assert strategy.accountant.steps == 1
+
+
+def test_a_mid_epoch_resume_with_another_accumulation_is_refused(tmp_path: Any) -> None:
+    data, path = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), str(tmp_path / "k1.ckpt")
     _fit(
-        DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, callbacks=[_SaveAt(path, saved_at)], **kw
+        DPSGDStrategy(noise_multiplier=1.0, device="cpu"), data, 4, callbacks=[_SaveAt(path, 4)], max_steps=8
     )
     strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
-    trainer = quiet_trainer(strategy, **kw)
-    if refused:
-        with pytest.raises(DPLightningError, match="inside an accumulation window"):
-            trainer.fit(_Linear(), DataLoader(data, batch_size=4), ckpt_path=path)
-        assert strategy.accountant.steps == 1  # restored, nothing more released
-    else:
+    trainer = quiet_trainer(strategy, max_steps=8, accumulate_grad_batches=2)
+    with pytest.raises(DPLightningError, match="accumulate_grad_batches=1, and this run has 2"):
         trainer.fit(_Linear(), DataLoader(data, batch_size=4), ckpt_path=path)
-        assert strategy.accountant.steps == 4
+
+
+class _BatchesPerEpoch(pl.Callback):
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.counts[trainer.current_epoch] = self.counts.get(trainer.current_epoch, 0) + 1
+
+
+def test_loaders_reloaded_every_epoch_start_each_epoch_at_its_first_batch() -> None:
+    # The reload sees the finished epoch's batch count: taken as a resume's, it skipped every other epoch.
+    data, counter = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), _BatchesPerEpoch()
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    _fit(
+        strategy,
+        data,
+        8,
+        callbacks=[counter],
+        max_steps=-1,
+        max_epochs=3,
+        reload_dataloaders_every_n_epochs=1,
+    )
+    assert counter.counts == {0: 8, 1: 8, 2: 8}
+    assert strategy.accountant.steps == 24
 
 
 class _Outputs(pl.Callback):

@@ -16,6 +16,12 @@ from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    Callback,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
@@ -30,18 +36,25 @@ from dplightning.strategies.batches import EmptySafeCollate, fixed_width
 from dplightning.strategies.checkpointing import PrivateCheckpointMixin
 from dplightning.strategies.settings import PrivacySettings
 
-# Lightning callbacks that break what the accountant assumes, by class name, with why and what to do instead.
-_REFUSED_CALLBACKS = {
-    "GradientAccumulationScheduler": (
+# Lightning callbacks that break what the accountant assumes (subclasses too), with why and what to do instead.
+_REFUSED_CALLBACKS: tuple[tuple[type[Callback], str], ...] = (
+    (
+        GradientAccumulationScheduler,
         "it changes accumulate_grad_batches after the sample rate and the Poisson batches were set, so one release "
         "would sum several Poisson batches (a record could be in it more than once) while one step is charged; "
-        "set Trainer(accumulate_grad_batches=k) once instead"
+        "set Trainer(accumulate_grad_batches=k) once instead",
     ),
-    "LearningRateFinder": (
+    (
+        LearningRateFinder,
         "it chooses the learning rate from the raw loss of private batches (not covered by ε) and its trial "
-        "steps spend the budget; tune the rate on public data (a run of the bundled synthetic notes) instead"
+        "steps spend the budget; tune the rate on public data (a run of the bundled synthetic notes) instead",
     ),
-}
+    (
+        BatchSizeFinder,
+        "its choice depends on how private batches ran, and its trial steps spend the budget; choose the batch "
+        "size on public data instead",
+    ),
+)
 
 _warned_seeded = False
 
@@ -248,11 +261,11 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         if trainer.state.fn == TrainerFn.FITTING and len(self.optimizers) != 1:
             raise DPLightningError(f"{one_optimizer}, got {len(self.optimizers)}")
         for callback in getattr(trainer, "callbacks", []):
-            reason = _REFUSED_CALLBACKS.get(type(callback).__name__)
-            if reason is not None:
-                raise DPLightningError(
-                    f"{type(callback).__name__} cannot run with {type(self).__name__}: {reason}"
-                )
+            for refused, reason in _REFUSED_CALLBACKS:
+                if isinstance(callback, refused):
+                    raise DPLightningError(
+                        f"{type(callback).__name__} cannot run with {type(self).__name__}: {reason}"
+                    )
 
     def _finish_setup(self) -> None:
         """End of a subclass's ``setup``, once its groups exist: apply DP state loaded before them, warn once
@@ -281,16 +294,6 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             else 1
         )
         accumulate = trainer.accumulate_grad_batches
-        # A checkpoint saved inside an accumulation window (a time-based or on-exception checkpoint) would put every
-        # later release across two Poisson batches: the resumed loop keeps counting its window from there.
-        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if ready % accumulate:
-            raise DPLightningError(
-                f"this checkpoint was saved after micro-batch {ready} of the epoch, inside an accumulation window of "
-                f"{accumulate}: resumed from there, each private step would mix two Poisson batches. Resume from a "
-                "checkpoint saved at an optimizer step (ModelCheckpoint(every_n_train_steps=...), or the end of "
-                "the run)"
-            )
         self._planned_accumulate = accumulate
         expected = batch_size * accumulate
         q = expected / n
@@ -320,7 +323,7 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         )
         # Resuming mid-epoch: Lightning restarts the iterator, so skip the logical batches already taken.
         sampler.epoch = trainer.current_epoch
-        sampler.start_batch = ready // accumulate
+        sampler.start_batch = self._micro_batches_taken(trainer, accumulate) // accumulate
         self._sampler = sampler
         return DataLoader(
             dataset,
@@ -330,6 +333,32 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             pin_memory=dataloader.pin_memory,
             worker_init_fn=dataloader.worker_init_fn,
         )
+
+    def _micro_batches_taken(self, trainer: pl.Trainer, accumulate: int) -> int:
+        """Micro-batches of the current epoch that a resumed run already took (0 for a fresh run, and for a loader
+        reloaded at a new epoch, when the progress still counts the previous epoch's).
+
+        Refused: a checkpoint inside an accumulation window (saved by an older version; checkpoints are now
+        written as of the window's start), and one written with another ``accumulate_grad_batches`` mid-epoch
+        (the logical batches taken would be counted wrongly, and a seeded run would draw some masks again).
+        Either way later releases would not each be one Poisson batch."""
+        if not trainer.fit_loop.restarting:
+            return 0
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        before = self._restored_accumulate
+        if ready and before is not None and before != accumulate:
+            raise DPLightningError(
+                f"this checkpoint was written mid-epoch with accumulate_grad_batches={before}, and this run has "
+                f"{accumulate}; resume with accumulate_grad_batches={before}, or from a checkpoint at the end of an "
+                "epoch"
+            )
+        if ready % accumulate:
+            raise DPLightningError(
+                f"this checkpoint was saved after micro-batch {ready} of the epoch, inside an accumulation window of "
+                f"{accumulate} (an older version wrote such checkpoints): resumed from there, each private step "
+                "would mix two Poisson batches. Resume from a checkpoint written at an optimizer step"
+            )
+        return ready
 
     def _check_training_batches(self) -> None:
         """Refuse loop settings under which a step would not release exactly one complete Poisson batch."""

@@ -39,6 +39,8 @@ class PrivateCheckpointMixin(Strategy):
     groups: dict[str, list[str]]
     _min_sigma_used: float
     _sampler: PoissonBatchSampler | None
+    _planned_accumulate: int | None
+    poisson_sampling: bool
 
     def _init_checkpointing(self) -> None:
         self._pending_state: dict[str, Any] | None = None  # DP state loaded before setup made the groups
@@ -47,6 +49,7 @@ class PrivateCheckpointMixin(Strategy):
         self._ledgers: list[PrivacyLedger] = []
         self._checkpoint_dir: str | None = None  # folder of the checkpoint being loaded
         self._checkpointed_steps = 0  # accountant steps at the last checkpoint saved
+        self._restored_accumulate: int | None = None  # accumulate_grad_batches of the checkpoint resumed from
 
     def dp_state_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class PrivateCheckpointMixin(Strategy):
             "auxiliary_noise_multipliers": dict(self.auxiliary_noise_multipliers),
             "min_sigma_used": self._min_sigma_used,
             "ledgers": [str(ledger.path) for ledger in self._ledgers],
+            "accumulate": self._planned_accumulate,
         }
 
     def _apply_dp_state(self, state: Mapping[str, Any]) -> None:
@@ -72,6 +76,7 @@ class PrivateCheckpointMixin(Strategy):
         self.noise_multiplier = state["noise_multiplier"]
         self.auxiliary_noise_multipliers = dict(state.get("auxiliary_noise_multipliers", {}))
         self._min_sigma_used = state["min_sigma_used"]
+        self._restored_accumulate = state.get("accumulate")
         self._resume_ledgers(list(state.get("ledgers") or []))
 
     def _resume_ledgers(self, paths: list[str]) -> None:
@@ -151,11 +156,29 @@ class PrivateCheckpointMixin(Strategy):
             return
         self._ledgers.append(PrivacyLedger.start(folder, self.accountant.state_dict()["history"]))
 
+    def _rewind_to_step(self, checkpoint: dict[str, Any]) -> None:
+        """Write a checkpoint taken inside an accumulation window (a time-based or validation checkpoint, or
+        ``ModelCheckpoint`` saving again on the first micro-batch after a resume) as of the window's start.
+
+        Nothing of the window was released (its clipped sums are not saved) and the weights, optimizer and
+        accountant are the last step's, so rewinding the loop's batch counters by the window's micro-batches gives
+        the checkpoint the same hook would have written at the step; the resumed run redoes the window from its
+        Poisson batch's first chunk. Left as it was, every later release would mix two Poisson batches."""
+        k = self._planned_accumulate
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if not self.poisson_sampling or not k or k == 1 or not progress or progress.get("is_last_batch"):
+            return
+        extra = progress["current"]["ready"] % k
+        for scope in ("current", "total"):
+            for key in ("ready", "started", "processed", "completed"):
+                progress[scope][key] = max(progress[scope][key] - extra, 0)
+
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         self._start_ledger(filepath)
+        self._rewind_to_step(checkpoint)
         self._checkpointed_steps = self.accountant.steps
         checkpoint["dplightning"] = self.dp_state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options)
