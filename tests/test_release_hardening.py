@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import GradRecorder, clipped_sums, quiet_trainer
-from lightning.pytorch.callbacks import BatchSizeFinder, GradientAccumulationScheduler, LearningRateFinder
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    OnExceptionCheckpoint,
+)
 from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -595,24 +600,91 @@ def _with_ids(n: int = 64) -> TensorDataset:
     )
 
 
-@pytest.mark.parametrize("saved_at", [2, 3])
-def test_a_checkpoint_inside_an_accumulation_window_resumes_at_its_step(tmp_path: Any, saved_at: int) -> None:
-    # batch_idx 2 is the first micro-batch of the second step (k = 2). Resumed as it was, the loop would close
-    # its window one micro-batch early and every later release would hold the last chunk of one Poisson batch
-    # and the first of the next; the checkpoint is written as of the step instead. batch_idx 3 ends the step.
-    data, path = _with_ids(), str(tmp_path / "mid.ckpt")
-    kw: dict[str, Any] = {"accumulate_grad_batches": 2, "max_steps": 6}
-    first = DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu")
-    _fit(first, data, 4, callbacks=[_SaveAt(path, saved_at)], model=_LinearWithIds(), **kw)
-    strategy, spy = DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu"), _Releases()
-    trainer = quiet_trainer(strategy, [spy], **kw)
-    trainer.fit(_LinearWithIds(), DataLoader(data, batch_size=4), ckpt_path=path)
-    assert strategy.accountant.steps == 6
+class _Crash(Exception):
+    pass
+
+
+class _CrashAt(pl.Callback):
+    """Raises in ``hook`` at micro-batch ``batch_idx``; Lightning's OnExceptionCheckpoint then saves."""
+
+    def __init__(self, hook: str, batch_idx: int) -> None:
+        self.hook, self.batch_idx = hook, batch_idx
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
+        if self.hook == "on_train_batch_start" and idx == self.batch_idx:
+            raise _Crash
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        # DP-SGD has released and charged the step here, and its update is not applied yet
+        idx = trainer.fit_loop.epoch_loop.batch_idx
+        if self.hook == "on_before_optimizer_step" and idx == self.batch_idx:
+            raise _Crash
+
+
+def _seeded(kind: str) -> Any:
+    if kind == "dpsgd":
+        return DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu"), _LinearWithIds()
+
+    class WithLoss(_LinearWithIds):
+        def per_example_loss(self, batch: Any) -> torch.Tensor:
+            x, y, _ = batch
+            return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
+
+    return DPZOStrategy(noise_multiplier=1.0, seed=5, trainable="all", device="cpu"), WithLoss()
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+@pytest.mark.parametrize(
+    ("how", "batch_idx"),
+    [
+        ("on_train_batch_end", 2),
+        ("on_train_batch_end", 3),
+        ("on_train_batch_start", 2),
+        ("on_train_batch_start", 3),
+        ("on_before_optimizer_step", 3),
+        ("on_train_batch_start", 15),  # the epoch's last micro-batch
+        ("on_before_optimizer_step", 15),
+    ],
+)
+def test_a_checkpoint_inside_an_accumulation_window_resumes_at_a_step(
+    tmp_path: Any, kind: str, how: str, batch_idx: int
+) -> None:
+    # k = 2: batch_idx 2 and 3 are the chunks of the second step's Poisson batch. Resumed where the loop stood,
+    # every later release would hold the last chunk of one Poisson batch and the first of the next: checkpoints
+    # are written as of a step (the window's start, or its end once its release was made and charged).
+    data = _with_ids()
+    kw: dict[str, Any] = {"accumulate_grad_batches": 2, "max_steps": 10}  # 8 steps an epoch
+    first, model = _seeded(kind)
+    if how == "on_train_batch_end":
+        path = str(tmp_path / "mid.ckpt")
+        _fit(first, data, 4, callbacks=[_SaveAt(path, batch_idx)], model=model, **kw)
+    else:
+        path = str(tmp_path / "exc.ckpt")
+        crash = [_CrashAt(how, batch_idx), OnExceptionCheckpoint(str(tmp_path), "exc")]
+        with pytest.raises(_Crash):
+            _fit(
+                first,
+                data,
+                4,
+                callbacks=crash,
+                model=model,
+                enable_checkpointing=True,
+                default_root_dir=tmp_path,
+                **kw,
+            )
+    released, applied = first.accountant.steps, torch.load(path, weights_only=False)["global_step"]
+    strategy, model = _seeded(kind)
+    spy = _Releases()
+    quiet_trainer(strategy, [spy], **kw).fit(model, DataLoader(data, batch_size=4), ckpt_path=path)
     sampler = strategy._sampler
     assert sampler is not None
-    sampler.epoch = 0
-    done = first.accountant.steps
-    assert spy.releases == [sorted(sampler.logical_batch(i).tolist()) for i in range(done, 6)]
+    expected = []
+    for step in range(released, released + 10 - applied):
+        sampler.epoch = step // sampler.num_batches
+        expected.append(sorted(sampler.logical_batch(step % sampler.num_batches).tolist()))
+    # each release is the next Poisson batch, none drawn twice; a released step is charged once
+    assert spy.releases == expected
+    assert strategy.accountant.steps == released + 10 - applied
 
 
 def test_a_mid_window_checkpoint_of_an_older_version_is_refused(tmp_path: Any) -> None:

@@ -33,7 +33,7 @@ from dplightning.privacy.accounting.base import history_entry
 from dplightning.privacy.batch_selection import PoissonBatchSampler
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.strategies.batches import EmptySafeCollate, fixed_width
-from dplightning.strategies.checkpointing import PrivateCheckpointMixin
+from dplightning.strategies.checkpointing import PrivateCheckpointMixin, resume_position
 from dplightning.strategies.settings import PrivacySettings
 
 # Lightning callbacks that break what the accountant assumes (subclasses too), with why and what to do instead.
@@ -344,7 +344,7 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         Either way later releases would not each be one Poisson batch."""
         if not trainer.fit_loop.restarting:
             return 0
-        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        ready = resume_position(trainer.fit_loop.epoch_loop.batch_progress.current.state_dict())
         before = self._restored_accumulate
         if ready and before is not None and before != accumulate:
             raise DPLightningError(
@@ -462,6 +462,7 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
             ledger.append(history_entry(event, 1))
         self.accountant.record(event)
         self._min_sigma_used = min(self._min_sigma_used, sigma)
+        self._release_unapplied = True  # until the optimizer step that applies it returns
 
     def _stop_on_budget(self) -> None:
         """The step was refused (nothing released): stop training cleanly."""

@@ -24,6 +24,14 @@ from dplightning.privacy.ledger import PrivacyLedger, ResumeVerdict, read_ledger
 from dplightning.privacy.noise_addition import NoiseSource
 
 
+def resume_position(counts: Mapping[str, int]) -> int:
+    """The batch a resumed Lightning loop goes on from, given its saved batch counters: the batches completed,
+    plus the one whose ``on_train_batch_end`` was running when the checkpoint was taken (Lightning counts it done).
+    ``ready`` alone is wrong for a checkpoint taken in ``on_train_batch_start`` or on an exception."""
+    on_batch_end = counts["ready"] == counts["started"] == counts["processed"] == counts["completed"] + 1
+    return counts["completed"] + int(on_batch_end)
+
+
 class PrivateCheckpointMixin(Strategy):
     """Saves and restores the DP state with Lightning's checkpoints and keeps the privacy ledgers; mixed into
     :class:`~dplightning.strategies.base.PrivateStrategyMixin`, which owns the state it saves."""
@@ -50,6 +58,8 @@ class PrivateCheckpointMixin(Strategy):
         self._checkpoint_dir: str | None = None  # folder of the checkpoint being loaded
         self._checkpointed_steps = 0  # accountant steps at the last checkpoint saved
         self._restored_accumulate: int | None = None  # accumulate_grad_batches of the checkpoint resumed from
+        # A step's release is made and charged but its update not applied yet (see _rewind_to_step).
+        self._release_unapplied = False
 
     def dp_state_dict(self) -> dict[str, Any]:
         return {
@@ -157,21 +167,31 @@ class PrivateCheckpointMixin(Strategy):
         self._ledgers.append(PrivacyLedger.start(folder, self.accountant.state_dict()["history"]))
 
     def _rewind_to_step(self, checkpoint: dict[str, Any]) -> None:
-        """Write a checkpoint taken inside an accumulation window (a time-based or validation checkpoint, or
-        ``ModelCheckpoint`` saving again on the first micro-batch after a resume) as of the window's start.
+        """Write a checkpoint taken inside an accumulation window (a time-based, validation or on-exception
+        checkpoint, one saved in ``on_train_batch_start``, or ``ModelCheckpoint`` saving again on the first
+        micro-batch after a resume) as of a step boundary, where a resume restarts the sampler at a Poisson batch's
+        first chunk. Left as they were, every later release of the resumed run would mix two Poisson batches.
 
-        Nothing of the window was released (its clipped sums are not saved) and the weights, optimizer and
-        accountant are the last step's, so rewinding the loop's batch counters by the window's micro-batches gives
-        the checkpoint the same hook would have written at the step; the resumed run redoes the window from its
-        Poisson batch's first chunk. Left as it was, every later release would mix two Poisson batches."""
+        Nothing of an unfinished window was released (its clipped sums are not saved) and the weights, optimizer
+        and accountant are the last step's: the checkpoint goes back to the window's start. A window whose release
+        was made and charged but whose update was not applied (an exception between the two) is spent: the
+        checkpoint goes on to its end, so its Poisson batch is never drawn again. The counters are written as a
+        checkpoint taken after a finished batch, which Lightning resumes where they say."""
         k = self._planned_accumulate
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if not self.poisson_sampling or not k or k == 1 or not progress or progress.get("is_last_batch"):
+        if not self.poisson_sampling or not k or k == 1 or not progress:
             return
-        extra = progress["current"]["ready"] % k
+        current = progress["current"]
+        position = resume_position(current)
+        # unapplied: the end of the window whose batch was in flight; else the start of the current window
+        target = -(-current["started"] // k) * k if self._release_unapplied else position - position % k
+        if target == position:
+            return
+        shift = target - position
         for scope in ("current", "total"):
+            start = max(resume_position(progress[scope]) + shift, 0)
             for key in ("ready", "started", "processed", "completed"):
-                progress[scope][key] = max(progress[scope][key] - extra, 0)
+                progress[scope][key] = start
 
     @override
     def save_checkpoint(

@@ -303,7 +303,9 @@ class DPSGDMixin(PrivateStrategyMixin):
             self.release_noisy_gradient()
             return result
 
-        return super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        result = super().optimizer_step(optimizer, private_closure, model, **kwargs)
+        self._release_unapplied = False
+        return result
 
     @property
     def _norm_order(self) -> float:

@@ -439,6 +439,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         assert isinstance(model, pl.LightningModule)
         result = self.precision_plugin._wrap_closure(model, optimizer, closure)
         self.release_and_update(float(optimizer.param_groups[0]["lr"]))
+        self._release_unapplied = False
         return result
 
     @torch.no_grad()
