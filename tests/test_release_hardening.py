@@ -28,6 +28,7 @@ from dplightning.privacy.discretization import from_grid, l2_grid, to_grid
 from dplightning.privacy.noise_addition import NoiseSource
 from dplightning.privacy.per_example_grads import PerExampleGradients
 from dplightning.strategies import DDPDPSGDStrategy, DPSGDStrategy, DPZOStrategy
+from dplightning.strategies.checkpointing import resume_position
 
 
 # --------------------------------------------------------------------------------------- low-bit attack
@@ -685,6 +686,34 @@ def test_a_checkpoint_inside_an_accumulation_window_resumes_at_a_step(
     # each release is the next Poisson batch, none drawn twice; a released step is charged once
     assert spy.releases == expected
     assert strategy.accountant.steps == released + 10 - applied
+
+
+def test_a_step_left_unapplied_by_an_earlier_fit_does_not_move_a_later_checkpoint(tmp_path: Any) -> None:
+    # The flag of an exception between a release and its update must not outlive that fit: here it would write
+    # the window's end, and a resume would skip a Poisson batch never released.
+    data, path = _with_ids(), str(tmp_path / "mid.ckpt")
+    strategy, model = _seeded("dpsgd")
+    strategy._release_unapplied = True
+    # saved at the first micro-batch, before this fit's first step could clear the flag
+    _fit(strategy, data, 4, callbacks=[_SaveAt(path, 0)], model=model, accumulate_grad_batches=2, max_steps=4)
+    progress = torch.load(path, weights_only=False)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert resume_position(progress["current"]) == 0
+
+
+def test_validation_inside_accumulation_windows_warns() -> None:
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=4)
+    trainer = quiet_trainer(
+        DPSGDStrategy(noise_multiplier=1.0, device="cpu"), accumulate_grad_batches=2, val_check_interval=3
+    )
+    with pytest.warns(UserWarning, match="multiple of 2"):
+        trainer.fit(_Validated(), DataLoader(data, batch_size=4), loader)
+
+
+class _Validated(_Linear):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.fc(x), y))
 
 
 def test_a_mid_window_checkpoint_of_an_older_version_is_refused(tmp_path: Any) -> None:

@@ -379,6 +379,16 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
                 f"{accumulate}: the last step of each epoch would release part of a Poisson batch; set "
                 f"limit_train_batches to a multiple of {accumulate} (or remove it)"
             )
+        every = getattr(trainer, "val_check_batch", None)
+        if self.poisson_sampling and accumulate > 1 and isinstance(every, int) and every % accumulate:
+            # A checkpoint is written as of the step before (see _rewind_to_step), so a resume redoes the window
+            # and that validation again, on the same weights.
+            rank_zero_warn(
+                f"validation every {every} batches falls inside accumulation windows of {accumulate}, where the "
+                "weights have not changed; a checkpoint taken there resumes at the window's start and repeats that "
+                "validation (EarlyStopping counts it twice). Set val_check_interval to a multiple of "
+                f"{accumulate}"
+            )
 
     def _check_accumulation(self) -> None:
         """Refuse a step whose accumulation differs from the one the sample rate and the Poisson batches were set
@@ -408,6 +418,8 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
     def on_train_start(self) -> None:
         # Runs after the callbacks' on_train_start: a callback that set σ there (NoiseSchedule) is not overridden.
         super().on_train_start()
+        # A step an earlier fit's exception left unapplied is in that fit's checkpoint, not in this run.
+        self._release_unapplied = False
         remaining = self._plan_steps()
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None
