@@ -138,9 +138,8 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         )
         self._min_sigma_used = math.inf
         self._sampler: PoissonBatchSampler | None = None
-        self._planned_accumulate: int | None = (
-            None  # accumulate_grad_batches the sample rate and batches were set for
-        )
+        # accumulate_grad_batches the sample rate and the Poisson batches were set for
+        self._planned_accumulate: int | None = None
         self._init_checkpointing()
 
     @property
@@ -344,21 +343,21 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         Either way later releases would not each be one Poisson batch."""
         if not trainer.fit_loop.restarting:
             return 0
-        ready = resume_position(trainer.fit_loop.epoch_loop.batch_progress.current.state_dict())
+        taken = resume_position(trainer.fit_loop.epoch_loop.batch_progress.current.state_dict())
         before = self._restored_accumulate
-        if ready and before is not None and before != accumulate:
+        if taken and before is not None and before != accumulate:
             raise DPLightningError(
                 f"this checkpoint was written mid-epoch with accumulate_grad_batches={before}, and this run has "
                 f"{accumulate}; resume with accumulate_grad_batches={before}, or from a checkpoint at the end of an "
                 "epoch"
             )
-        if ready % accumulate:
+        if taken % accumulate:
             raise DPLightningError(
-                f"this checkpoint was saved after micro-batch {ready} of the epoch, inside an accumulation window of "
+                f"this checkpoint was saved after micro-batch {taken} of the epoch, inside an accumulation window of "
                 f"{accumulate} (an older version wrote such checkpoints): resumed from there, each private step "
                 "would mix two Poisson batches. Resume from a checkpoint written at an optimizer step"
             )
-        return ready
+        return taken
 
     def _check_training_batches(self) -> None:
         """Refuse loop settings under which a step would not release exactly one complete Poisson batch."""
