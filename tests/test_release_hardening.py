@@ -460,12 +460,13 @@ def test_partial_accumulation_is_refused() -> None:
         )
 
 
-def test_partial_accumulation_is_refused_for_dpzo() -> None:
-    class Quadratic(_Linear):
-        def per_example_loss(self, batch: Any) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
+class _Quadratic(_Linear):
+    def per_example_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
 
+
+def test_partial_accumulation_is_refused_for_dpzo() -> None:
     data = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     with pytest.raises(DPLightningError, match="multiple of 2"):
         _fit(
@@ -475,14 +476,8 @@ def test_partial_accumulation_is_refused_for_dpzo() -> None:
             accumulate_grad_batches=2,
             limit_train_batches=3,
             max_steps=4,
-            model=Quadratic(),
+            model=_Quadratic(),
         )
-
-
-class _Quadratic(_Linear):
-    def per_example_loss(self, batch: Any) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
 
 
 def _private(kind: str) -> Any:
@@ -495,7 +490,7 @@ class _OwnFinder(LearningRateFinder):
     """A subclass is refused as its parent is."""
 
 
-class _TunableLinear(_Linear):
+class _TunableLinear(_Quadratic):
     def __init__(self) -> None:
         super().__init__()
         self.batch_size = 4
@@ -522,8 +517,6 @@ def test_callbacks_that_break_the_accounting_are_refused(kind: str, callback: An
     # spend the budget on their trials.
     strategy, _ = _private(kind)
     tunable = _TunableLinear()
-    if kind == "dpzo":
-        tunable.per_example_loss = _Quadratic.per_example_loss.__get__(tunable)  # type: ignore[method-assign]
     trainer = pl.Trainer(
         strategy=strategy,
         callbacks=[callback()],
@@ -589,9 +582,15 @@ class _Releases(pl.Callback):
 
 
 class _LinearWithIds(_Linear):
+    """Batches carry the record ids as a third tensor, so releases can be traced to Poisson batches."""
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
         return nn.functional.cross_entropy(self.fc(x), y)
+
+    def per_example_loss(self, batch: Any) -> torch.Tensor:  # what DP-ZO evaluates
+        x, y, _ = batch
+        return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
 
 
 def _with_ids(n: int = 64) -> TensorDataset:
@@ -625,13 +624,7 @@ class _CrashAt(pl.Callback):
 def _seeded(kind: str) -> Any:
     if kind == "dpsgd":
         return DPSGDStrategy(noise_multiplier=1.0, seed=5, device="cpu"), _LinearWithIds()
-
-    class WithLoss(_LinearWithIds):
-        def per_example_loss(self, batch: Any) -> torch.Tensor:
-            x, y, _ = batch
-            return nn.functional.cross_entropy(self.fc(x), y, reduction="none")
-
-    return DPZOStrategy(noise_multiplier=1.0, seed=5, trainable="all", device="cpu"), WithLoss()
+    return DPZOStrategy(noise_multiplier=1.0, seed=5, trainable="all", device="cpu"), _LinearWithIds()
 
 
 @pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
