@@ -16,12 +16,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from dplightning.errors import DPLightningError
+from dplightning.losses import shifted_token_nll
 from dplightning.models import default_lora_targets, load_causal_lm
 
 Batch = dict[str, Tensor]
@@ -133,18 +133,10 @@ class DPLoRAModule(pl.LightningModule):
     def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Next-token NLL summed per example ``[B]`` and the count of scored tokens ``[B]``.
 
-        ``labels`` ``[B, T]`` use ``-100`` for positions that are not scored (padding).
+        ``labels`` ``[B, T]`` use ``-100`` for positions that are not scored (padding). Computed a few examples
+        at a time in fp32 (``losses.shifted_token_nll``): bit for bit the plain cross-entropy, less memory.
         """
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:]
-        mask = shift_labels != -100
-        nll = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1).clamp(min=0),
-            reduction="none",
-        ).view_as(shift_labels)
-        nll = nll * mask
-        return nll.sum(dim=1), mask.sum(dim=1)
+        return shifted_token_nll(logits, labels)
 
     def per_example_loss(self, batch: Batch) -> Tensor:
         """Token-mean next-token loss of each example, padding masked. Shape ``[B]``."""
