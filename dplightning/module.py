@@ -112,7 +112,7 @@ class DPLoRAModule(pl.LightningModule):
         torch.manual_seed(seed)  # LoRA A init is random: make it reproducible
         config = LoraConfig(
             r=lora_rank,
-            lora_alpha=lora_alpha,
+            lora_alpha=lora_alpha,  # type: ignore[arg-type]  # peft annotates int, uses alpha / r: a float works
             lora_dropout=lora_dropout,
             target_modules=targets,
             task_type="CAUSAL_LM",
@@ -207,11 +207,11 @@ class DPLoRAModule(pl.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         hp = self.hparams
         optimizer: torch.optim.Optimizer
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.learning_rate, momentum=hp.momentum)
+        if hp["optimizer"] == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp["learning_rate"], momentum=hp["momentum"])
         else:
-            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        if hp.lr_schedule == "constant":
+            optimizer = torch.optim.AdamW(params, lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
+        if hp["lr_schedule"] == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         # step k (0-based) uses lr·(1 − k/total): the last of `total` steps still moves, the rate never goes below 0
@@ -236,7 +236,7 @@ class DPLoRAModule(pl.LightningModule):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(str(tmp))
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
