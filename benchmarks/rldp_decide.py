@@ -107,7 +107,13 @@ METHODS: dict[str, str] = {
 }
 CONTROLLERS = {"plateau": "M5", "rldp": "M6", "rldp_prior": "M7"}
 BEST_OF_2_3 = "min(M2, M3)"
+# The controllers' starting point: the grid cell at RECIPE_POINT of the same seed, which is what M5–M7 would give
+# if they never moved the step size. Against it, a controller's own effect shows apart from the choice of base.
+START = "start"
 COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("M5", START),
+    ("M6", START),
+    ("M7", START),
     ("M7", BEST_OF_2_3),
     ("M6", BEST_OF_2_3),
     ("M7", "M3"),
@@ -379,11 +385,17 @@ class Outcome:
 def outcome(rows: list[dict[str, Any]], plan: dict[str, Any], epsilon: float) -> Outcome:
     """Each method's result per seed at target ``epsilon``, from the finished rows only."""
     grid = tuple((float(lr), str(schedule)) for lr, schedule in plan["grid"])
-    results: dict[str, dict[int, Result]] = {m: {} for m in METHODS}
+    results: dict[str, dict[int, Result]] = {m: {} for m in (*METHODS, START)}
     m1 = default_point(grid)
     public_point, fallback = public_choice(grid_rows(rows, epsilon, PUBLIC_DATA_SEED).get(0, {}), grid)
     for seed, by_point in sorted(grid_rows(rows, epsilon).items()):
-        for method, point in (("M1", m1), ("M2", oracle_choice(by_point, grid)), ("M3", public_point)):
+        choices = (
+            ("M1", m1),
+            ("M2", oracle_choice(by_point, grid)),
+            ("M3", public_point),
+            (START, RECIPE_POINT),
+        )
+        for method, point in choices:
             if point is not None and point in by_point:
                 row = by_point[point]
                 results[method][seed] = Result(row["test_perplexity_after"], row["cell"], point)
@@ -510,7 +522,7 @@ def _grid(plan: dict[str, Any]) -> tuple[Point, ...]:
 
 
 def _per_seed_table(out: Outcome) -> list[str]:
-    seeds = sorted({s for results in out.results.values() for s in results})
+    seeds = sorted({s for method in METHODS for s in out.results[method]})
     lines = [
         "| seed | " + " | ".join(METHODS) + " |",
         "| ---: | " + " | ".join("---:" for _ in METHODS) + " |",
@@ -558,6 +570,11 @@ def _selection_notes(out: Outcome, plan: dict[str, Any]) -> list[str]:
     )
     lines = [
         m3,
+        "",
+        f"M5–M7 start from the recipe's {point_label(RECIPE_POINT)} (configs/rldp_recipe.yaml, from an earlier "
+        "sweep on public notes); `start` in the differences is that grid cell of the same seed, what they would "
+        "give if they never moved the step size. When M3's choice is another point, M5–M7 − M3 mixes the "
+        "controller's effect with the choice of starting point; M5–M7 − start is the controller's own.",
         "",
         f"M4: each trial is a DP-SGD run at ε/{k} = {eps / k:g} (δ = {DELTA:g}) on the same training notes. The "
         "trials are composed with the PLD accountant (jointly, as k·T subsampled Gaussian releases) and the choice "

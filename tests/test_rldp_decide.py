@@ -279,6 +279,8 @@ def test_report_from_synthetic_rows_states_every_method_and_target(tmp_path: Pat
     assert "| M7 − min(M2, M3) | 2 |" in text and "M7 ≤ M1 − 20 % | ratio of means" in text
     assert "M7 < M5 | ratio of means" in text and "| met |" in text
     assert "ε spent ≤ target in every one of" in text and "stands in for their choice" in text
+    # Against their own starting point (the grid cell at the recipe's rate, same seed: test 2.6 and 2.5).
+    assert "| M7 − start | 2 | -0.3000 |" in text and "| M5 − start | 2 | +0.0500 |" in text
 
 
 # ------------------------------------------------------------------------------------------------ end to end
