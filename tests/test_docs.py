@@ -145,6 +145,7 @@ def test_docs_quote_every_kind_of_command() -> None:
     assert {"fit", "privacy epsilon", "privacy noise", "privacy lmo-search", "audit"} <= kinds, kinds
     quoted_configs = {a for _, argv in DOCUMENTED for a in argv if a.startswith("configs/")}
     assert {
+        "configs/dpsgd_recipe.yaml",
         "configs/dpsgd.yaml",
         "configs/rldp.yaml",
         "configs/dpzo.yaml",
