@@ -38,7 +38,8 @@ notes needs the question/answer line inside the training text, so T = 128 (notes
 tokens), expected batch 64 and 40 DP-SGD steps (``gap_closure.py --downstream``'s task). It runs what the
 downstream targets concern: ``pretrained``, ``nonprivate``, ``dpsgd_flat``, ``dpzo_gaussian`` and
 ``dpzo_laplace`` at ε = 2, seeds 0, 1, 2, with the learning rates tuned above and DP-ZO's steps from timing runs
-at this task's size. One cell at a time: a DP-SGD cell at B = 64, T = 128 peaks at 13–16.5 GB.
+at this task's size. One cell at a time: a DP-SGD cell at B = 64, T = 128 peaked at 13–16.5 GB (before the
+loss was chunked).
 
 Cells are subprocesses (``cells.py``), rows in ``<out>/recipe_sweep.jsonl``; finished cells (same name and
 config hash) are never rerun, so the same command continues. ``report_matrix.py`` writes ``<out>/README.md`` and
