@@ -63,7 +63,12 @@ class FineTuneReport(Callback):
 
     def generate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         """Greedy continuation of the prompt by the current weights (text after the prompt)."""
-        tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            raise DPLightningError(
+                "FineTuneReport generates text with the datamodule's tokenizer, but the trainer has no datamodule "
+                "with a `tokenizer`; pass one to fit (e.g. dplightning.data.TextDataModule) or leave FineTuneReport out"
+            )
         model: Any = pl_module.model  # the peft-wrapped causal LM of DPLoRAModule
         ids = tokenizer(self.prompt, return_tensors="pt")["input_ids"].to(pl_module.device)
         was_training = pl_module.training

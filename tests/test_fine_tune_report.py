@@ -102,3 +102,10 @@ def test_fit_summary_prints_the_report_lines(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     summary = out.stdout.split("== dplightning summary ==")[1]
     assert "gap closed: " in summary and "generated before: " in summary and "generated after: " in summary
+
+
+def test_without_a_datamodule_tokenizer_the_error_names_the_fix() -> None:
+    model = DPLoRAModule(model_name="tiny-llama", lora_rank=4, seed=0)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(DPLightningError, match="no datamodule with a `tokenizer`"):
+        FineTuneReport().generate(trainer, model)
