@@ -406,17 +406,19 @@ def _heldout_loss(module: Any, batch: dict[str, Tensor]) -> float:
 def test_tiny_lm_loss_goes_down_without_noise_and_more_slowly_with_noise(
     tiny_data: Any, tiny_batch: Any
 ) -> None:
-    drops = {}
-    for sigma in (0.0, 6.0):
+    def drop(sigma: float, seed: int) -> float:
         module = _tiny_module(lr=3e-3)
         start = _heldout_loss(module, tiny_batch)
         strategy = DPZOStrategy(
-            mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu", seed=0
+            mu=1e-3, max_loss_diff=2.0, noise_multiplier=sigma, trainable="all", device="cpu", seed=seed
         )
         quiet_trainer(strategy, max_steps=25, limit_val_batches=0).fit(module, datamodule=tiny_data)
-        drops[sigma] = start - _heldout_loss(module, tiny_batch)
-    assert drops[0.0] > 0.05
-    assert 0.01 < drops[6.0] < drops[0.0]
+        return start - _heldout_loss(module, tiny_batch)
+
+    noiseless = drop(0.0, 0)
+    noisy = [drop(6.0, seed) for seed in range(3)]  # one noise draw can help by luck: average three
+    assert noiseless > 0.05
+    assert 0.01 < sum(noisy) / len(noisy) < noiseless
 
 
 @pytest.mark.parametrize("trainable", ["lora", "all"])

@@ -982,3 +982,154 @@ def test_dpzo_lmo_with_a_heavy_mixture_releases_finite_values_on_the_grid() -> N
     strategy = DPZOStrategy(noise="lmo", lmo=heavy, noise_multiplier=1.0, device="cpu")
     releases = torch.cat([strategy.privatize(torch.tensor([0.25])) for _ in range(3000)])
     assert torch.isfinite(releases).all()
+
+
+# ------------------------------------------------------------------------------ windows cut short
+class _WindowAudit:
+    """Checks every release of ``strategy`` against the micro-batches of its own window: the ``k`` consecutive
+    batches of the same fit and epoch that end at the release. Contributions are read around the strategy's own
+    accumulation call, and the release before noise is added."""
+
+    def __init__(self, strategy: Any, kind: str, k: int) -> None:
+        self.strategy, self.kind, self.k = strategy, kind, k
+        self.contributions: list[tuple[Any, int, int, dict[str, torch.Tensor]]] = []
+        self.checked = 0
+        if kind == "dpsgd":
+            add, release = strategy._add_clipped, strategy.release_noisy_gradient
+
+            def add_clipped(grads: Any) -> None:
+                before = {n: v.clone() for n, v in strategy._summed.items()}
+                add(grads)
+                self._record({n: v - before.get(n, 0) for n, v in strategy._summed.items()})
+
+            def release_noisy_gradient() -> None:
+                self._check({n: v.clone() for n, v in strategy._summed.items()})
+                release()
+
+            strategy._add_clipped, strategy.release_noisy_gradient = add_clipped, release_noisy_gradient
+        else:
+            accumulate, privatize = strategy._accumulate, strategy.privatize
+
+            def accumulate_sums(sums: torch.Tensor) -> None:
+                self._record({"sums": sums.clone()})
+                accumulate(sums)
+
+            def privatize_sums(sums: torch.Tensor) -> torch.Tensor:
+                self._check({"sums": sums.clone()})
+                return privatize(sums)
+
+            strategy._accumulate, strategy.privatize = accumulate_sums, privatize_sums
+
+    def _where(self) -> tuple[Any, int, int]:
+        trainer = self.strategy._attached_module.trainer
+        return trainer, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx
+
+    def _record(self, contribution: dict[str, torch.Tensor]) -> None:
+        self.contributions.append((*self._where(), contribution))
+
+    def _check(self, released: dict[str, torch.Tensor]) -> None:
+        trainer, epoch, idx = self._where()
+        own = [
+            c for t, e, i, c in self.contributions if t is trainer and e == epoch and idx - self.k < i <= idx
+        ]
+        assert len(own) == self.k
+        expected: dict[str, Any] = {}
+        for c in own:
+            for name, value in c.items():
+                expected[name] = expected.get(name, 0) + value
+        assert released.keys() == {n for n, v in expected.items() if isinstance(v, torch.Tensor)}
+        for name, value in released.items():
+            assert torch.equal(value, expected[name]), (
+                f"release {self.checked} of {name} is not its window's sum"
+            )
+        self.checked += 1
+
+
+class _EndsEpochEarly(_LinearWithIds):
+    """Ends epoch 0 at batch 3 (Lightning's -1 from on_train_batch_start): inside the window of batches 2–3."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if self.current_epoch == 0 and batch_idx == 3 else None
+
+
+class _StopAt(pl.Callback):
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop.batch_idx == self.batch_idx:
+            trainer.should_stop = True
+
+
+def _window_strategy(kind: str) -> Any:
+    # σ = 0 and no budget: the release is the clipped sum itself, so it can be compared exactly
+    if kind == "dpsgd":
+        return DPSGDStrategy(noise_multiplier=0.0, device="cpu")
+    return DPZOStrategy(noise_multiplier=0.0, trainable="all", device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_an_epoch_ended_inside_a_window_leaves_nothing_to_the_next_release(kind: str) -> None:
+    strategy = _window_strategy(kind)
+    audit = _WindowAudit(strategy, kind, k=2)
+    trainer = quiet_trainer(strategy, max_epochs=2, max_steps=-1, accumulate_grad_batches=2)
+    trainer.fit(_EndsEpochEarly(), DataLoader(_with_ids(64), batch_size=4))
+    assert audit.checked == 1 + 8  # epoch 0: batches 0–1 only; epoch 1: 16 batches
+    assert strategy.accountant.steps == audit.checked
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_a_fit_stopped_inside_a_window_leaves_nothing_to_the_next_fit(kind: str) -> None:
+    strategy = _window_strategy(kind)
+    audit = _WindowAudit(strategy, kind, k=2)
+    first = quiet_trainer(strategy, [_StopAt(2)], max_steps=10, accumulate_grad_batches=2)
+    first.fit(_LinearWithIds(), DataLoader(_with_ids(64), batch_size=4))
+    assert audit.checked == 1  # batches 0–1 released; batch 2 summed, never released
+    second = quiet_trainer(strategy, max_steps=2, accumulate_grad_batches=2)
+    second.fit(_LinearWithIds(), DataLoader(_with_ids(64), batch_size=4))
+    assert audit.checked == 3
+
+
+@pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
+def test_a_release_outside_a_full_window_is_refused(kind: str) -> None:
+    strategy = _window_strategy(kind)
+    count = strategy._count_micro_batch
+
+    def counted_six_times() -> None:  # as if five more training steps had run outside the loop
+        for _ in range(6):
+            count()
+
+    strategy._count_micro_batch = counted_six_times
+    with pytest.raises(DPLightningError, match="would sum 6 micro-batches"):
+        _fit(strategy, _with_ids(64), 4, model=_LinearWithIds())
+    assert strategy.accountant.steps == 0
+
+
+class _LossOfShape(_LinearWithIds):
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def per_example_loss(self, batch: Any) -> torch.Tensor:
+        losses = super().per_example_loss(batch)
+        if self.shape == "per token":  # [B, 3]: as if the loss were left unreduced over positions
+            return losses[:, None].expand(-1, 3) / 3
+        return losses.mean()  # the batch's mean: one record moves it by up to 2C
+
+
+@pytest.mark.parametrize("shape", ["per token", "scalar"])
+def test_dpzo_refuses_a_loss_that_is_not_one_per_example(shape: str) -> None:
+    strategy = DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu")
+    with pytest.raises(DPLightningError, match="DP-ZO clips one loss per example: return a \\[B\\] tensor"):
+        _fit(strategy, _with_ids(64), 4, model=_LossOfShape(shape))
+    assert strategy.accountant.steps == 0
+
+
+def test_dpzo_directions_do_not_derive_from_the_secret_seed() -> None:
+    # The directions can be read off two released weight sets (their difference is a multiple of the step's
+    # direction): derived from the noise seed, they would be an exact test for a guessed seed.
+    def directions(**kw: Any) -> list[int]:
+        return DPZOStrategy(noise_multiplier=1.0, num_directions=3, device="cpu", **kw).direction_seeds(7)
+
+    assert directions(seed=5) == directions(seed=6) == directions() == directions(direction_seed=0)
+    assert directions(seed=5, direction_seed=1) != directions(seed=5)

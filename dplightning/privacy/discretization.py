@@ -21,9 +21,10 @@ in. Accounting is unchanged, for these reasons:
   far below the accountant's discretisation (checked against dp_accounting's discrete-Gaussian PLD in the
   tests, where a unit mix-up would show). The same holds for the discrete Laplace and the discrete LMO noise
   (a discrete Laplace given the mixing variable), whose pure-ε bound ``Δ/t`` carries over as is.
-- The samplers (:class:`~dplightning.privacy.noise_addition.NoiseSource`) draw from 52-bit uniforms: their laws
-  are exact except in tails of probability below ~2^-50 (the geometric is cut at ~36 scales, the discrete
-  Gaussian's acceptance below 2^-53 is never met), which is far below any δ in use.
+- DP-ZO's scalar releases are drawn exactly (:mod:`dplightning.privacy.exact_sampling`). The vectorised samplers
+  of :class:`~dplightning.privacy.noise_addition.NoiseSource` (DP-SGD's noise) draw from 52-bit uniforms through a
+  float logarithm: each outcome's probability carries a small relative error that grows in the tails, and the
+  geometric is cut at ~37 scales (quantified in docs/threat_model.md; not accounted).
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dplightning.privacy import exact_sampling
 from dplightning.privacy.mechanisms import LMOMechanism
 
 _SPLIT_SCALE = 2.0**30  # from this scale on, geometric draws are exact two-part integers (see _geometric)
@@ -194,6 +196,55 @@ class NoiseSource:
         u = torch.stack([self.uniform(n) for _ in range(3)])
         mixing = torch.from_numpy(mechanism.mixing_variable(u.numpy()))
         return self.add_discrete_laplace(units, scale / mixing)
+
+    # ------------------------------------------------------------------------- exact (releases of a few scalars)
+    def _randbelow(self, n: int) -> int:
+        """A uniform integer in ``[0, n)`` for any ``n ≥ 1``, from this source's generator (or the CSPRNG): random
+        bits 52 at a time, a draw at or above ``n`` is drawn again."""
+        if n == 1:
+            return 0
+        bits = (n - 1).bit_length()
+        while True:
+            value, left = 0, bits
+            while left > 0:
+                chunk = min(left, 52)
+                value = (value << chunk) | int(self._integers(1, chunk)[0])
+                left -= chunk
+            if value < n:
+                return value
+
+    def add_exact_laplace(self, units: Tensor, scale: float | Tensor) -> Tensor:
+        """``units + discrete Laplace noise`` of ``scale`` grid units (one float, or one per coordinate), drawn in
+        exact integer arithmetic (:mod:`dplightning.privacy.exact_sampling`): the exact law, unbounded support, at
+        about a millisecond a draw. Returned as float64 (post-processing of the exact integer sum)."""
+        flat = units.reshape(-1).to(torch.int64).tolist()
+        scales = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(len(flat)).tolist()
+        if not all(math.isfinite(t) and t > 0 for t in scales):
+            raise ValueError("discrete Laplace scale must be finite and > 0")
+        out = [
+            float(u + exact_sampling.discrete_laplace(Fraction(t), self._randbelow))
+            for u, t in zip(flat, scales, strict=True)
+        ]
+        return torch.tensor(out, dtype=torch.float64).view(units.shape)
+
+    def add_exact_gaussian(self, units: Tensor, sigma: float) -> Tensor:
+        """``units + discrete Gaussian noise`` of ``sigma`` grid units, exact (see :meth:`add_exact_laplace`)."""
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise ValueError(f"discrete Gaussian sigma must be finite and > 0, got {sigma}")
+        exact_sigma = Fraction(sigma)
+        out = [
+            float(u + exact_sampling.discrete_gaussian(exact_sigma, self._randbelow))
+            for u in units.reshape(-1).to(torch.int64).tolist()
+        ]
+        return torch.tensor(out, dtype=torch.float64).view(units.shape)
+
+    def add_exact_lmo(self, units: Tensor, mechanism: LMOMechanism, scale: float) -> Tensor:
+        """``units + LMO noise``: the mixing variable ``U`` drawn as for :meth:`add_discrete_lmo`, then an exact
+        discrete Laplace of scale ``scale / U`` per coordinate."""
+        n = units.numel()
+        u = torch.stack([self.uniform(n) for _ in range(3)])
+        mixing = torch.from_numpy(mechanism.mixing_variable(u.numpy()))
+        return self.add_exact_laplace(units, scale / mixing)
 
     # ------------------------------------------------------------------------------ continuous (not releases)
     def gaussian(

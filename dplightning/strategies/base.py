@@ -12,7 +12,7 @@ import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -140,6 +140,7 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         self._sampler: PoissonBatchSampler | None = None
         # accumulate_grad_batches the sample rate and the Poisson batches were set for
         self._planned_accumulate: int | None = None
+        self._window_micro_batches = 0  # micro-batches summed since the window began (none released yet)
         self._init_checkpointing()
 
     @property
@@ -400,6 +401,38 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
                 "and the Poisson batches were set for the first value, so keep it fixed for the whole run"
             )
 
+    # ------------------------------------------------------------------------------ accumulation windows
+    @abstractmethod
+    def _discard_unreleased(self) -> None:
+        """Drop the clipped sums (and anything else private) gathered for a release that was never made."""
+
+    def _start_window(self) -> None:
+        self._discard_unreleased()
+        self._window_micro_batches = 0
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        accumulate = self._planned_accumulate or self._attached_module.trainer.accumulate_grad_batches
+        if batch_idx % accumulate == 0:
+            # A window begins. Sums an earlier window gathered and never released (its epoch was cut short by
+            # on_train_batch_start returning -1, or a stop or an exception came inside it) must not join this
+            # window's release: a record could then count twice, drawn by two Poisson batches for one charged step.
+            self._start_window()
+
+    def _count_micro_batch(self) -> None:
+        self._window_micro_batches += 1
+
+    def _check_window_complete(self) -> None:
+        """Refuse a release that does not sum exactly the micro-batches of one window (what q was set for)."""
+        planned = self._planned_accumulate
+        if self.poisson_sampling and planned is not None and self._window_micro_batches != planned:
+            raise DPLightningError(
+                f"this step's release would sum {self._window_micro_batches} micro-batches, but the sample rate "
+                f"and the Poisson batches were set for accumulate_grad_batches={planned}; something outside the "
+                "training loop ran training steps or an optimizer step; run steps only through Trainer.fit"
+            )
+
     def _plan_steps(self) -> int:
         """Set ``planned_steps`` from the trainer's plan; returns the planned steps not yet taken."""
         if self.sample_rate is None:
@@ -417,8 +450,10 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
     def on_train_start(self) -> None:
         # Runs after the callbacks' on_train_start: a callback that set σ there (NoiseSchedule) is not overridden.
         super().on_train_start()
-        # A step an earlier fit's exception left unapplied is in that fit's checkpoint, not in this run.
+        # A step an earlier fit's exception left unapplied is in that fit's checkpoint, not in this run; sums an
+        # earlier fit gathered and never released are not this run's either.
         self._release_unapplied = False
+        self._start_window()
         remaining = self._plan_steps()
         if self.noise_multiplier is None:
             assert self.target_epsilon is not None

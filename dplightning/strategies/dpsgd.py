@@ -264,6 +264,7 @@ class DPSGDMixin(PrivateStrategyMixin):
         # or went the *other* examples' gradients moved in their low bits (by a few % of C in bf16, ~1e-6 in
         # fp32): a sensitivity above C. Multiplying by B·k is exact, and so are Lightning's /k and the mean's /B.
         self._check_accumulation()
+        self._count_micro_batch()
         k = self._attached_module.trainer.accumulate_grad_batches
         seed = self._micro_batch_size * k if self.loss_reduction == "mean" else k
         super().backward(closure_loss * float(seed), optimizer, *args, **kwargs)
@@ -300,6 +301,7 @@ class DPSGDMixin(PrivateStrategyMixin):
     ) -> Any:
         def private_closure() -> Any:
             result = closure()
+            self._check_window_complete()
             self.release_noisy_gradient()
             return result
 
@@ -379,7 +381,14 @@ class DPSGDMixin(PrivateStrategyMixin):
         return (units + noise).double()
 
     @override
+    def _discard_unreleased(self) -> None:
+        self._summed.clear()
+        self._last_norms.clear()
+        self.private_step_norms = {}
+
+    @override
     def teardown(self) -> None:
+        self._discard_unreleased()
         if self._engine is not None:
             self._engine.remove()
             self._engine = None

@@ -179,8 +179,12 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             difference must see the same function.
         accountant: ``"pld"`` or ``"rdp"`` (Gaussian only); ignored for pure ε-DP.
         poisson_sampling, secure_rng, seed, device, checkpoint_io: as for
-            :class:`~dplightning.strategies.dpsgd.DPSGDStrategy`. ``secure_rng`` applies to the noise and the
-            batches; directions are always seeded (they are public).
+            :class:`~dplightning.strategies.dpsgd.DPSGDStrategy`: ``seed`` (secret) seeds the noise and the
+            batches only.
+        direction_seed: public seed of the random directions (they do not depend on the data, so they, and
+            this seed, may be published). Kept apart from ``seed``: directions derived from the secret seed
+            would let anyone test a guessed seed exactly against two released weight sets, then replay its
+            noise.
     """
 
     # The step's multiplier is σ (Gaussian), λ (Laplace) or s (LMO): the budget refusal names none of them.
@@ -203,6 +207,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         poisson_sampling: bool = True,
         secure_rng: bool | None = None,
         seed: int | None = None,
+        direction_seed: int = 0,
         device: str | torch.device = "auto",
         checkpoint_io: CheckpointIO | None = None,
         lmo: LMOMechanism | Mapping[str, Any] | None = None,
@@ -235,6 +240,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         self.trainable: Trainable = trainable
         self.perturbation: Perturbation = perturbation
         self.eval_forwards = eval_forwards
+        self.direction_seed = int(direction_seed)
         # One clipping group: the per-example scalar. Set now so σ, C and checkpoint state work before setup.
         self.groups = {SCALAR_GROUP: []}
         self.clip_thresholds = {SCALAR_GROUP: float(max_loss_diff)}
@@ -292,12 +298,13 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         scale = self.noise_scale() / self.grid
         if scale <= 0:
             return units.double()
+        # A few scalars: drawn exactly (unbounded support, exact law), which pure ε needs in the far tails.
         if self.noise == "laplace":
-            return self.noise_source.add_discrete_laplace(units, scale)
+            return self.noise_source.add_exact_laplace(units, scale)
         if self.noise == "lmo":
             assert self.lmo is not None
-            return self.noise_source.add_discrete_lmo(units, self.lmo, scale)
-        return (units + self.noise_source.discrete_gaussian(units.shape, scale)).double()
+            return self.noise_source.add_exact_lmo(units, self.lmo, scale)
+        return self.noise_source.add_exact_gaussian(units, scale)
 
     def privatize(self, sums: Tensor) -> Tensor:
         """Release ``sums`` ``[n]`` (clipped per-example scalars summed over the batch) with noise: an int64 tensor
@@ -360,7 +367,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
 
     def direction_seeds(self, step: int) -> list[int]:
         """Seeds of the ``num_directions`` directions of optimizer step ``step``."""
-        return [direction_seed(self.seed, step, k) for k in range(self.num_directions)]
+        return [direction_seed(self.direction_seed, step, k) for k in range(self.num_directions)]
 
     @contextlib.contextmanager
     def _forward_mode(self) -> Iterator[None]:
@@ -386,7 +393,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         n = self.num_directions
         c, grid = self.max_loss_diff, self.grid
         sums = torch.zeros(n, dtype=torch.int64)  # grid units: exact integer sums
-        if batch_size_of(batch) == 0:
+        size = batch_size_of(batch)
+        if size == 0:
             # An empty Poisson batch is still a step: the release is noise only. The model is not run.
             self._accumulate(sums)
             return torch.zeros((), device=self.root_device)
@@ -399,6 +407,14 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
                 diffs, mid = self._estimator.directional_derivatives(lambda: per_example_loss(batch), seed)
+                if diffs.shape != (size,):
+                    # Clipping is per entry: a [B, T] loss would be clipped per token (one example moving the sum
+                    # by T·C) and a scalar one is the batch's mean (sensitivity 2C). Same for every batch, so the
+                    # error says nothing about a record.
+                    raise DPLightningError(
+                        f"per_example_loss returned shape {tuple(diffs.shape)} for a batch of {size} examples; DP-ZO "
+                        f"clips one loss per example: return a [B] tensor (reduce over tokens inside each example)"
+                    )
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
                 # nothing is raised or logged because of it.
                 clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B] float64
@@ -416,6 +432,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
 
     def _accumulate(self, sums: Tensor) -> None:
         self._check_accumulation()
+        self._count_micro_batch()
         self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
 
     @override
@@ -438,6 +455,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         model = model or self.lightning_module
         assert isinstance(model, pl.LightningModule)
         result = self.precision_plugin._wrap_closure(model, optimizer, closure)
+        self._check_window_complete()
         self.release_and_update(float(optimizer.param_groups[0]["lr"]))
         self._release_unapplied = False
         return result
@@ -494,7 +512,12 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         super()._apply_dp_state(state)
 
     @override
+    def _discard_unreleased(self) -> None:
+        self._zo_sums = None
+
+    @override
     def teardown(self) -> None:
+        self._discard_unreleased()
         if self._estimator is not None:
             self._estimator.remove()
             self._estimator = None

@@ -50,8 +50,8 @@ class PrivacySettings:
     def randomness(self) -> tuple[bool, int]:
         """``(secure, seed)`` as the strategy uses them. A seed the user did not choose would be a public constant
         (anyone could replay the noise and the batches), so without one the noise comes from the OS CSPRNG; a
-        given seed makes runs reproducible and the guarantee assumes it secret. DP-ZO's public directions follow
-        ``seed`` (0 without one) either way."""
+        given seed makes runs reproducible and the guarantee assumes it secret. DP-ZO's public directions have a
+        seed of their own (``direction_seed``)."""
         secure = self.seed is None if self.secure_rng is None else self.secure_rng
         return secure, 0 if self.seed is None else int(self.seed)
 
