@@ -74,3 +74,31 @@ def test_a_changed_row_changes_only_its_example() -> None:
     logits[4, 2, 0] += 5.0  # one entry: a shift of the whole row would leave the log-softmax as it was
     after = shifted_token_nll(logits, labels)[0]
     assert torch.equal(before != after, torch.tensor([False, False, False, False, True, False]))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_a_private_fit_is_bit_for_bit_the_one_with_the_plain_loss(precision: str) -> None:
+    from conftest import quiet_trainer
+
+    from dplightning.data import TextDataModule
+    from dplightning.module import DPLoRAModule
+    from dplightning.strategies import DPSGDStrategy
+
+    class _PlainLoss(DPLoRAModule):
+        @staticmethod
+        def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return _plain(logits, labels)
+
+    def trained(module_cls: type[DPLoRAModule]) -> dict[str, torch.Tensor]:
+        model = module_cls(model_name="tiny-llama", lora_rank=2, seed=0, optimizer="sgd", learning_rate=0.5)
+        data = TextDataModule(tokenizer="tiny-llama", num_records=60, max_length=24, batch_size=12)
+        strategy = DPSGDStrategy(noise_multiplier=1.0, seed=3, device="cpu")
+        quiet_trainer(strategy, max_steps=3, precision=precision, limit_val_batches=0).fit(
+            model, datamodule=data
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    chunked, plain = trained(DPLoRAModule), trained(_PlainLoss)
+    assert chunked.keys() == plain.keys() and chunked
+    for name in chunked:
+        assert torch.equal(chunked[name], plain[name]), name
