@@ -80,7 +80,9 @@ class _ShiftedTokenNLL(torch.autograd.Function):
             )
             grad_shifted = torch._log_softmax_backward_data(grad_log_probs, log_probs, 1, torch.float32)
             # `.float()`'s backward casts back to the logits' dtype.
-            grad_logits[b0:b1, t0:t1, :] = grad_shifted.view(b1 - b0, t1 - t0, -1).to(logits.dtype)
+            grad_logits[b0:b1, t0:t1, :] = grad_shifted.view(b1 - b0, t1 - t0, logits.size(-1)).to(
+                logits.dtype
+            )
         return grad_logits, None
 
 

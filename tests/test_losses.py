@@ -102,3 +102,11 @@ def test_a_private_fit_is_bit_for_bit_the_one_with_the_plain_loss(precision: str
     assert chunked.keys() == plain.keys() and chunked
     for name in chunked:
         assert torch.equal(chunked[name], plain[name]), name
+
+
+def test_one_token_examples_have_no_loss_and_a_zero_gradient() -> None:
+    logits = torch.randn(3, 1, 11, requires_grad=True)
+    nll_sum, count = shifted_token_nll(logits, torch.zeros(3, 1, dtype=torch.long))
+    nll_sum.sum().backward()
+    assert torch.equal(nll_sum, torch.zeros(3)) and torch.equal(count, torch.zeros(3, dtype=torch.long))
+    assert logits.grad is not None and torch.equal(logits.grad, torch.zeros_like(logits))

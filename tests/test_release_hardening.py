@@ -1093,13 +1093,13 @@ def test_a_fit_stopped_inside_a_window_leaves_nothing_to_the_next_fit(kind: str)
 @pytest.mark.parametrize("kind", ["dpsgd", "dpzo"])
 def test_a_release_outside_a_full_window_is_refused(kind: str) -> None:
     strategy = _window_strategy(kind)
-    count = strategy._count_micro_batch
+    enter = strategy._enter_micro_batch
 
     def counted_six_times() -> None:  # as if five more training steps had run outside the loop
         for _ in range(6):
-            count()
+            enter()
 
-    strategy._count_micro_batch = counted_six_times
+    strategy._enter_micro_batch = counted_six_times
     with pytest.raises(DPLightningError, match="would sum 6 micro-batches"):
         _fit(strategy, _with_ids(64), 4, model=_LinearWithIds())
     assert strategy.accountant.steps == 0
@@ -1133,3 +1133,52 @@ def test_dpzo_directions_do_not_derive_from_the_secret_seed() -> None:
 
     assert directions(seed=5) == directions(seed=6) == directions() == directions(direction_seed=0)
     assert directions(seed=5, direction_seed=1) != directions(seed=5)
+
+
+class _SkipsRecord(_LinearWithIds):
+    """A 'skip this batch' guard that depends on the records: returns None when record 5 is in the batch."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if bool((batch[2] == 5).any()) else super().training_step(batch, batch_idx)
+
+
+def _collate_skipping_record_5(items: list[Any]) -> Any:
+    if any(int(item[2]) == 5 for item in items):
+        return None
+    return torch.utils.data.default_collate(items)
+
+
+def test_a_batch_skipped_by_training_step_or_collate_is_refused() -> None:
+    with pytest.raises(DPLightningError, match="training_step returned None"):
+        _fit(
+            DPSGDStrategy(noise_multiplier=1.0, device="cpu"),
+            _with_ids(64),
+            32,
+            model=_SkipsRecord(),
+            max_steps=8,
+        )
+    strategy = DPSGDStrategy(noise_multiplier=1.0, device="cpu")
+    trainer = quiet_trainer(strategy, max_steps=8)
+    loader = DataLoader(_with_ids(64), batch_size=32, collate_fn=_collate_skipping_record_5)
+    with pytest.raises(DPLightningError, match="collate function returned None"):
+        trainer.fit(_LinearWithIds(), loader)
+
+
+class _SqueezedLoss(_LinearWithIds):
+    def per_example_loss(self, batch: Any) -> torch.Tensor:
+        return super().per_example_loss(batch).squeeze()  # a scalar when the batch holds one record
+
+
+def test_dpzo_takes_a_squeezed_per_example_loss_at_every_batch_size() -> None:
+    strategy = DPZOStrategy(noise_multiplier=1.0, trainable="all", device="cpu")
+    sizes = _BatchSizes()
+    _fit(strategy, _with_ids(64), 1, [sizes], model=_SqueezedLoss(), max_steps=40)  # q = 1/64: many B = 1
+    assert 1 in sizes.sizes and strategy.accountant.steps == 40
+
+
+class _BatchSizes(pl.Callback):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, idx: int) -> None:
+        self.sizes.append(int(batch[0].shape[0]))

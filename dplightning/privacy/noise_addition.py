@@ -53,7 +53,7 @@ class NoiseSource:
         """One draw ``G`` with ``P(G ≥ k) = exp(-k / scale)`` per entry of ``scale`` (float64, ≤ 2^56), int64.
 
         Small scales: ``⌊-scale · log U⌋``. From 2^30 on, floats would put G on a coarse lattice (at 2^53 every
-        draw is even, and the parity of a release would show the parity of the sum), so G is drawn exactly in two
+        draw is even, and the parity of a release would show the parity of the sum), so G is drawn in two integer
         parts, ``G = M·B + L`` with ``M = 2^m ≤ scale / 2^20``: the block ``B`` (geometric of ratio
         ``e^{-M/scale}``, fine-grained in float) and the offset ``L`` (uniform integer in ``[0, M)`` kept with
         probability ``e^{-L/scale} ≥ e^{-2^-20}``), which are independent for a geometric law.
@@ -201,6 +201,8 @@ class NoiseSource:
     def _randbelow(self, n: int) -> int:
         """A uniform integer in ``[0, n)`` for any ``n ≥ 1``, from this source's generator (or the CSPRNG): random
         bits 52 at a time, a draw at or above ``n`` is drawn again."""
+        if n < 1:
+            raise ValueError(f"randbelow needs n >= 1, got {n}")
         if n == 1:
             return 0
         bits = (n - 1).bit_length()

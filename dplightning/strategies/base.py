@@ -12,7 +12,7 @@ import math
 import warnings
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -141,6 +141,10 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         # accumulate_grad_batches the sample rate and the Poisson batches were set for
         self._planned_accumulate: int | None = None
         self._window_micro_batches = 0  # micro-batches summed since the window began (none released yet)
+        self._window: tuple[int, int, int] | None = (
+            None  # (fit, epoch, window index) those micro-batches are of
+        )
+        self._fits = 0
         self._init_checkpointing()
 
     @property
@@ -410,17 +414,18 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         self._discard_unreleased()
         self._window_micro_batches = 0
 
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        accumulate = self._planned_accumulate or self._attached_module.trainer.accumulate_grad_batches
-        if batch_idx % accumulate == 0:
-            # A window begins. Sums an earlier window gathered and never released (its epoch was cut short by
-            # on_train_batch_start returning -1, or a stop or an exception came inside it) must not join this
-            # window's release: a record could then count twice, drawn by two Poisson batches for one charged step.
+    def _enter_micro_batch(self) -> None:
+        """Count the micro-batch about to be summed into the current window, first dropping the sums of an
+        earlier window that were never released: an epoch cut short (on_train_batch_start returning -1), a stop
+        or an exception inside a window and then another fit. Keyed by the window's own position, not by a hook,
+        so that a micro-batch Lightning skips cannot make two windows' sums one release (a record could count
+        twice, drawn by two Poisson batches for one charged step)."""
+        trainer = self._attached_module.trainer
+        accumulate = self._planned_accumulate or trainer.accumulate_grad_batches
+        window = (self._fits, trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx // accumulate)
+        if window != self._window:
             self._start_window()
-
-    def _count_micro_batch(self) -> None:
+            self._window = window
         self._window_micro_batches += 1
 
     def _check_window_complete(self) -> None:
@@ -429,8 +434,8 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         if self.poisson_sampling and planned is not None and self._window_micro_batches != planned:
             raise DPLightningError(
                 f"this step's release would sum {self._window_micro_batches} micro-batches, but the sample rate "
-                f"and the Poisson batches were set for accumulate_grad_batches={planned}; something outside the "
-                "training loop ran training steps or an optimizer step; run steps only through Trainer.fit"
+                f"and the Poisson batches were set for accumulate_grad_batches={planned}: a micro-batch of this "
+                "window was skipped or run outside Trainer.fit; every micro-batch must be trained, none skipped"
             )
 
     def _plan_steps(self) -> int:
@@ -453,6 +458,8 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         # A step an earlier fit's exception left unapplied is in that fit's checkpoint, not in this run; sums an
         # earlier fit gathered and never released are not this run's either.
         self._release_unapplied = False
+        self._fits += 1
+        self._window = None
         self._start_window()
         remaining = self._plan_steps()
         if self.noise_multiplier is None:

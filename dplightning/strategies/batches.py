@@ -69,6 +69,13 @@ class EmptySafeCollate:
 
     def __call__(self, items: list[Any]) -> Any:
         if items:
-            return self.collate_fn(items)
+            batch = self.collate_fn(items)
+            if batch is None:
+                # Lightning skips a None batch without a step: a skip decided by the records is not private.
+                raise DPLightningError(
+                    "the collate function returned None, which makes Lightning skip the batch; a private run "
+                    "trains every Poisson batch: collate every batch (filter records before training, not per batch)"
+                )
+            return batch
         template = self.collate_fn([self.dataset[0]])
         return apply_to_collection(template, Tensor, lambda t: t[:0])

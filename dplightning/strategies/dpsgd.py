@@ -247,6 +247,13 @@ class DPSGDMixin(PrivateStrategyMixin):
             # flattened tokens would otherwise be clipped per token.
             self._engine.expected_batch_size = size
         output = super().training_step(*args, **kwargs)
+        if output is None:
+            # Lightning would skip this micro-batch's backward. A skip decided by the records (a NaN guard, a
+            # filter) is itself a release nothing accounts for, and the window would be released short.
+            raise DPLightningError(
+                "training_step returned None, which makes Lightning skip the batch; a private run trains every "
+                "Poisson batch: return the loss for every batch (non-finite examples are already dropped safely)"
+            )
         # Lightning hands the returned loss to every callback (on_train_batch_end's outputs): it is the raw loss of
         # the private batch, so only its gradient goes on; its value is zero.
         if isinstance(output, Tensor):
@@ -264,7 +271,7 @@ class DPSGDMixin(PrivateStrategyMixin):
         # or went the *other* examples' gradients moved in their low bits (by a few % of C in bf16, ~1e-6 in
         # fp32): a sensitivity above C. Multiplying by B·k is exact, and so are Lightning's /k and the mean's /B.
         self._check_accumulation()
-        self._count_micro_batch()
+        self._enter_micro_batch()
         k = self._attached_module.trainer.accumulate_grad_batches
         seed = self._micro_batch_size * k if self.loss_reduction == "mean" else k
         super().backward(closure_loss * float(seed), optimizer, *args, **kwargs)

@@ -55,6 +55,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -148,6 +149,13 @@ def check_dpzo_settings(
             raise DPLightningError(
                 "Laplace noise with δ > 0 supports num_directions=1 only; set target_delta=0 (pure ε-DP) for n > 1"
             )
+
+
+def _loss_shape_error(shape: tuple[int, ...], size: int) -> DPLightningError:
+    return DPLightningError(
+        f"per_example_loss returned shape {shape} for a batch of {size} examples; DP-ZO clips one loss per "
+        "example: return a [B] tensor (reduce over tokens inside each example)"
+    )
 
 
 class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
@@ -248,6 +256,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             self.set_noise_multiplier(noise_multiplier)
         self._estimator: ZerothOrderEstimator | None = None
         self._zo_sums: Tensor | None = None  # [n] int64 clipped sums in grid units (private until noised)
+        self._loss_shape_checked = False
         self.last_projected_grads: Tensor | None = None  # [n] released g of the last step (public)
 
     # --------------------------------------------------------------------------------- mechanism hooks
@@ -295,7 +304,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         Gaussian of std ``σ C √n / γ``, discrete Laplace of scale ``λ n C / γ`` or discrete LMO of factor
         ``s n C / γ`` (Laplace and LMO scales can leave int64: those sums are formed in Python integers). Every
         scalar release goes through here."""
-        scale = self.noise_scale() / self.grid
+        # The float products above may round a few ulps below the accounted scale; 2^-40 more noise covers that.
+        scale = self.noise_scale() / self.grid * (1 + 2.0**-40)
         if scale <= 0:
             return units.double()
         # A few scalars: drawn exactly (unbounded support, exact law), which pure ε needs in the far tails.
@@ -400,6 +410,8 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
             return torch.zeros((), device=self.root_device)
         # setup checked that the module defines it; nn.Module's typing knows only tensors and submodules.
         per_example_loss = cast(Callable[[Any], Tensor], module.per_example_loss)
+        if not self._loss_shape_checked:
+            self._check_loss_shape(per_example_loss, batch, size)
         center: Tensor | None = None
         # The perturbed forwards run in the parameters' own precision, never under bf16 autocast: the loss
         # differences (L⁺ − L⁻) are far below bf16's resolution on a real model (measured correlation of bf16 and
@@ -407,14 +419,9 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
                 diffs, mid = self._estimator.directional_derivatives(lambda: per_example_loss(batch), seed)
-                if diffs.shape != (size,):
-                    # Clipping is per entry: a [B, T] loss would be clipped per token (one example moving the sum
-                    # by T·C) and a scalar one is the batch's mean (sensitivity 2C). Same for every batch, so the
-                    # error says nothing about a record.
-                    raise DPLightningError(
-                        f"per_example_loss returned shape {tuple(diffs.shape)} for a batch of {size} examples; DP-ZO "
-                        f"clips one loss per example: return a [B] tensor (reduce over tokens inside each example)"
-                    )
+                if diffs.dim() > 1 or diffs.numel() != size:  # (the probe below refused these already)
+                    raise _loss_shape_error(tuple(diffs.shape), size)
+                diffs = diffs.reshape(size)  # a [B] loss squeezed to a scalar at B = 1
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
                 # nothing is raised or logged because of it.
                 clipped = diffs.nan_to_num(nan=0.0, posinf=c, neginf=-c).clamp(-c, c)  # [B] float64
@@ -430,9 +437,23 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         # Lightning hands the return value to every callback (on_train_batch_end's outputs): not the loss.
         return torch.zeros((), device=self.root_device)
 
+    def _check_loss_shape(self, per_example_loss: Callable[[Any], Tensor], batch: Any, size: int) -> None:
+        """Refuse a ``per_example_loss`` that is not one value per example, on a probe that does not depend on the
+        batch: its first example twice. Clipping is per entry, so a ``[B, T]`` loss would be clipped per token
+        (one example moving the sum by T·C) and a scalar one is the batch's mean (sensitivity 2C); checked on the
+        batch itself, a loss squeezed to a scalar would be refused only when a Poisson batch holds one record."""
+        pair = apply_to_collection(
+            batch, Tensor, lambda t: torch.cat([t[:1], t[:1]]) if t.dim() and t.shape[0] == size else t
+        )
+        with torch.no_grad(), self._forward_mode():
+            shape = tuple(per_example_loss(pair).shape)
+        if shape != (2,):
+            raise _loss_shape_error(shape, 2)
+        self._loss_shape_checked = True
+
     def _accumulate(self, sums: Tensor) -> None:
         self._check_accumulation()
-        self._count_micro_batch()
+        self._enter_micro_batch()
         self._zo_sums = sums if self._zo_sums is None else self._zo_sums + sums
 
     @override
