@@ -404,6 +404,10 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         c, grid = self.max_loss_diff, self.grid
         sums = torch.zeros(n, dtype=torch.int64)  # grid units: exact integer sums
         size = batch_size_of(batch)
+        if size is None:
+            raise DPLightningError(
+                "the training batch holds no tensor with a batch dimension; DP-ZO needs one per-example row each"
+            )
         if size == 0:
             # An empty Poisson batch is still a step: the release is noise only. The model is not run.
             self._accumulate(sums)
