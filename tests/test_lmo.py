@@ -414,7 +414,8 @@ def test_dpsgd_lmo_noise_law_and_epsilon_equals_the_standalone_accounting() -> N
     quiet_trainer(DPSGDStrategy(noise="lmo", noise_multiplier=0.0, **base), [clean], max_steps=1).fit(
         Linear(), DataLoader(data, batch_size=16)
     )
-    strategy = DPSGDStrategy(noise="lmo", noise_multiplier=s, **base)
+    # seeded: a heavy-tailed mean over 810 draws from the CSPRNG made this test fail now and then
+    strategy = DPSGDStrategy(noise="lmo", noise_multiplier=s, seed=0, **base)
     trainer = quiet_trainer(strategy, [noisy, PrivacyBudget()], max_steps=steps)
     trainer.fit(Linear(), DataLoader(data, batch_size=16))  # lr = 0: the clipped sum is the same every step
     noise = (torch.stack(noisy.grads) - clean.grads[0]).flatten().numpy() * 16  # × expected batch size
