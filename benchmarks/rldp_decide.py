@@ -814,6 +814,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         reference=not args.quick,
         base=not args.quick,
     )
+    if args.only:  # e.g. one cell on a free core beside a running grid (the plan above is the same)
+        unknown = set(args.only) - {sweep.cell_name(c) for c in cells}
+        if unknown:
+            raise SystemExit(f"--only: no such cell in this plan: {', '.join(sorted(unknown))}")
+        cells = [c for c in cells if sweep.cell_name(c) in args.only]
     command = command_line("rldp_decide.py", argv)
     failures = sweep.run_cells(cells, task, out, args, command, report, decide_config)
     print(report(out))
@@ -834,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--policy", type=Path, help="M7's prior (benchmarks/rldp_pretrain.py); M7 skipped without"
     )
+    parser.add_argument("--only", nargs="+", help="run only these cells of the plan (names as printed)")
     args = parser.parse_args(argv)
     if args.policy is not None and not args.policy.is_file():
         parser.error(f"--policy {args.policy}: no such file; pre-train one with benchmarks/rldp_pretrain.py")

@@ -310,3 +310,9 @@ def test_quick_run_resumes_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     assert decide.main(["--quick", "--out", str(tmp_path)]) == 0  # resumable: nothing reruns
     assert capsys.readouterr().out.count("done already") == 4
     assert len((tmp_path / sweep.JSONL).read_text().splitlines()) == 4
+
+
+def test_only_names_cells_of_the_plan(tmp_path: Path) -> None:
+    decide, _ = _modules()
+    with pytest.raises(SystemExit, match="no such cell in this plan: not_a_cell"):
+        decide.main(["--quick", "--out", str(tmp_path), "--only", "not_a_cell"])
