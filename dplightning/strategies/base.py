@@ -141,9 +141,8 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         # accumulate_grad_batches the sample rate and the Poisson batches were set for
         self._planned_accumulate: int | None = None
         self._window_micro_batches = 0  # micro-batches summed since the window began (none released yet)
-        self._window: tuple[int, int, int] | None = (
-            None  # (fit, epoch, window index) those micro-batches are of
-        )
+        # (fit, epoch, window index) those micro-batches belong to
+        self._window: tuple[int, int, int] | None = None
         self._fits = 0
         self._init_checkpointing()
 
