@@ -423,7 +423,7 @@ class DPZOStrategy(PrivateStrategyMixin, SingleDeviceStrategy):
         with torch.no_grad(), self._forward_mode():
             for k, seed in enumerate(self.direction_seeds(self._current_step())):
                 diffs, mid = self._estimator.directional_derivatives(lambda: per_example_loss(batch), seed)
-                if diffs.dim() > 1 or diffs.numel() != size:  # (the probe below refused these already)
+                if diffs.dim() > 1 or diffs.numel() != size:  # the first batch's probe refuses these already
                     raise _loss_shape_error(tuple(diffs.shape), size)
                 diffs = diffs.reshape(size)  # a [B] loss squeezed to a scalar at B = 1
                 # A non-finite difference contributes 0 (NaN) or the clip bound (±inf): bounded either way, and
