@@ -177,25 +177,25 @@ class NoiseSource:
             pending = pending[~accepted]
         return out.view(tuple(shape))
 
+    def _lmo_scales(self, n: int, mechanism: LMOMechanism, scale: float) -> Tensor:
+        """Per-coordinate Laplace scales ``scale / U`` of LMO noise, ``U`` the mechanism's mixing variable."""
+        u = torch.stack([self.uniform(n) for _ in range(3)])
+        return scale / torch.from_numpy(mechanism.mixing_variable(u.numpy()))
+
     def discrete_lmo(
         self, shape: torch.Size | tuple[int, ...], mechanism: LMOMechanism, scale: float
     ) -> Tensor:
         """LMO noise on the integer grid, int64: a discrete Laplace of scale ``scale / U`` per coordinate, U the
         mechanism's mixing variable. Refuses (ValueError) a draw whose scale leaves int64: use
         :meth:`add_discrete_lmo`, which has no such limit."""
-        n = math.prod(shape)
-        u = torch.stack([self.uniform(n) for _ in range(3)])
-        mixing = torch.from_numpy(mechanism.mixing_variable(u.numpy()))
-        return self.discrete_laplace(tuple(shape), (scale / mixing).view(tuple(shape)))
+        scales = self._lmo_scales(math.prod(shape), mechanism, scale)
+        return self.discrete_laplace(tuple(shape), scales.view(tuple(shape)))
 
     def add_discrete_lmo(self, units: Tensor, mechanism: LMOMechanism, scale: float) -> Tensor:
         """``units + LMO noise`` on the integer grid, float64 (see :meth:`add_discrete_laplace`): per coordinate the
         mechanism's mixing variable ``U`` is drawn as for the continuous law and the noise is a discrete Laplace of
         scale ``scale / U`` (grid units)."""
-        n = units.numel()
-        u = torch.stack([self.uniform(n) for _ in range(3)])
-        mixing = torch.from_numpy(mechanism.mixing_variable(u.numpy()))
-        return self.add_discrete_laplace(units, scale / mixing)
+        return self.add_discrete_laplace(units, self._lmo_scales(units.numel(), mechanism, scale))
 
     # ------------------------------------------------------------------------- exact (releases of a few scalars)
     def _randbelow(self, n: int) -> int:
@@ -243,10 +243,7 @@ class NoiseSource:
     def add_exact_lmo(self, units: Tensor, mechanism: LMOMechanism, scale: float) -> Tensor:
         """``units + LMO noise``: the mixing variable ``U`` drawn as for :meth:`add_discrete_lmo`, then an exact
         discrete Laplace of scale ``scale / U`` per coordinate."""
-        n = units.numel()
-        u = torch.stack([self.uniform(n) for _ in range(3)])
-        mixing = torch.from_numpy(mechanism.mixing_variable(u.numpy()))
-        return self.add_exact_laplace(units, scale / mixing)
+        return self.add_exact_laplace(units, self._lmo_scales(units.numel(), mechanism, scale))
 
     # ------------------------------------------------------------------------------ continuous (not releases)
     def gaussian(

@@ -457,8 +457,7 @@ class PrivateStrategyMixin(PrivateCheckpointMixin):
         # A step an earlier fit's exception left unapplied is in that fit's checkpoint, not in this run; sums an
         # earlier fit gathered and never released are not this run's either.
         self._release_unapplied = False
-        self._fits += 1
-        self._window = None
+        self._fits += 1  # a new key for every window of this fit
         self._start_window()
         remaining = self._plan_steps()
         if self.noise_multiplier is None:
